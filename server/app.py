@@ -1,0 +1,56 @@
+"""Builds the running server: engine, adapter registry, service, front doors; one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from .adapters.manager import AdapterManager
+from .adapters.registry import AdapterRegistry
+from .config import AdapterConfig, EngineConfig, ServerConfig
+from .engine import Engine
+from .http_api import build_app
+from .metrics import Metrics
+from .service import GenerationService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Server:
+    engine: Engine
+    registry: AdapterRegistry
+    adapters: AdapterManager
+    service: GenerationService
+
+
+async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfig, server_config: ServerConfig,
+                       base_model_name: str) -> Server:
+    engine = Engine.start(engine_config)
+    registry = AdapterRegistry(base_model_name)
+    adapters = AdapterManager(registry, engine, engine_config.max_lora_rank, engine_config.max_cpu_loras)
+    if adapter_config.adapter_dir is not None:
+        await adapters.load_directory(adapter_config.adapter_dir)
+    metrics = Metrics(base_model_name)
+    service = GenerationService(engine, registry, server_config.limits, metrics, base_model_name,
+                                engine_config.max_model_len)
+    return Server(engine, registry, adapters, service)
+
+
+async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server_config: ServerConfig,
+              base_model_name: str) -> None:
+    import uvicorn
+
+    server = await build_server(engine_config, adapter_config, server_config, base_model_name)
+    ready = asyncio.Event()
+    app = build_app(server.service, server_config, is_ready=ready.is_set)
+    http = uvicorn.Server(uvicorn.Config(
+        app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
+        lifespan="off", timeout_graceful_shutdown=30))
+    ready.set()
+    logger.info("serving %s on http://%s:%d", base_model_name, server_config.host, server_config.port)
+    try:
+        await http.serve()
+    finally:
+        server.engine.shutdown()

@@ -1,0 +1,109 @@
+"""``loraplex`` command line: the only place that reads argv and the environment.
+
+Subcommands: ``serve`` (the server). Each builds its config dataclasses from flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import LORA_KERNEL_CHOICES, AdapterConfig, EngineConfig, LimitsConfig, ModelConfig, ServerConfig
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    defaults_engine = EngineConfig(model_path="")
+    defaults_limits = LimitsConfig()
+    model = p.add_argument_group("model")
+    model.add_argument("--model", type=Path, default=None,
+                       help="local Hugging Face-format causal LM directory (default: embedded SmolLM2-135M-Instruct)")
+    model.add_argument("--served-model-name", default=None, help="name clients use for the base model")
+    model.add_argument("--cache-dir", type=Path, default=None,
+                       help="where the embedded model is converted once (default: ~/.cache/loraplex)")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--dtype", default=defaults_engine.dtype, choices=("bfloat16", "float16", "float32"))
+    engine.add_argument("--max-model-len", type=int, default=defaults_engine.max_model_len)
+    engine.add_argument("--kv-cache-gib", type=float, default=defaults_engine.kv_cache_gib,
+                        help="KV cache budget in GiB (RAM on CPU)")
+    engine.add_argument("--max-num-seqs", type=int, default=defaults_engine.max_num_seqs)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=defaults_engine.max_num_batched_tokens)
+    engine.add_argument("--max-loras", type=int, default=defaults_engine.max_loras,
+                        help="adapters that can share one batch")
+    engine.add_argument("--max-lora-rank", type=int, default=defaults_engine.max_lora_rank)
+    engine.add_argument("--max-cpu-loras", type=int, default=defaults_engine.max_cpu_loras,
+                        help="adapters kept loaded in the engine's CPU-side cache (LRU)")
+    engine.add_argument("--lora-kernels", choices=LORA_KERNEL_CHOICES, default=defaults_engine.lora_kernels,
+                        help="batched-LoRA ops: loraplex's own or vLLM's stock ones")
+    engine.add_argument("--seed", type=int, default=defaults_engine.seed)
+    adapters = p.add_argument_group("adapters")
+    adapters.add_argument("--adapter-dir", type=Path, default=None,
+                          help="every subdirectory holding a PEFT LoRA adapter is served under its name")
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default=ServerConfig.host)
+    server.add_argument("--port", type=int, default=ServerConfig.port)
+    server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    server.add_argument("--max-n", type=int, default=defaults_limits.max_n)
+    server.add_argument("--max-tokens-limit", type=int, default=defaults_limits.max_tokens,
+                        help="largest max_tokens a request may ask for")
+    server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve_args(sub.add_parser("serve", help="serve the base model and its LoRA adapters"))
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    from . import default_model
+    from .app import run
+
+    model_config = ModelConfig(model_dir=args.model, served_model_name=args.served_model_name,
+                               cache_dir=args.cache_dir or default_model.default_cache_dir())
+    if model_config.model_dir is None:
+        model_path = default_model.ensure_default_model(model_config.cache_dir)
+        default_name = default_model.DEFAULT_MODEL_NAME
+    else:
+        if not (model_config.model_dir / "config.json").is_file():
+            print(f"loraplex: --model {model_config.model_dir} has no config.json", file=sys.stderr)
+            return 2
+        model_path = model_config.model_dir
+        default_name = model_config.model_dir.resolve().name
+    if args.adapter_dir is not None and not args.adapter_dir.is_dir():
+        print(f"loraplex: --adapter-dir {args.adapter_dir} is not a directory", file=sys.stderr)
+        return 2
+    engine_config = EngineConfig(
+        model_path=str(model_path), dtype=args.dtype, max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_kernels=args.lora_kernels,
+        seed=args.seed)
+    server_config = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+        limits=LimitsConfig(max_n=args.max_n, max_tokens=args.max_tokens_limit))
+    adapter_config = AdapterConfig(adapter_dir=args.adapter_dir)
+
+    from kernels.vllm_plugin import select_lora_kernels
+
+    select_lora_kernels(engine_config.lora_kernels)
+    import uvloop
+
+    uvloop.run(run(engine_config, adapter_config, server_config,
+                   model_config.served_model_name or default_name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

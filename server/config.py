@@ -1,0 +1,84 @@
+"""Configuration dataclasses, one per concern.
+
+They are filled only by ``server.cli`` (argv); nothing here reads the environment.
+Defaults are sized for a 2-core, 24 GiB machine without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LORA_KERNEL_CHOICES = ("loraplex", "vllm")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to serve."""
+
+    # A local Hugging Face-format causal LM directory; None = the embedded SmolLM2 default.
+    model_dir: Path | None = None
+    # Name clients use in the `model` field for the base model; None = derived from the model.
+    served_model_name: str | None = None
+    # Where the embedded default is converted to bf16 safetensors (once).
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the in-process vLLM engine is built."""
+
+    model_path: str
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    # KV cache budget in GiB (on CPU vLLM reserves this much RAM).
+    kv_cache_gib: float = 2.0
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    # LoRA: adapters resident in one batch, their max rank, and the CPU-side LRU cache size.
+    max_loras: int = 8
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 32
+    # Which batched-LoRA ops vLLM uses: ours ("loraplex") or vLLM's stock ones ("vllm").
+    lora_kernels: str = "loraplex"
+    enable_lora: bool = True
+    seed: int = 0
+    enforce_eager: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lora_kernels not in LORA_KERNEL_CHOICES:
+            raise ValueError(f"lora_kernels must be one of {LORA_KERNEL_CHOICES}, got {self.lora_kernels!r}")
+        if self.max_loras < 1 or self.max_cpu_loras < self.max_loras:
+            raise ValueError("need 1 <= max_loras <= max_cpu_loras")
+        if self.kv_cache_gib <= 0:
+            raise ValueError("kv_cache_gib must be positive")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Where adapters come from."""
+
+    adapter_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-request bounds enforced by both front doors before anything reaches the engine."""
+
+    max_n: int = 8
+    max_tokens: int = 1024
+    max_stop_sequences: int = 8
+    max_stop_length: int = 64
+    max_chat_messages: int = 256
+    max_payload_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The HTTP front door."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    log_level: str = "info"
+    limits: LimitsConfig = field(default_factory=LimitsConfig)

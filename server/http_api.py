@@ -1,0 +1,332 @@
+"""OpenAI-compatible HTTP front door. Thin: validate -> service -> (stream) response."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import ServerConfig
+from .engine import GenerationChunk
+from .openai_protocol import ChatCompletionRequest, CompletionRequest
+from .service import (
+    GenerationRequest,
+    GenerationService,
+    InvalidRequest,
+    RequestError,
+    ResolvedModel,
+    merge_streams,
+    new_request_id,
+)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, status, param), status_code=status)
+
+
+class PayloadLimit:
+    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = error_response(413, f"request body exceeds {self.max_bytes} bytes", "invalid_request_error")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await too_large(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def build_app(service: GenerationService, config: ServerConfig, *, is_ready: Callable[[], bool]) -> FastAPI:
+    app = FastAPI(title="loraplex", version="0.1.0", docs_url=None, redoc_url=None)
+    base_model = service.base_model_name
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, exc: RequestError):
+        return error_response(exc.status, exc.message, exc.kind, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+        return error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    async def require_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        supplied = request.headers.get("authorization", "")
+        expected = f"Bearer {config.api_key}"
+        if not hmac.compare_digest(supplied.encode(), expected.encode()):
+            raise _Unauthorized()
+
+    class _Unauthorized(RequestError):
+        status = 401
+        kind = "authentication_error"
+
+        def __init__(self) -> None:
+            super().__init__("a valid API key is required (Authorization: Bearer <key>)")
+
+    inference = [Depends(require_api_key)]
+
+    @app.get("/health")
+    async def health():
+        if is_ready() and service.engine.healthy:
+            return {"status": "ok"}
+        return error_response(503, "not ready", "service_unavailable")
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @app.get("/v1/models", dependencies=inference)
+    async def list_models():
+        created = int(time.time())
+        data = [{"id": base_model, "object": "model", "created": created, "owned_by": "loraplex",
+                 "root": base_model, "parent": None}]
+        for entry in service.registry.adapters():
+            if entry.state.value == "ready":
+                data.append({"id": entry.name, "object": "model", "created": int(entry.registered_at),
+                             "owned_by": "loraplex", "root": str(entry.path), "parent": base_model})
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions", dependencies=inference)
+    async def completions(body: CompletionRequest, request: Request):
+        _reject_unsupported(body.unsupported())
+        resolved = service.resolve(body.model)
+        prompts = _completion_prompts(service, body.prompt)
+        request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("cmpl")
+        generations = [
+            GenerationRequest(body.model, ids, _options(service, body, len(ids), body.max_tokens),
+                              f"{request_id}-{i}")
+            for i, ids in enumerate(prompts)
+        ]
+        stream = _run(service, generations, resolved, body.n)
+        headers = {REQUEST_ID_HEADER: request_id}
+        if body.stream:
+            first = await _prime(stream)
+            return StreamingResponse(
+                _completion_events(first, stream, request_id, body, generations), headers=headers,
+                media_type="text/event-stream")
+        texts, finish, num_generated = await _collect(stream, len(generations) * body.n)
+        return JSONResponse({
+            "id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
+            "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]}
+                        for i in range(len(texts))],
+            "usage": _usage(generations, num_generated),
+        }, headers=headers)
+
+    @app.post("/v1/chat/completions", dependencies=inference)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _reject_unsupported(body.unsupported())
+        resolved = service.resolve(body.model)
+        ids = service.render_chat(body.template_messages())
+        request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("chatcmpl")
+        generations = [GenerationRequest(body.model, ids, _options(service, body, len(ids), body.output_token_limit),
+                                         request_id)]
+        stream = _run(service, generations, resolved, body.n)
+        headers = {REQUEST_ID_HEADER: request_id}
+        if body.stream:
+            first = await _prime(stream)
+            return StreamingResponse(
+                _chat_events(first, stream, request_id, body, generations), headers=headers,
+                media_type="text/event-stream")
+        texts, finish, num_generated = await _collect(stream, body.n)
+        return JSONResponse({
+            "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                         "finish_reason": finish[i]} for i in range(len(texts))],
+            "usage": _usage(generations, num_generated),
+        }, headers=headers)
+
+    return PayloadLimit(app, config.limits.max_payload_bytes)  # type: ignore[return-value]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _reject_unsupported(field: str | None) -> None:
+    if field is not None:
+        raise InvalidRequest(f"'{field}' is not supported by this server", param=field)
+
+
+def _completion_prompts(service: GenerationService, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [service.tokenize(prompt)]
+    if not prompt:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        prompts = [service.tokenize(p) for p in prompt]
+    else:
+        prompts = [list(p) for p in prompt]
+    if len(prompts) > service.limits.max_n:
+        raise InvalidRequest(f"at most {service.limits.max_n} prompts per request", param="prompt")
+    return prompts
+
+
+def _options(service: GenerationService, body, prompt_len: int, max_tokens: int | None):
+    return service.sampling_options(
+        prompt_len=prompt_len, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        n=body.n, stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, stream=body.stream)
+
+
+def _run(service: GenerationService, generations: list[GenerationRequest], resolved: ResolvedModel,
+         n: int) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """One merged stream over all prompts; yields (choice index, chunk)."""
+    if len(generations) * n > service.limits.max_n * service.limits.max_n:
+        raise InvalidRequest("too many choices requested", param="n")
+
+    async def choices():
+        async for prompt_index, chunk in merge_streams([service.generate(g, resolved) for g in generations]):
+            yield prompt_index * n + chunk.index, chunk
+
+    return choices()
+
+
+async def _prime(stream: AsyncIterator):
+    """Wait for the first chunk before answering, so early errors get a real HTTP status."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _collect(stream: AsyncIterator, num_choices: int) -> tuple[list[str], list[str | None], int]:
+    texts = [""] * num_choices
+    finish: list[str | None] = [None] * num_choices
+    num_generated = 0
+    async for index, chunk in stream:
+        texts[index] += chunk.text
+        finish[index] = chunk.finish_reason or finish[index]
+        num_generated += len(chunk.token_ids)
+    return texts, finish, num_generated
+
+
+def _usage(generations: list[GenerationRequest], num_generated: int) -> dict:
+    num_prompt = sum(len(g.prompt_token_ids) for g in generations)
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_generated,
+            "total_tokens": num_prompt + num_generated}
+
+
+def _sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+async def _chunks_with_first(first, stream: AsyncIterator):
+    if first is not None:
+        yield first
+        async for item in stream:
+            yield item
+
+
+async def _event_stream(first, stream, make_chunk, final_extra, body, generations, request_id):
+    """Shared SSE loop: one event per chunk, optional usage event, then [DONE]."""
+    include_usage = body.include_usage
+    num_generated = 0
+    try:
+        async for item in final_extra(_chunks_with_first(first, stream)):
+            if isinstance(item, dict):
+                if include_usage:
+                    item["usage"] = None
+                yield _sse(item)
+                continue
+            index, chunk = item
+            num_generated += len(chunk.token_ids)
+            event = make_chunk(index, chunk)
+            if event is not None:
+                if include_usage:
+                    event["usage"] = None
+                yield _sse(event)
+    except RequestError as exc:
+        yield _sse(error_body(exc.message, exc.kind, exc.status, exc.param))
+    if include_usage:
+        yield _sse({"id": request_id, "object": make_chunk.object_name, "created": int(time.time()),
+                    "model": body.model, "choices": [], "usage": _usage(generations, num_generated)})
+    yield _sse("[DONE]")
+
+
+def _completion_events(first, stream, request_id, body: CompletionRequest, generations):
+    created = int(time.time())
+
+    def make_chunk(index: int, chunk: GenerationChunk):
+        return {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": index, "text": chunk.text, "logprobs": None,
+                             "finish_reason": chunk.finish_reason}]}
+
+    make_chunk.object_name = "text_completion"
+
+    async def passthrough(items):
+        async for item in items:
+            yield item
+
+    return _event_stream(first, stream, make_chunk, passthrough, body, generations, request_id)
+
+
+def _chat_events(first, stream, request_id, body: ChatCompletionRequest, generations):
+    created = int(time.time())
+
+    def envelope(choices: list[dict]) -> dict:
+        return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "choices": choices}
+
+    def make_chunk(index: int, chunk: GenerationChunk):
+        if not chunk.text and chunk.finish_reason is None:
+            return None
+        delta = {"content": chunk.text} if chunk.text else {}
+        return envelope([{"index": index, "delta": delta, "logprobs": None,
+                          "finish_reason": chunk.finish_reason}])
+
+    make_chunk.object_name = "chat.completion.chunk"
+
+    async def with_role(items):
+        # OpenAI sends the assistant role first, once per choice.
+        for index in range(body.n):
+            yield envelope([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None}])
+        async for item in items:
+            yield item
+
+    return _event_stream(first, stream, make_chunk, with_role, body, generations, request_id)

@@ -1,0 +1,241 @@
+"""What both front doors (HTTP, gRPC) share: model resolution, request limits, prompt
+rendering, and one generation path that records metrics and adapter usage.
+
+Front doors translate their wire format into :class:`GenerationRequest` and the
+:class:`RequestError` subclasses back into their own status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from .adapters.registry import AdapterError, AdapterRegistry, AdapterVersion
+from .config import LimitsConfig
+from .engine import Engine, EngineUnavailable, GenerationChunk, SamplingOptions
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``status`` is the HTTP status, ``kind`` the OpenAI error type."""
+
+    status = 400
+    kind = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(RequestError):
+    pass
+
+
+class ModelNotFound(RequestError):
+    status = 404
+    kind = "not_found_error"
+
+
+class ServiceUnavailable(RequestError):
+    status = 503
+    kind = "service_unavailable"
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class GenerationRequest:
+    model: str
+    prompt_token_ids: list[int]
+    options: SamplingOptions
+    request_id: str
+
+
+@dataclass
+class ResolvedModel:
+    adapter: AdapterVersion | None  # None = the base model
+
+    @property
+    def adapter_name(self) -> str | None:
+        return self.adapter.name if self.adapter else None
+
+
+class GenerationService:
+    def __init__(self, engine: Engine, registry: AdapterRegistry, limits: LimitsConfig,
+                 metrics: Metrics, base_model_name: str, max_model_len: int) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.limits = limits
+        self.metrics = metrics
+        self.base_model_name = base_model_name
+        self.max_model_len = max_model_len
+        self.tokenizer = engine.tokenizer
+        self._background: set[asyncio.Task] = set()
+
+    # -- model resolution ----------------------------------------------------------------------
+    def resolve(self, model: str) -> ResolvedModel:
+        if model == self.base_model_name:
+            return ResolvedModel(adapter=None)
+        try:
+            return ResolvedModel(adapter=self.registry.resolve(model))
+        except AdapterError as exc:
+            error = ModelNotFound if exc.status == 404 else ServiceUnavailable
+            raise error(str(exc), param="model") from exc
+
+    # -- prompts -------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        if len(messages) > self.limits.max_chat_messages:
+            raise InvalidRequest(
+                f"messages has {len(messages)} entries; at most {self.limits.max_chat_messages} are allowed",
+                param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # a template error is the caller's malformed conversation
+            raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}",
+                                 param="messages") from exc
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- limits --------------------------------------------------------------------------------
+    def sampling_options(self, *, prompt_len: int, max_tokens: int | None, temperature: float | None,
+                         top_p: float | None, n: int, stop: str | Sequence[str] | None, seed: int | None,
+                         presence_penalty: float | None, frequency_penalty: float | None,
+                         stream: bool) -> SamplingOptions:
+        limits = self.limits
+        if prompt_len == 0:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise InvalidRequest(
+                f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
+                param="prompt")
+        if max_tokens is None:
+            max_tokens = min(room, limits.max_tokens)
+        if max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        if max_tokens > limits.max_tokens:
+            raise InvalidRequest(f"max_tokens={max_tokens} exceeds this server's limit of {limits.max_tokens}",
+                                 param="max_tokens")
+        if max_tokens > room:
+            raise InvalidRequest(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens", param="max_tokens")
+        if not 1 <= n <= limits.max_n:
+            raise InvalidRequest(f"n must be between 1 and {limits.max_n}", param="n")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if len(stops) > limits.max_stop_sequences:
+            raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
+        for s in stops:
+            if not s or len(s) > limits.max_stop_length:
+                raise InvalidRequest(
+                    f"each stop sequence must have 1 to {limits.max_stop_length} characters", param="stop")
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            n=n,
+            stop=stops,
+            seed=seed,
+            presence_penalty=presence_penalty or 0.0,
+            frequency_penalty=frequency_penalty or 0.0,
+            stream=stream,
+        )
+
+    # -- generation ----------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest, resolved: ResolvedModel) -> AsyncIterator[GenerationChunk]:
+        """Run one request on the engine; yields chunks, records metrics, releases the adapter."""
+        adapter = resolved.adapter
+        adapter_name = resolved.adapter_name
+        if adapter is not None:
+            self.registry.acquire(adapter)
+        self.metrics.request_started()
+        arrival = time.perf_counter()
+        first_token_at: float | None = None
+        last_output_at = arrival
+        num_generated = 0
+        outcome = "server_error"
+        try:
+            async for chunk in self.engine.generate(request.prompt_token_ids, request.options,
+                                                    request.request_id, adapter):
+                now = time.perf_counter()
+                if chunk.token_ids:
+                    if first_token_at is None:
+                        first_token_at = now
+                    elif request.options.stream:
+                        self.metrics.observe_inter_token(adapter_name, now - last_output_at)
+                    last_output_at = now
+                num_generated += len(chunk.token_ids)
+                yield chunk
+            outcome = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "aborted"
+            raise
+        except EngineUnavailable as exc:
+            raise ServiceUnavailable(str(exc)) from exc
+        except ValueError as exc:  # vLLM's input validation (e.g. a token id out of range)
+            outcome = "client_error"
+            raise InvalidRequest(str(exc)) from exc
+        finally:
+            end = time.perf_counter()
+            self.metrics.request_finished(
+                adapter_name, outcome,
+                ttft_s=None if first_token_at is None else first_token_at - arrival,
+                e2e_s=end - arrival,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                num_generated_tokens=num_generated)
+            if adapter is not None and self.registry.release(adapter):
+                self._spawn(self.engine.remove_adapter(adapter))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several async iterators; yields ``(stream_index, item)`` as items arrive.
+
+    An exception in any stream cancels the others and propagates.
+    """
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            await queue.put((i, exc))
+            return
+        await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
