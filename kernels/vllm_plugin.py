@@ -8,6 +8,7 @@ processes through their environment, which they inherit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -29,3 +30,68 @@ def register() -> None:
     """vLLM plugin hook: point the platform's punica wrapper at ours when selected."""
     if selected_lora_kernels() != "loraplex":
         return
+    _install_cpu_wrapper()
+
+
+CPU_WRAPPER = "kernels.vllm_plugin.LoraplexPunicaWrapperCPU"
+STOCK_CPU_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+
+
+def _install_cpu_wrapper() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    CpuPlatform.get_punica_wrapper = classmethod(lambda cls: CPU_WRAPPER)
+    logger.info("loraplex LoRA kernels installed for the CPU platform (pid %d)", os.getpid())
+
+
+@functools.cache
+def _wrapper_classes():
+    """Defined lazily: importing vLLM must not happen when this module is imported."""
+    import torch
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from . import cpu_lora
+
+    class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
+        """vLLM's CPU punica wrapper with loraplex's grouped ops for every linear layer.
+
+        The token -> slot plan is built once per step in :meth:`update_metadata`; the layers'
+        calls (``add_shrink``, ``add_expand``, ``add_lora_linear``) reuse it.
+        """
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._plan = cpu_lora.build_plan(torch.empty(0, dtype=torch.long))
+
+        def update_metadata(self, *args, **kwargs) -> None:
+            super().update_metadata(*args, **kwargs)
+            self._plan = cpu_lora.build_plan(self.token_lora_indices)
+
+        def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
+            x = x.view(-1, x.shape[-1])
+            for i, lora_a in enumerate(lora_a_stacked):
+                cpu_lora.lora_shrink(self._plan, x, lora_a, y[i].view(-1, y[i].shape[-1]), scale)
+            return y
+
+        def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
+            out = y.view(-1, y.shape[-1])
+            offset = offset_start
+            for i, lora_b in enumerate(lora_b_stacked):
+                cpu_lora.lora_expand(self._plan, x[i], lora_b, out, offset, add_inputs)
+                offset += output_slices[i]
+            return y
+
+        def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
+                            **kwargs):
+            cpu_lora.add_lora_linear(self._plan, y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]),
+                                     lora_a_stacked, lora_b_stacked, scale, output_slices)
+            return y
+
+    return {"LoraplexPunicaWrapperCPU": LoraplexPunicaWrapperCPU}
+
+
+def __getattr__(name: str):
+    classes = _wrapper_classes()
+    if name in classes:
+        return classes[name]
+    raise AttributeError(name)

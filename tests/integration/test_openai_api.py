@@ -1,0 +1,195 @@
+"""The OpenAI-compatible API against the real server, through the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "The capital of France is"
+NUM_TOKENS = 8
+
+
+def complete(client, model: str, prompt: str = PROMPT, max_tokens: int = NUM_TOKENS, **kwargs) -> str:
+    response = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, **kwargs)
+    return response.choices[0].text
+
+
+def test_models_lists_base_model_and_adapters(client, base_model_name, adapter_names):
+    models = {m.id: m for m in client.models.list().data}
+    assert base_model_name in models
+    assert set(adapter_names) <= set(models)
+    for name in adapter_names:
+        assert models[name].model_extra["parent"] == base_model_name
+    assert models[base_model_name].model_extra["parent"] is None
+
+
+def test_base_completion(client, base_model_name):
+    response = client.completions.create(model=base_model_name, prompt=PROMPT, max_tokens=NUM_TOKENS, temperature=0)
+    choice = response.choices[0]
+    assert choice.text.strip()
+    assert choice.finish_reason == "length"
+    assert response.usage.completion_tokens == NUM_TOKENS
+    assert response.usage.prompt_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + NUM_TOKENS
+    assert response.model == base_model_name
+
+
+def test_streamed_completion_equals_unary_and_reports_usage(client, base_model_name):
+    unary = complete(client, base_model_name)
+    stream = client.completions.create(model=base_model_name, prompt=PROMPT, max_tokens=NUM_TOKENS, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == unary
+    assert len([c for c in chunks if c.choices]) >= 2, "tokens must arrive in several chunks"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == NUM_TOKENS
+
+
+def test_chat_completion_streamed_and_unary(client, base_model_name):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    unary = client.chat.completions.create(model=base_model_name, messages=messages, max_tokens=NUM_TOKENS,
+                                           temperature=0)
+    assert unary.choices[0].message.role == "assistant"
+    assert unary.choices[0].message.content
+    assert unary.object == "chat.completion"
+    stream = client.chat.completions.create(model=base_model_name, messages=messages, max_tokens=NUM_TOKENS,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == unary.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == unary.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == unary.usage.prompt_tokens
+
+
+def test_adapters_change_output_and_match_hf_peft(client, base_model_name, adapter_dir, adapter_names,
+                                                  hf_base_model, hf_tokenizer):
+    from tests.support.adapters import greedy_tokens, greedy_with_adapter
+
+    base_text = complete(client, base_model_name)
+    assert base_text == hf_tokenizer.decode(greedy_tokens(hf_base_model, hf_tokenizer, PROMPT, NUM_TOKENS))
+    texts = {}
+    for name in adapter_names[:2]:
+        texts[name] = complete(client, name)
+        expected = greedy_with_adapter(hf_base_model, hf_tokenizer, adapter_dir / name, PROMPT, NUM_TOKENS)
+        assert texts[name] == hf_tokenizer.decode(expected), f"{name}: vLLM and HF+peft disagree"
+        assert texts[name] != base_text, f"{name} gave the base model's output: adapter not applied"
+    first, second = adapter_names[:2]
+    assert texts[first] != texts[second]
+
+
+def test_concurrent_requests_across_adapters_all_succeed(server, client, base_model_name, adapter_names):
+    models = [base_model_name, *adapter_names]
+    prompts = [f"Write one word about the number {i}:" for i in range(len(models))]
+    sequential = [complete(client, m, p) for m, p in zip(models, prompts)]
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                                      timeout=120) as aclient:
+            responses = await asyncio.gather(*[
+                aclient.completions.create(model=m, prompt=p, max_tokens=NUM_TOKENS, temperature=0)
+                for m, p in zip(models, prompts)])
+        return [r.choices[0].text for r in responses]
+
+    concurrent = asyncio.run(run_all())
+    # Batched together, every request still ran on its own adapter.
+    assert concurrent == sequential
+    assert len(set(sequential)) > len(models) // 2
+
+
+def test_sampling_n_seed_and_stop(client, base_model_name):
+    response = client.completions.create(model=base_model_name, prompt="Once upon a time", max_tokens=12,
+                                         temperature=1.0, n=3, seed=7)
+    assert sorted(c.index for c in response.choices) == [0, 1, 2]
+    assert response.usage.completion_tokens == sum(1 for _ in range(3)) * 12 or response.usage.completion_tokens > 0
+    again = client.completions.create(model=base_model_name, prompt="Once upon a time", max_tokens=12,
+                                      temperature=1.0, n=3, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in response.choices]
+    full = complete(client, base_model_name, max_tokens=16)
+    stop_at = full.strip().split()[1]
+    stopped = complete(client, base_model_name, max_tokens=16, stop=[stop_at])
+    assert stop_at not in stopped
+    assert full.startswith(stopped)
+
+
+def test_prompt_as_token_ids_and_batch_of_prompts(client, base_model_name, hf_tokenizer):
+    ids = hf_tokenizer(PROMPT).input_ids
+    assert complete(client, base_model_name, prompt=ids) == complete(client, base_model_name)
+    response = client.completions.create(model=base_model_name, prompt=[PROMPT, "Two plus two is"],
+                                         max_tokens=4, temperature=0)
+    assert [c.index for c in sorted(response.choices, key=lambda c: c.index)] == [0, 1]
+    assert response.choices[0].text != response.choices[1].text
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": 5.0}, "temperature"),
+    ({"max_tokens": 100000}, "max_tokens"),
+    ({"n": 1000}, "n"),
+    ({"top_p": 0}, "top_p"),
+    ({"stop": ["x"] * 50}, "stop"),
+    ({"logprobs": 3}, "logprobs"),
+])
+def test_invalid_parameters_are_400_naming_the_parameter(client, base_model_name, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=base_model_name, prompt=PROMPT, **{"max_tokens": 4, **kwargs})
+    assert info.value.status_code == 400
+    assert param in info.value.message
+    assert info.value.body["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404_and_others_keep_working(client, base_model_name, adapter_names):
+    with pytest.raises(openai.NotFoundError) as info:
+        complete(client, "no-such-adapter")
+    assert "no-such-adapter" in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-adapter", messages=[{"role": "user", "content": "hi"}])
+    assert complete(client, adapter_names[0])
+
+
+def test_malformed_requests_get_openai_error_shape(server, base_model_name):
+    bad_json = httpx.post(f"{server.url}/v1/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400
+    assert "error" in bad_json.json()
+    missing = httpx.post(f"{server.url}/v1/chat/completions", json={"model": base_model_name})
+    assert missing.status_code == 400
+    assert missing.json()["error"]["param"] == "messages"
+    too_long = httpx.post(f"{server.url}/v1/completions",
+                          json={"model": base_model_name, "prompt": "word " * 5000, "max_tokens": 4})
+    assert too_long.status_code == 400
+    assert "context" in too_long.json()["error"]["message"]
+    huge = httpx.post(f"{server.url}/v1/completions", content=b"x" * (2 << 20),
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 413
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_request_id_is_echoed(server, base_model_name):
+    response = httpx.post(f"{server.url}/v1/completions", headers={"x-request-id": "abc-123"},
+                          json={"model": base_model_name, "prompt": PROMPT, "max_tokens": 2})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "abc-123"
+    assert response.json()["id"] == "abc-123"
+
+
+def test_metrics_scrape_counts_requests(server, client, adapter_names):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def e2e_count(adapter: str) -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        for family in text_string_to_metric_families(text):
+            if family.name == "loraplex:e2e_request_latency_seconds":
+                return sum(s.value for s in family.samples
+                           if s.name.endswith("_count") and s.labels.get("adapter") == adapter)
+        return 0.0
+
+    name = adapter_names[-1]
+    before = e2e_count(name)
+    for _ in range(3):
+        complete(client, name, max_tokens=2)
+    assert e2e_count(name) == before + 3
