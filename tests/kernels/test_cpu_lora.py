@@ -1,0 +1,65 @@
+"""The fast CPU path against the pure-torch reference, over ranks, batch sizes, adapter counts
+and adapter popularity, with no-adapter tokens mixed in."""
+
+import pytest
+import torch
+
+from kernels import cpu_lora, reference
+from kernels.workloads import POPULARITIES, token_slots
+
+from .conftest import HIDDEN_IN, NUM_ADAPTERS, NUM_TOKENS, RANKS, SLICE_WIDTHS, make_weights, tolerances
+
+
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("num_adapters", NUM_ADAPTERS)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("rank", RANKS)
+def test_add_lora_linear_matches_reference(rank, num_tokens, num_adapters, popularity, dtype):
+    seed = rank * 1000 + num_tokens * 10 + num_adapters
+    slots = token_slots(num_tokens, num_adapters, popularity, seed=seed)
+    lora_a, lora_b = make_weights(num_adapters, rank, dtype, seed)
+    x = torch.randn(num_tokens, HIDDEN_IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    base = torch.randn(num_tokens, sum(SLICE_WIDTHS) + 8).to(dtype)
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, SLICE_WIDTHS, offset_start=4)
+    actual = base.clone()
+    cpu_lora.add_lora_linear(cpu_lora.build_plan(slots), actual, x, lora_a, lora_b, 0.5, SLICE_WIDTHS, offset_start=4)
+    torch.testing.assert_close(actual, expected, **tolerances(dtype))
+    untouched = slots == -1
+    assert torch.equal(actual[untouched], base[untouched]), "a no-adapter token was modified"
+
+
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("num_tokens", (7, 128))
+def test_shrink_and_expand_separately(num_tokens, popularity, dtype):
+    """The split form vLLM's row/column-parallel layers use (shrink into a buffer, then expand)."""
+    slots = token_slots(num_tokens, 4, popularity, seed=num_tokens)
+    lora_a, lora_b = make_weights(4, 16, dtype, seed=num_tokens)
+    x = torch.randn(num_tokens, HIDDEN_IN).to(dtype)
+    plan = cpu_lora.build_plan(slots)
+    y = torch.zeros(num_tokens, 16)
+    cpu_lora.lora_shrink(plan, x, lora_a[0], y, 2.0)
+    torch.testing.assert_close(y, reference.lora_shrink(x, lora_a[0], slots, 2.0), **tolerances(dtype))
+    out = torch.randn(num_tokens, SLICE_WIDTHS[0]).to(dtype)
+    expected = reference.lora_expand(y, lora_b[0], slots, out.clone(), add_inputs=False)
+    cpu_lora.lora_expand(plan, y, lora_b[0], out, 0, add_inputs=False)
+    torch.testing.assert_close(out, expected, **tolerances(dtype))
+
+
+def test_plan_kinds():
+    prefill = torch.tensor([2] * 20 + [-1] * 5 + [0] * 9)
+    plan = cpu_lora.build_plan(prefill)
+    assert plan.runs == [(0, 20, 2), (25, 34, 0)] and not plan.groups and plan.batch_slots is None
+    decode = torch.tensor([0, 1, 0, 1, 2, -1, 0, 1] * 2)
+    plan = cpu_lora.build_plan(decode, min_run=4)
+    assert not plan.runs
+    assert sorted(slot for _, slot in plan.groups) == [0, 1]  # 6 scattered tokens each
+    assert plan.batch_slots.tolist() == [2] and plan.batch_rows == 2
+    assert not cpu_lora.build_plan(torch.full((5,), -1)).has_lora
+
+
+def test_workload_popularity_shapes():
+    assert set(token_slots(64, 4, "identical", no_adapter_fraction=0).tolist()) == {0}
+    distinct = token_slots(64, 32, "distinct", no_adapter_fraction=0, num_requests=32)
+    assert len(set(distinct.tolist())) == 32
+    skewed = token_slots(100, 8, "skewed", no_adapter_fraction=0)
+    assert torch.unique_consecutive(skewed, return_counts=True)[1].max() >= 75

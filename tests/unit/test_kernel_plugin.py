@@ -1,0 +1,90 @@
+"""The vLLM plugin hook: registered, pinned to the wrapper API it subclasses, and correct."""
+
+import importlib.metadata
+import inspect
+
+import pytest
+import torch
+
+from kernels import reference, vllm_plugin
+
+
+def test_entry_point_is_registered():
+    entry_points = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(ep.value == "kernels.vllm_plugin:register" for ep in entry_points)
+
+
+def test_vllm_version_is_the_pinned_one():
+    import vllm
+
+    assert vllm.__version__ == "0.32.0", "kernels/vllm_plugin.py subclasses vLLM 0.32.0's punica wrapper"
+
+
+def test_wrapper_api_has_not_moved():
+    """Fails loudly if vLLM changes the methods our wrapper overrides or the platform hook."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    from vllm.platforms.cpu import CpuPlatform
+
+    expected = {
+        "update_metadata": ["self", "mapping", "lora_index_to_id", "max_loras", "vocab_size", "kwargs"],
+        "add_shrink": ["self", "y", "x", "lora_a_stacked", "scale", "kwargs"],
+        "add_expand": ["self", "y", "x", "lora_b_stacked", "output_slices", "offset_start", "add_inputs", "kwargs"],
+        "add_lora_linear": ["self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "output_slices",
+                            "buffer", "kwargs"],
+    }
+    for method, params in expected.items():
+        assert list(inspect.signature(getattr(PunicaWrapperCPU, method)).parameters) == params, method
+    assert inspect.getattr_static(CpuPlatform, "get_punica_wrapper") is not None
+    assert "token_lora_indices" in dir(PunicaWrapperCPU)
+
+
+@pytest.fixture
+def selected(monkeypatch):
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = inspect.getattr_static(CpuPlatform, "get_punica_wrapper")
+    monkeypatch.setenv(vllm_plugin.SELECTION_ENV, "loraplex")
+    yield CpuPlatform
+    CpuPlatform.get_punica_wrapper = original
+
+
+def test_register_installs_our_wrapper_only_when_selected(selected, monkeypatch):
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    monkeypatch.setenv(vllm_plugin.SELECTION_ENV, "vllm")
+    vllm_plugin.register()
+    assert selected.get_punica_wrapper() == vllm_plugin.STOCK_CPU_WRAPPER
+    monkeypatch.setenv(vllm_plugin.SELECTION_ENV, "loraplex")
+    vllm_plugin.register()
+    assert selected.get_punica_wrapper() == vllm_plugin.CPU_WRAPPER
+    cls = resolve_obj_by_qualname(vllm_plugin.CPU_WRAPPER)
+    assert issubclass(cls, PunicaWrapperCPU)
+
+
+def test_wrapper_applies_lora_through_vllm_metadata():
+    from vllm.lora.layers import LoRAMapping
+
+    wrapper = vllm_plugin.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    # Adapter ids per token: 0 = no adapter; lora_index_to_id maps slots to adapter ids.
+    index_mapping = (7, 7, 7, 0, 9, 9, 7, 0)
+    wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=True), [9, 7, None, None],
+                            max_loras=4, vocab_size=100)
+    slots = torch.tensor([1, 1, 1, -1, 0, 0, 1, -1])
+    assert wrapper.token_lora_indices.tolist() == slots.tolist()
+    lora_a = (torch.randn(4, 1, 8, 32),)
+    lora_b = (torch.randn(4, 1, 48, 8),)
+    out = torch.randn(8, 48)
+    expected = reference.add_lora_linear(out.clone(), torch.ones(8, 32), lora_a, lora_b, slots, 1.0, (48,))
+    wrapper.add_lora_linear(out, torch.ones(8, 32), lora_a, lora_b, 1.0, (48,))
+    torch.testing.assert_close(out, expected)
+
+
+def test_our_kernels_package_is_not_taken_for_hugging_face_kernels():
+    """transformers probes for HF's `kernels` hub package; ours must never pass for it."""
+    from transformers.utils import import_utils
+
+    assert not import_utils.is_kernels_available()
+    import kernels
+
+    assert not hasattr(kernels, "get_kernel")
