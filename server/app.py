@@ -29,10 +29,12 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
                        base_model_name: str) -> Server:
     engine = Engine.start(engine_config)
     registry = AdapterRegistry(base_model_name)
-    adapters = AdapterManager(registry, engine, engine_config.max_lora_rank, engine_config.max_cpu_loras)
+    adapters = AdapterManager(registry, engine, engine_config.max_lora_rank, engine_config.max_cpu_loras,
+                              adapter_config.adapter_dir, adapter_config.allowed_roots)
     if adapter_config.adapter_dir is not None:
         await adapters.load_directory(adapter_config.adapter_dir)
     metrics = Metrics(base_model_name)
+    metrics.track_engine(engine.num_unfinished_requests)
     service = GenerationService(engine, registry, server_config.limits, metrics, base_model_name,
                                 engine_config.max_model_len)
     return Server(engine, registry, adapters, service)
@@ -44,13 +46,26 @@ async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server
 
     server = await build_server(engine_config, adapter_config, server_config, base_model_name)
     ready = asyncio.Event()
-    app = build_app(server.service, server_config, is_ready=ready.is_set)
+    app = build_app(server.service, server.adapters, server_config, is_ready=ready.is_set)
     http = uvicorn.Server(uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
         lifespan="off", timeout_graceful_shutdown=30))
+    grpc_server = health = None
+    if server_config.grpc_port is not None:
+        from .grpc_api import build_grpc_server, set_serving
+
+        grpc_server, health = build_grpc_server(server.service, server.adapters, server_config,
+                                                server_config.host, server_config.grpc_port)
+        await grpc_server.start()
+        await set_serving(health, True)
+        logger.info("gRPC on %s:%d", server_config.host, server_config.grpc_port)
     ready.set()
     logger.info("serving %s on http://%s:%d", base_model_name, server_config.host, server_config.port)
     try:
         await http.serve()
     finally:
+        ready.clear()
+        if grpc_server is not None:
+            await set_serving(health, False)
+            await grpc_server.stop(grace=5)
         server.engine.shutdown()

@@ -40,10 +40,15 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     adapters = p.add_argument_group("adapters")
     adapters.add_argument("--adapter-dir", type=Path, default=None,
                           help="every subdirectory holding a PEFT LoRA adapter is served under its name")
+    adapters.add_argument("--allowed-adapter-roots", type=Path, nargs="*", default=(),
+                          help="admin loads may only read adapters under these directories")
     server = p.add_argument_group("server")
     server.add_argument("--host", default=ServerConfig.host)
     server.add_argument("--port", type=int, default=ServerConfig.port)
-    server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    server.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (-1: no gRPC front door)")
+    server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on inference calls")
+    server.add_argument("--admin-token", default=None,
+                        help="enables adapter admin routes/RPCs, which need 'Authorization: Bearer TOKEN'")
     server.add_argument("--max-n", type=int, default=defaults_limits.max_n)
     server.add_argument("--max-tokens-limit", type=int, default=defaults_limits.max_tokens,
                         help="largest max_tokens a request may ask for")
@@ -82,9 +87,10 @@ def serve(args: argparse.Namespace) -> int:
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_kernels=args.lora_kernels,
         seed=args.seed)
     server_config = ServerConfig(
-        host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+        host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
+        api_key=args.api_key, admin_token=args.admin_token, log_level=args.log_level,
         limits=LimitsConfig(max_n=args.max_n, max_tokens=args.max_tokens_limit))
-    adapter_config = AdapterConfig(adapter_dir=args.adapter_dir)
+    adapter_config = AdapterConfig(adapter_dir=args.adapter_dir, allowed_roots=tuple(args.allowed_adapter_roots))
 
     from kernels.vllm_plugin import select_lora_kernels
 

@@ -59,6 +59,8 @@ class AdapterConfig:
     """Where adapters come from."""
 
     adapter_dir: Path | None = None
+    # If set, admin loads may only read adapters under these directories (after resolving symlinks).
+    allowed_roots: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,5 +82,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    # Admin routes/RPCs (adapter load/unload) need this token; None disables them.
+    admin_token: str | None = None
+    grpc_port: int | None = None
     log_level: str = "info"
     limits: LimitsConfig = field(default_factory=LimitsConfig)

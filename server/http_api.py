@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -10,8 +9,11 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .adapters.manager import AdapterManager
+from .adapters.registry import AdapterError
 from .config import ServerConfig
 from .engine import GenerationChunk
 from .openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -20,9 +22,12 @@ from .service import (
     GenerationService,
     InvalidRequest,
     RequestError,
-    ResolvedModel,
-    merge_streams,
+    Forbidden,
+    Unauthorized,
+    check_bearer,
+    collect_choices,
     new_request_id,
+    usage_counts,
 )
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -71,13 +76,28 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def build_app(service: GenerationService, config: ServerConfig, *, is_ready: Callable[[], bool]) -> FastAPI:
+class LoadAdapterBody(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadAdapterBody(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=256)
+
+
+def build_app(service: GenerationService, adapters: AdapterManager, config: ServerConfig, *,
+              is_ready: Callable[[], bool]) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0", docs_url=None, redoc_url=None)
     base_model = service.base_model_name
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError):
         return error_response(exc.status, exc.message, exc.kind, exc.param)
+
+    @app.exception_handler(AdapterError)
+    async def _adapter_error(_: Request, exc: AdapterError):
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        return error_response(exc.status, str(exc), kind)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
@@ -93,21 +113,17 @@ def build_app(service: GenerationService, config: ServerConfig, *, is_ready: Cal
         return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
     async def require_api_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        supplied = request.headers.get("authorization", "")
-        expected = f"Bearer {config.api_key}"
-        if not hmac.compare_digest(supplied.encode(), expected.encode()):
-            raise _Unauthorized()
+        if config.api_key is not None and not check_bearer(request.headers.get("authorization"), config.api_key):
+            raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
 
-    class _Unauthorized(RequestError):
-        status = 401
-        kind = "authentication_error"
-
-        def __init__(self) -> None:
-            super().__init__("a valid API key is required (Authorization: Bearer <key>)")
+    async def require_admin(request: Request) -> None:
+        if config.admin_token is None:
+            raise Forbidden("admin routes are disabled: start the server with --admin-token")
+        if not check_bearer(request.headers.get("authorization"), config.admin_token):
+            raise Unauthorized("a valid admin token is required (Authorization: Bearer <token>)")
 
     inference = [Depends(require_api_key)]
+    admin = [Depends(require_admin)]
 
     @app.get("/health")
     async def health():
@@ -141,19 +157,19 @@ def build_app(service: GenerationService, config: ServerConfig, *, is_ready: Cal
                               f"{request_id}-{i}")
             for i, ids in enumerate(prompts)
         ]
-        stream = _run(service, generations, resolved, body.n)
+        stream = service.stream_choices(generations, resolved, body.n)
         headers = {REQUEST_ID_HEADER: request_id}
         if body.stream:
             first = await _prime(stream)
             return StreamingResponse(
                 _completion_events(first, stream, request_id, body, generations), headers=headers,
                 media_type="text/event-stream")
-        texts, finish, num_generated = await _collect(stream, len(generations) * body.n)
+        texts, _, finish, num_generated = await collect_choices(stream, len(generations) * body.n)
         return JSONResponse({
             "id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
             "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]}
                         for i in range(len(texts))],
-            "usage": _usage(generations, num_generated),
+            "usage": usage_counts(generations, num_generated),
         }, headers=headers)
 
     @app.post("/v1/chat/completions", dependencies=inference)
@@ -164,20 +180,35 @@ def build_app(service: GenerationService, config: ServerConfig, *, is_ready: Cal
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("chatcmpl")
         generations = [GenerationRequest(body.model, ids, _options(service, body, len(ids), body.output_token_limit),
                                          request_id)]
-        stream = _run(service, generations, resolved, body.n)
+        stream = service.stream_choices(generations, resolved, body.n)
         headers = {REQUEST_ID_HEADER: request_id}
         if body.stream:
             first = await _prime(stream)
             return StreamingResponse(
                 _chat_events(first, stream, request_id, body, generations), headers=headers,
                 media_type="text/event-stream")
-        texts, finish, num_generated = await _collect(stream, body.n)
+        texts, _, finish, num_generated = await collect_choices(stream, body.n)
         return JSONResponse({
             "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
             "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                          "finish_reason": finish[i]} for i in range(len(texts))],
-            "usage": _usage(generations, num_generated),
+            "usage": usage_counts(generations, num_generated),
         }, headers=headers)
+
+    @app.get("/v1/adapters", dependencies=inference)
+    async def list_adapters():
+        return {"object": "list", "base_model": base_model,
+                "data": [entry.describe() for entry in service.registry.adapters()]}
+
+    @app.post("/v1/load_lora_adapter", dependencies=admin)
+    async def load_lora_adapter(body: LoadAdapterBody):
+        entry = await adapters.load(body.lora_name, adapters.resolve_path(body.lora_path))
+        return {"message": f"Success: LoRA adapter '{entry.name}' added successfully.", "adapter": entry.describe()}
+
+    @app.post("/v1/unload_lora_adapter", dependencies=admin)
+    async def unload_lora_adapter(body: UnloadAdapterBody):
+        entry = await adapters.unload(body.lora_name)
+        return {"message": f"Success: LoRA adapter '{entry.name}' removed successfully.", "adapter": entry.describe()}
 
     return PayloadLimit(app, config.limits.max_payload_bytes)  # type: ignore[return-value]
 
@@ -212,42 +243,12 @@ def _options(service: GenerationService, body, prompt_len: int, max_tokens: int 
         frequency_penalty=body.frequency_penalty, stream=body.stream)
 
 
-def _run(service: GenerationService, generations: list[GenerationRequest], resolved: ResolvedModel,
-         n: int) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """One merged stream over all prompts; yields (choice index, chunk)."""
-    if len(generations) * n > service.limits.max_n * service.limits.max_n:
-        raise InvalidRequest("too many choices requested", param="n")
-
-    async def choices():
-        async for prompt_index, chunk in merge_streams([service.generate(g, resolved) for g in generations]):
-            yield prompt_index * n + chunk.index, chunk
-
-    return choices()
-
-
 async def _prime(stream: AsyncIterator):
     """Wait for the first chunk before answering, so early errors get a real HTTP status."""
     try:
         return await stream.__anext__()
     except StopAsyncIteration:
         return None
-
-
-async def _collect(stream: AsyncIterator, num_choices: int) -> tuple[list[str], list[str | None], int]:
-    texts = [""] * num_choices
-    finish: list[str | None] = [None] * num_choices
-    num_generated = 0
-    async for index, chunk in stream:
-        texts[index] += chunk.text
-        finish[index] = chunk.finish_reason or finish[index]
-        num_generated += len(chunk.token_ids)
-    return texts, finish, num_generated
-
-
-def _usage(generations: list[GenerationRequest], num_generated: int) -> dict:
-    num_prompt = sum(len(g.prompt_token_ids) for g in generations)
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_generated,
-            "total_tokens": num_prompt + num_generated}
 
 
 def _sse(payload: dict | str) -> str:
@@ -284,7 +285,7 @@ async def _event_stream(first, stream, make_chunk, final_extra, body, generation
         yield _sse(error_body(exc.message, exc.kind, exc.status, exc.param))
     if include_usage:
         yield _sse({"id": request_id, "object": make_chunk.object_name, "created": int(time.time()),
-                    "model": body.model, "choices": [], "usage": _usage(generations, num_generated)})
+                    "model": body.model, "choices": [], "usage": usage_counts(generations, num_generated)})
     yield _sse("[DONE]")
 
 

@@ -53,6 +53,12 @@ class Metrics:
             f"{PREFIX}:num_requests_running", "Requests being generated now.",
             ("model_name",), registry=self.registry)
 
+    def track_engine(self, num_unfinished_requests) -> None:
+        """Export the engine's own count of unfinished requests, read at scrape time."""
+        gauge = Gauge(f"{PREFIX}:engine_unfinished_requests", "Requests the engine holds (running or waiting).",
+                      ("model_name",), registry=self.registry)
+        gauge.labels(model_name=self.model_name).set_function(num_unfinished_requests)
+
     def _labels(self, adapter: str | None) -> dict[str, str]:
         return {"model_name": self.model_name, "adapter": adapter or BASE_ADAPTER_LABEL}
 

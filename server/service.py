@@ -48,6 +48,16 @@ class ServiceUnavailable(RequestError):
     kind = "service_unavailable"
 
 
+class Unauthorized(RequestError):
+    status = 401
+    kind = "authentication_error"
+
+
+class Forbidden(RequestError):
+    status = 403
+    kind = "permission_error"
+
+
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -197,10 +207,48 @@ class GenerationService:
             if adapter is not None and self.registry.release(adapter):
                 self._spawn(self.engine.remove_adapter(adapter))
 
+    def stream_choices(self, generations: list[GenerationRequest], resolved: ResolvedModel,
+                       n: int) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """One merged stream over all prompts of a request; yields (choice index, chunk)."""
+
+        async def choices():
+            async for prompt_index, chunk in merge_streams([self.generate(g, resolved) for g in generations]):
+                yield prompt_index * n + chunk.index, chunk
+
+        return choices()
+
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def collect_choices(stream: AsyncIterator[tuple[int, GenerationChunk]],
+                          num_choices: int) -> tuple[list[str], list[list[int]], list[str | None], int]:
+    """Drain a choices stream: text, token ids and finish reason per choice, and tokens generated."""
+    texts = [""] * num_choices
+    token_ids: list[list[int]] = [[] for _ in range(num_choices)]
+    finish: list[str | None] = [None] * num_choices
+    num_generated = 0
+    async for index, chunk in stream:
+        texts[index] += chunk.text
+        token_ids[index].extend(chunk.token_ids)
+        finish[index] = chunk.finish_reason or finish[index]
+        num_generated += len(chunk.token_ids)
+    return texts, token_ids, finish, num_generated
+
+
+def usage_counts(generations: list[GenerationRequest], num_generated: int) -> dict[str, int]:
+    num_prompt = sum(len(g.prompt_token_ids) for g in generations)
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_generated,
+            "total_tokens": num_prompt + num_generated}
+
+
+def check_bearer(authorization: str | None, secret: str) -> bool:
+    """Constant-time check of an ``Authorization: Bearer <secret>`` value."""
+    import hmac
+
+    return hmac.compare_digest((authorization or "").encode(), f"Bearer {secret}".encode())
 
 
 async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

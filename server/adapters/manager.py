@@ -15,12 +15,42 @@ class AdapterLoadFailed(AdapterError):
     status = 400
 
 
+class AdapterPathRejected(AdapterError):
+    status = 400
+
+
 class AdapterManager:
-    def __init__(self, registry: AdapterRegistry, engine, max_lora_rank: int, max_cpu_loras: int) -> None:
+    def __init__(self, registry: AdapterRegistry, engine, max_lora_rank: int, max_cpu_loras: int,
+                 adapter_dir: Path | None = None, allowed_roots: tuple[Path, ...] = ()) -> None:
         self.registry = registry
         self.engine = engine
         self.max_lora_rank = max_lora_rank
         self.max_cpu_loras = max_cpu_loras
+        self.adapter_dir = adapter_dir
+        self.allowed_roots = tuple(root.resolve() for root in allowed_roots)
+
+    def resolve_path(self, lora_path: str) -> Path:
+        """An admin's ``lora_path``: an absolute directory, or a name relative to ``--adapter-dir``.
+
+        With ``--allowed-adapter-roots``, the resolved directory (symlinks followed) must lie
+        under one of them; a relative name must stay inside the adapter dir."""
+        if not lora_path or "\x00" in lora_path:
+            raise AdapterPathRejected("lora_path is empty")
+        raw = Path(lora_path)
+        if not raw.is_absolute():
+            if self.adapter_dir is None:
+                raise AdapterPathRejected("a relative lora_path needs --adapter-dir; give an absolute path")
+            root = self.adapter_dir.resolve()
+            resolved = (root / raw).resolve()
+            if not resolved.is_relative_to(root) or resolved == root:
+                raise AdapterPathRejected(f"lora_path {lora_path!r} leaves the adapter directory")
+        else:
+            resolved = raw.resolve()
+        if self.allowed_roots and not any(resolved.is_relative_to(r) for r in self.allowed_roots):
+            raise AdapterPathRejected(f"lora_path {lora_path!r} is outside the allowed adapter roots")
+        if not resolved.is_dir():
+            raise AdapterPathRejected(f"lora_path {lora_path!r} is not a directory")
+        return resolved
 
     async def load(self, name: str, path: Path, *, warm: bool = True) -> AdapterVersion:
         """Validate ``path``, register it as a new version of ``name`` and (``warm``) load it into

@@ -64,6 +64,12 @@ class AdapterVersion:
     registered_at: float = field(default_factory=time.time)
     num_running_requests: int = 0
 
+    def describe(self) -> dict:
+        """What admin APIs (HTTP and gRPC) report about this version."""
+        return {"name": self.name, "version": self.version, "status": self.state.value, "error": self.error,
+                "rank": self.rank, "target_modules": list(self.target_modules), "path": str(self.path),
+                "loaded_at_unix": self.registered_at, "running_requests": self.num_running_requests}
+
 
 class AdapterRegistry:
     """Tracks which version of each adapter new requests get, and which versions are in use."""

@@ -11,6 +11,7 @@ from tests.support.server import RunningServer, start_server
 
 NUM_ADAPTERS = 9
 ADAPTER_RANK = 8
+ADMIN_TOKEN = "test-admin-token"
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,8 @@ def server(tmp_path_factory, adapter_dir: Path, cache_dir: Path, base_model_dir:
     # float32 so that greedy tokens can be compared with HF transformers + peft exactly.
     running = start_server(
         ["--adapter-dir", str(adapter_dir), "--cache-dir", str(cache_dir), "--dtype", "float32",
-         "--kv-cache-gib", "1", "--max-loras", "4", "--max-cpu-loras", "16", "--max-model-len", "1024"],
+         "--kv-cache-gib", "1", "--max-loras", "4", "--max-cpu-loras", "16", "--max-model-len", "1024",
+         "--admin-token", ADMIN_TOKEN],
         log_path)
     yield running
     running.stop()
@@ -65,3 +67,23 @@ def client(server: RunningServer):
     import openai
 
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def engine_unfinished_requests(server: RunningServer) -> float:
+    """The engine's own count of requests it still holds, from a real /metrics scrape."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
+        if family.name == "loraplex:engine_unfinished_requests":
+            return sum(s.value for s in family.samples)
+    raise AssertionError("loraplex:engine_unfinished_requests missing from /metrics")
+
+
+def wait_until_engine_idle(server: RunningServer, timeout: float = 30) -> float:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (count := engine_unfinished_requests(server)) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return count

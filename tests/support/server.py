@@ -24,7 +24,12 @@ def free_port() -> int:
 class RunningServer:
     process: subprocess.Popen
     port: int
+    grpc_port: int
     log_path: Path
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def url(self) -> str:
@@ -45,13 +50,13 @@ class RunningServer:
 
 
 def start_server(args: list[str], log_path: Path, startup_timeout: float = 600) -> RunningServer:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args],
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port), *args],
         stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = RunningServer(process, port, log_path)
+    server = RunningServer(process, port, grpc_port, log_path)
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -1,0 +1,214 @@
+"""gRPC front door (``proto/loraplex/v1``). Thin, like the HTTP one: the same service calls,
+the same validation, adapter resolution and metrics; only the wire format differs.
+
+Cancellation and deadlines: grpc.aio cancels the handler when the client cancels or the
+deadline passes; the cancellation reaches the engine's generate loop, which aborts the request.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .adapters.manager import AdapterManager
+from .adapters.registry import AdapterError
+from .config import ServerConfig
+from .grpc_gen import loraplex_pb2 as pb
+from .grpc_gen import loraplex_pb2_grpc as pb_grpc
+from .service import (
+    Forbidden,
+    GenerationRequest,
+    GenerationService,
+    InvalidRequest,
+    RequestError,
+    Unauthorized,
+    check_bearer,
+    collect_choices,
+    new_request_id,
+    usage_counts,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+SERVICE_NAMES = ("loraplex.v1.Generation", "loraplex.v1.Adapters")
+
+
+def status_code(http_status: int) -> grpc.StatusCode:
+    return STATUS_CODES.get(http_status, grpc.StatusCode.INTERNAL)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception):
+    status = getattr(exc, "status", 500)
+    message = exc.message if isinstance(exc, RequestError) else str(exc)
+    await context.abort(status_code(status), message)
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, service: GenerationService, config: ServerConfig) -> None:
+        self.service = service
+        self.config = config
+
+    def _check_api_key(self, context) -> None:
+        if self.config.api_key is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        if not check_bearer(metadata.get("authorization"), self.config.api_key):
+            raise Unauthorized("a valid API key is required (authorization: Bearer <key>)")
+
+    def _prompt_ids(self, request) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            return self.service.tokenize(request.text)
+        if which == "chat":
+            return self.service.render_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        raise InvalidRequest("a prompt is required: text, chat or token_ids", param="prompt")
+
+    def _prepare(self, request, context, stream: bool):
+        self._check_api_key(context)
+        if not request.model:
+            raise InvalidRequest("model is required", param="model")
+        resolved = self.service.resolve(request.model)
+        ids = self._prompt_ids(request)
+        s = request.sampling
+        options = self.service.sampling_options(
+            prompt_len=len(ids),
+            max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+            temperature=_bounded(s, "temperature", 0.0, 2.0),
+            top_p=_bounded(s, "top_p", 0.0, 1.0, low_open=True),
+            n=s.n or 1, stop=list(s.stop), seed=s.seed if s.HasField("seed") else None,
+            presence_penalty=_bounded(s, "presence_penalty", -2.0, 2.0),
+            frequency_penalty=_bounded(s, "frequency_penalty", -2.0, 2.0),
+            stream=stream)
+        request_id = request.request_id or new_request_id("grpc")
+        return resolved, GenerationRequest(request.model, ids, options, request_id)
+
+    async def Generate(self, request, context):
+        try:
+            resolved, generation = self._prepare(request, context, stream=False)
+            n = generation.options.n
+            texts, token_ids, finish, num_generated = await collect_choices(
+                self.service.stream_choices([generation], resolved, n), n)
+        except (RequestError, AdapterError) as exc:
+            await _abort(context, exc)
+        return pb.GenerateResponse(
+            request_id=generation.request_id, model=request.model,
+            choices=[pb.Choice(index=i, text=texts[i], token_ids=token_ids[i], finish_reason=finish[i] or "")
+                     for i in range(n)],
+            usage=pb.Usage(**usage_counts([generation], num_generated)))
+
+    async def GenerateStream(self, request, context):
+        try:
+            resolved, generation = self._prepare(request, context, stream=True)
+            num_generated = 0
+            async for index, chunk in self.service.stream_choices([generation], resolved, generation.options.n):
+                num_generated += len(chunk.token_ids)
+                yield pb.GenerateStreamResponse(
+                    request_id=generation.request_id, index=index, text=chunk.text, token_ids=chunk.token_ids,
+                    finish_reason=chunk.finish_reason or "")
+        except (RequestError, AdapterError) as exc:
+            await _abort(context, exc)
+            return
+        yield pb.GenerateStreamResponse(request_id=generation.request_id,
+                                        usage=pb.Usage(**usage_counts([generation], num_generated)))
+
+    async def Tokenize(self, request, context):
+        try:
+            self._check_api_key(context)
+            self.service.resolve(request.model)
+            return pb.TokenizeResponse(token_ids=self._prompt_ids(request))
+        except (RequestError, AdapterError) as exc:
+            await _abort(context, exc)
+
+
+def _bounded(message, field: str, low: float, high: float, low_open: bool = False) -> float | None:
+    if not message.HasField(field):
+        return None
+    value = getattr(message, field)
+    if not (low < value <= high if low_open else low <= value <= high):
+        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise InvalidRequest(f"{field} must be in {interval}", param=field)
+    return value
+
+
+class AdaptersServicer(pb_grpc.AdaptersServicer):
+    def __init__(self, adapters: AdapterManager, config: ServerConfig, base_model: str) -> None:
+        self.adapters = adapters
+        self.config = config
+        self.base_model = base_model
+
+    def _check_admin(self, context) -> None:
+        if self.config.admin_token is None:
+            raise Forbidden("admin RPCs are disabled: start the server with --admin-token")
+        metadata = dict(context.invocation_metadata() or ())
+        if not check_bearer(metadata.get("authorization"), self.config.admin_token):
+            raise Unauthorized("a valid admin token is required (authorization: Bearer <token>)")
+
+    @staticmethod
+    def _info(entry) -> pb.AdapterInfo:
+        d = entry.describe()
+        return pb.AdapterInfo(name=d["name"], version=d["version"], status=d["status"], error=d["error"] or "",
+                              rank=d["rank"] or 0, target_modules=d["target_modules"], path=d["path"],
+                              loaded_at_unix=d["loaded_at_unix"], running_requests=d["running_requests"])
+
+    async def ListAdapters(self, request, context):
+        try:
+            self._check_admin(context)
+        except RequestError as exc:
+            await _abort(context, exc)
+        return pb.ListAdaptersResponse(base_model=self.base_model,
+                                       adapters=[self._info(e) for e in self.adapters.registry.adapters()])
+
+    async def GetAdapter(self, request, context):
+        try:
+            self._check_admin(context)
+            return self._info(self.adapters.registry.get(request.name))
+        except (RequestError, AdapterError) as exc:
+            await _abort(context, exc)
+
+    async def LoadAdapter(self, request, context):
+        try:
+            self._check_admin(context)
+            entry = await self.adapters.load(request.name, self.adapters.resolve_path(request.path))
+            return self._info(entry)
+        except (RequestError, AdapterError) as exc:
+            await _abort(context, exc)
+
+    async def UnloadAdapter(self, request, context):
+        try:
+            self._check_admin(context)
+            return pb.UnloadAdapterResponse(adapter=self._info(await self.adapters.unload(request.name)))
+        except (RequestError, AdapterError) as exc:
+            await _abort(context, exc)
+
+
+def build_grpc_server(service: GenerationService, adapters: AdapterManager, config: ServerConfig,
+                      host: str, port: int) -> tuple[grpc.aio.Server, health.HealthServicer]:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.limits.max_payload_bytes)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(service, config), server)
+    pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(adapters, config, service.base_model_name), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    server.add_insecure_port(f"{host}:{port}")
+    return server, health_servicer
+
+
+async def set_serving(health_servicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, status)

@@ -1,0 +1,136 @@
+"""The gRPC front door against the real server, over real grpc.aio channels."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from server.grpc_gen import loraplex_pb2 as pb
+from server.grpc_gen import loraplex_pb2_grpc as pb_grpc
+
+from .conftest import ADMIN_TOKEN, wait_until_engine_idle
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "The capital of France is"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def greedy(model: str, max_tokens: int = 8, prompt: str = PROMPT) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model=model, text=prompt,
+                              sampling=pb.SamplingParameters(max_tokens=max_tokens, temperature=0.0))
+
+
+async def unary(server, request, **kwargs):
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        return await pb_grpc.GenerationStub(channel).Generate(request, **kwargs)
+
+
+async def streamed(server, request):
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        return [m async for m in pb_grpc.GenerationStub(channel).GenerateStream(request)]
+
+
+def test_unary_and_stream_agree_with_each_other_and_with_http(server, client, base_model_name, adapter_names):
+    for model in (base_model_name, *adapter_names[:2]):
+        response = run(unary(server, greedy(model)))
+        messages = run(streamed(server, greedy(model)))
+        streamed_text = "".join(m.text for m in messages)
+        http_text = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+        assert response.choices[0].text == streamed_text == http_text, model
+        assert response.choices[0].finish_reason == "length"
+        assert len(response.choices[0].token_ids) == 8
+        assert response.usage.completion_tokens == 8
+        assert messages[-1].usage.completion_tokens == 8  # the last message carries usage
+        assert len([m for m in messages if m.token_ids]) >= 2
+        assert [t for m in messages for t in m.token_ids] == list(response.choices[0].token_ids)
+
+
+def test_chat_and_token_id_prompts(server, base_model_name):
+    chat = pb.GenerateRequest(model=base_model_name, sampling=pb.SamplingParameters(max_tokens=4, temperature=0),
+                              chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi")]))
+    assert run(unary(server, chat)).choices[0].text
+
+    async def tokenize():
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            return await pb_grpc.GenerationStub(channel).Tokenize(
+                pb.TokenizeRequest(model=base_model_name, text=PROMPT))
+
+    ids = list(run(tokenize()).token_ids)
+    by_ids = pb.GenerateRequest(model=base_model_name, token_ids=pb.TokenIds(ids=ids),
+                                sampling=pb.SamplingParameters(max_tokens=8, temperature=0))
+    assert run(unary(server, by_ids)).choices[0].text == run(unary(server, greedy(base_model_name))).choices[0].text
+
+
+@pytest.mark.parametrize("request_, code", [
+    (pb.GenerateRequest(model="no-such-adapter", text="x"), grpc.StatusCode.NOT_FOUND),
+    (pb.GenerateRequest(model="SmolLM2-135M-Instruct", text="x",
+                        sampling=pb.SamplingParameters(temperature=5)), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(model="SmolLM2-135M-Instruct"), grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(model="SmolLM2-135M-Instruct", text="x",
+                        sampling=pb.SamplingParameters(max_tokens=10**6)), grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_status_codes(server, request_, code):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(unary(server, request_))
+    assert info.value.code() == code
+    assert info.value.details()
+
+
+def test_cancel_mid_stream_frees_the_engine(server, base_model_name):
+    async def cancel_after_two_chunks():
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            call = pb_grpc.GenerationStub(channel).GenerateStream(greedy(base_model_name, max_tokens=800))
+            received = 0
+            async for _ in call:
+                received += 1
+                if received == 2:
+                    call.cancel()
+                    break
+            return received
+
+    assert run(cancel_after_two_chunks()) == 2
+    assert wait_until_engine_idle(server) == 0
+
+
+def test_deadline_exceeded_is_reported_and_aborts(server, base_model_name):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(unary(server, greedy(base_model_name, max_tokens=800), timeout=0.5))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until_engine_idle(server) == 0
+
+
+def test_health_and_reflection(server):
+    async def check():
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="loraplex.v1.Generation"))
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = [r async for r in stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+            return health.status, [s.name for s in responses[0].list_services_response.service]
+
+    status, services = run(check())
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert {"loraplex.v1.Generation", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= set(services)
+
+
+def test_adapters_service_needs_the_admin_token(server, adapter_names):
+    async def call(metadata):
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            return await pb_grpc.AdaptersStub(channel).ListAdapters(pb.ListAdaptersRequest(), metadata=metadata)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(call(()))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    listing = run(call((("authorization", f"Bearer {ADMIN_TOKEN}"),)))
+    by_name = {a.name: a for a in listing.adapters}
+    assert set(adapter_names) <= set(by_name)
+    assert by_name[adapter_names[0]].status == "ready" and by_name[adapter_names[0]].rank == 8
