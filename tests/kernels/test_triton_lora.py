@@ -1,0 +1,72 @@
+"""Triton ops against the reference. On CPU they run in the Triton interpreter
+(TRITON_INTERPRET=1, set for this module before triton is imported); on CUDA natively."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from kernels import reference, triton_lora  # noqa: E402
+from kernels.workloads import POPULARITIES, token_slots  # noqa: E402
+
+from .conftest import HIDDEN_IN, SLICE_WIDTHS, make_weights, tolerances  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("triton was imported without the interpreter", allow_module_level=True)
+
+
+def run_case(rank, num_tokens, num_adapters, popularity, dtype, num_slices=3):
+    seed = rank * 1000 + num_tokens * 10 + num_adapters
+    slots = token_slots(num_tokens, num_adapters, popularity, seed=seed)
+    lora_a, lora_b = make_weights(num_adapters, rank, dtype, seed)
+    lora_a, lora_b, widths = lora_a[:num_slices], lora_b[:num_slices], SLICE_WIDTHS[:num_slices]
+    x = torch.randn(num_tokens, HIDDEN_IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    base = torch.randn(num_tokens, sum(widths) + 8).to(dtype)
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, widths, offset_start=4)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    actual = on(base.clone())
+    meta = triton_lora.build_meta(on(slots))
+    triton_lora.add_lora_linear(meta, actual, on(x), [on(a) for a in lora_a], [on(b) for b in lora_b], 0.5, widths,
+                                offset_start=4)
+    torch.testing.assert_close(actual.cpu(), expected, **tolerances(dtype))
+    untouched = slots == -1
+    assert torch.equal(actual.cpu()[untouched], base[untouched])
+
+
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("rank", (8, 16, 64))
+def test_fused_slices_over_ranks_and_popularity(rank, popularity, dtype):
+    run_case(rank, 7, 4, popularity, dtype)
+
+
+@pytest.mark.parametrize("num_tokens, num_adapters", [(1, 1), (128, 32), (600, 4)])
+@pytest.mark.parametrize("popularity", ("distinct", "zipf", "skewed"))
+def test_batch_sizes_and_adapter_counts(num_tokens, num_adapters, popularity):
+    run_case(16, num_tokens, num_adapters, popularity, torch.float32, num_slices=2)
+
+
+def test_split_k_shrink_alone_and_tile_table():
+    assert triton_lora.tile_config("shrink", 16)["SPLIT_K"] > 1  # the small-rank config splits K
+    slots = torch.tensor([0, 0, -1, 1, 1, 0, 2])
+    lora_a, _ = make_weights(3, 16, torch.float32, seed=3)
+    x = torch.randn(7, HIDDEN_IN)
+    y = torch.full((1, 7, 16), 7.0)
+    triton_lora.lora_shrink(triton_lora.build_meta(slots.to(DEVICE)), x.to(DEVICE), [lora_a[0].to(DEVICE)],
+                            y := y.to(DEVICE), 2.0)
+    expected = reference.lora_shrink(x, lora_a[0], slots, 2.0)
+    has = slots != -1
+    torch.testing.assert_close(y[0].cpu()[has], expected[has], atol=1e-4, rtol=1e-4)
+    assert torch.all(y[0].cpu()[~has] == 7.0)
+
+
+def test_meta_follows_the_segment_convention():
+    meta = triton_lora.build_meta(torch.tensor([2, -1, 0, 2, 0, 0]))
+    assert meta.segment_starts.tolist() == [0, 3, 5]  # s[0] = 0, s[-1] = tokens with an adapter
+    assert meta.segment_slots.tolist() == [0, 2]
+    assert meta.sorted_token_ids.tolist() == [2, 4, 5, 0, 3]
+    assert meta.max_segment_len == 3
