@@ -1,0 +1,1 @@
+"""loraplex load tester: open-loop load across many adapters against any OpenAI-compatible server."""

@@ -1,6 +1,7 @@
 """``loraplex`` command line: the only place that reads argv and the environment.
 
-Subcommands: ``serve`` (the server). Each builds its config dataclasses from flags.
+Subcommands: ``serve`` (the server), ``loadtest`` (open-loop load against a server).
+Each builds its config dataclasses from flags.
 """
 
 from __future__ import annotations
@@ -55,11 +56,58 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
+def _length_range(text: str) -> tuple[int, int]:
+    """``128`` -> (128, 128); ``64:256`` -> (64, 256)."""
+    low, _, high = text.partition(":")
+    return int(low), int(high or low)
+
+
+def _add_loadtest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="an OpenAI-compatible server")
+    p.add_argument("--rate", type=float, required=True, help="arrival rate, requests/s (open loop)")
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds (after warm-up)")
+    p.add_argument("--warmup", type=float, default=0.0, help="seconds of load excluded from results")
+    p.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; gamma shape otherwise")
+    p.add_argument("--models", default=None, help="comma-separated models/adapters (default: all the server lists)")
+    p.add_argument("--adapter-mix", default="uniform", help="uniform | zipf:ALPHA")
+    p.add_argument("--prompt-len", type=_length_range, default=(128, 128), help="words: N or MIN:MAX")
+    p.add_argument("--output-len", type=_length_range, default=(16, 16), help="tokens: N or MIN:MAX")
+    p.add_argument("--prompts-file", type=Path, default=None, help='JSONL of {"prompt": ...}')
+    p.add_argument("--slo", default="ttft=200ms", help="e.g. ttft=200ms,e2e=2s (judged on p99)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
+    p.add_argument("--out", type=Path, default=None, help="directory for result.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_args(sub.add_parser("serve", help="serve the base model and its LoRA adapters"))
+    _add_loadtest_args(sub.add_parser("loadtest", help="open-loop load test of an OpenAI-compatible server"))
     return parser
+
+
+def loadtest(args: argparse.Namespace) -> int:
+    import httpx
+
+    from loadtest.runner import SLO, RunConfig, check_target, num_requests_for, run_and_report
+    from loadtest.workload import WorkloadConfig
+
+    check_target(args.url, args.allow_remote)
+    if args.models:
+        models = tuple(m for m in args.models.split(",") if m)
+    else:
+        headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        models = tuple(m["id"] for m in httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"])
+    workload = WorkloadConfig(
+        models=models, rate=args.rate, num_requests=num_requests_for(args.rate, args.duration, args.warmup),
+        seed=args.seed, burstiness=args.burstiness, adapter_mix=args.adapter_mix, prompt_len=args.prompt_len,
+        output_len=args.output_len, prompts_file=args.prompts_file)
+    config = RunConfig(url=args.url.rstrip("/"), workload=workload, duration_s=args.duration, warmup_s=args.warmup,
+                       slo=SLO.parse(args.slo), api_key=args.api_key, allow_remote=args.allow_remote)
+    result = run_and_report(config, args.out)
+    return 0 if result["completed"] else 1
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -104,10 +152,12 @@ def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return serve(args)
+    if args.command == "loadtest":
+        return loadtest(args)
     return 2
 
 

@@ -18,11 +18,11 @@ from .config import ServerConfig
 from .engine import GenerationChunk
 from .openai_protocol import ChatCompletionRequest, CompletionRequest
 from .service import (
+    Forbidden,
     GenerationRequest,
     GenerationService,
     InvalidRequest,
     RequestError,
-    Forbidden,
     Unauthorized,
     check_bearer,
     collect_choices,

@@ -1,0 +1,77 @@
+"""Sends one streamed completion and measures it from the client's side."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from .workload import RequestSpec
+
+
+@dataclass
+class RequestResult:
+    index: int
+    model: str
+    sent_at: float
+    ok: bool = False
+    error: str | None = None       # "http_429", "http_5xx", "timeout", "connection" ...
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.e2e_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+def _error_kind(status: int) -> str:
+    return f"http_{status}" if status < 500 else "http_5xx"
+
+
+async def send(client: httpx.AsyncClient, url: str, spec: RequestSpec, sent_at: float,
+               headers: dict[str, str]) -> RequestResult:
+    result = RequestResult(spec.index, spec.model, sent_at)
+    body = {"model": spec.model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    last = start
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
+            if response.status_code != 200:
+                await response.aread()
+                result.error = _error_kind(response.status_code)
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    result.error = "stream_error"
+                    return result
+                now = time.perf_counter()
+                if event.get("choices") and event["choices"][0].get("text"):
+                    if result.ttft_s is None:
+                        result.ttft_s = now - start
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+                if event.get("usage"):
+                    result.prompt_tokens = event["usage"]["prompt_tokens"]
+                    result.output_tokens = event["usage"]["completion_tokens"]
+        result.e2e_s = time.perf_counter() - start
+        result.ok = True
+    except httpx.TimeoutException:
+        result.error = "timeout"
+    except httpx.HTTPError:
+        result.error = "connection"
+    return result

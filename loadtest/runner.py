@@ -1,0 +1,162 @@
+"""Runs an open-loop load test and reports it (JSON field names as in ``vllm bench serve``)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from .client import RequestResult, send
+from .stats import percentile, summarize_ms
+from .workload import WorkloadConfig, build_requests
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float | None = 0.2
+    e2e_s: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SLO":
+        """``ttft=200ms,e2e=2s`` -> SLO(0.2, 2.0)."""
+        values: dict[str, float] = {}
+        for part in filter(None, text.split(",")):
+            key, _, raw = part.partition("=")
+            if key not in ("ttft", "e2e"):
+                raise ValueError(f"unknown SLO metric {key!r} (use ttft, e2e)")
+            raw = raw.strip()
+            values[key] = float(raw[:-2]) / 1000 if raw.endswith("ms") else float(raw.rstrip("s"))
+        return cls(values.get("ttft"), values.get("e2e"))
+
+    def met_by(self, result: RequestResult) -> bool:
+        return result.ok and (self.ttft_s is None or (result.ttft_s or 0) <= self.ttft_s) and (
+            self.e2e_s is None or (result.e2e_s or 0) <= self.e2e_s)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    url: str
+    workload: WorkloadConfig
+    duration_s: float
+    warmup_s: float = 0.0
+    slo: SLO = SLO()
+    timeout_s: float = 120.0
+    api_key: str | None = None
+    allow_remote: bool = False
+
+
+def check_target(url: str, allow_remote: bool) -> None:
+    host = urlparse(url).hostname or ""
+    if allow_remote or host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    raise ValueError(f"{url} is not a loopback address; pass --allow-remote to load-test another host")
+
+
+async def run(config: RunConfig, progress=None) -> list[RequestResult]:
+    """Send the workload's requests at their times until ``duration_s`` (plus warm-up) has passed."""
+    check_target(config.url, config.allow_remote)
+    specs = build_requests(config.workload)
+    headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits) as client:
+        start = time.perf_counter()
+        tasks = []
+        for spec in specs:
+            if spec.send_at > config.warmup_s + config.duration_s:
+                break
+            delay = start + spec.send_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(send(client, config.url, spec, spec.send_at, headers)))
+            if progress:
+                progress(len(tasks), sum(t.done() for t in tasks))
+        return list(await asyncio.gather(*tasks))
+
+
+def report(results: list[RequestResult], config: RunConfig) -> dict:
+    measured = [r for r in results if r.sent_at >= config.warmup_s]
+    done = [r for r in measured if r.ok]
+    duration = config.duration_s
+    errors: dict[str, int] = {}
+    for r in measured:
+        if not r.ok:
+            errors[r.error or "unknown"] = errors.get(r.error or "unknown", 0) + 1
+    out_tokens = sum(r.output_tokens for r in done)
+    in_tokens = sum(r.prompt_tokens for r in done)
+    result = {
+        "duration": duration, "request_rate": config.workload.rate, "burstiness": config.workload.burstiness,
+        "num_prompts": len(measured), "completed": len(done), "failed": len(measured) - len(done),
+        "errors": errors, "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "request_throughput": len(done) / duration, "output_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+        **summarize_ms("ttft", [r.ttft_s for r in done if r.ttft_s is not None]),
+        **summarize_ms("tpot", [r.tpot_s for r in done if r.tpot_s is not None]),
+        **summarize_ms("itl", [x for r in done for x in r.itl_s]),
+        **summarize_ms("e2el", [r.e2e_s for r in done if r.e2e_s is not None]),
+    }
+    good = [r for r in measured if config.slo.met_by(r)]
+    result["request_goodput"] = len(good) / duration
+    result["slo"] = {"ttft_ms": None if config.slo.ttft_s is None else 1000 * config.slo.ttft_s,
+                     "e2e_ms": None if config.slo.e2e_s is None else 1000 * config.slo.e2e_s}
+    result["slo_met"] = bool(done) and not errors and (
+        config.slo.ttft_s is None or result["p99_ttft_ms"] <= 1000 * config.slo.ttft_s) and (
+        config.slo.e2e_s is None or result["p99_e2el_ms"] <= 1000 * config.slo.e2e_s)
+    per_model: dict[str, dict] = {}
+    for model in sorted({r.model for r in measured}):
+        rs = [r for r in done if r.model == model]
+        per_model[model] = {"completed": len(rs), "failed": sum(1 for r in measured if r.model == model and not r.ok),
+                            "p50_ttft_ms": 1000 * percentile([r.ttft_s for r in rs if r.ttft_s is not None], 50),
+                            "p99_ttft_ms": 1000 * percentile([r.ttft_s for r in rs if r.ttft_s is not None], 99),
+                            "p99_e2el_ms": 1000 * percentile([r.e2e_s for r in rs if r.e2e_s is not None], 99)}
+    result["per_model"] = per_model
+    return result
+
+
+def print_table(result: dict, stream=sys.stdout) -> None:
+    rows = [("requests completed / failed", f"{result['completed']} / {result['failed']}"),
+            ("request throughput (req/s)", f"{result['request_throughput']:.2f}"),
+            ("output throughput (tok/s)", f"{result['output_throughput']:.1f}"),
+            ("goodput (req/s within SLO)", f"{result['request_goodput']:.2f}")]
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        rows.append((f"{metric.upper()} mean / p50 / p99 (ms)",
+                     " / ".join(f"{result[f'{k}_{metric}_ms']:.1f}" for k in ("mean", "median", "p99"))))
+    rows.append(("SLO " + ", ".join(f"{k}<={v:g}" for k, v in result["slo"].items() if v is not None),
+                 "MET" if result["slo_met"] else "MISSED"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}", file=stream)
+
+
+def run_and_report(config: RunConfig, out_dir: Path | None) -> dict:
+    num_expected = len([s for s in build_requests(config.workload)
+                        if s.send_at <= config.warmup_s + config.duration_s])
+
+    def progress(sent: int, done: int) -> None:
+        bar = "#" * int(30 * sent / max(1, num_expected))
+        print(f"\r[{bar:<30}] sent {sent}/{num_expected}", end="", file=sys.stderr, flush=True)
+
+    results = asyncio.run(run(config, progress))
+    print(file=sys.stderr)
+    result = report(results, config)
+    print_table(result)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def num_requests_for(rate: float, duration_s: float, warmup_s: float) -> int:
+    return max(1, math.ceil(rate * (duration_s + warmup_s)) + 1)

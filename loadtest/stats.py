@@ -1,0 +1,28 @@
+"""Latency statistics (no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile with linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize_ms(name: str, seconds: Sequence[float]) -> dict[str, float]:
+    """``mean_<name>_ms``, ``median_<name>_ms``, ``p99_<name>_ms`` ... as ``vllm bench serve`` names them."""
+    values = [1000.0 * s for s in seconds]
+    out = {f"mean_{name}_ms": sum(values) / len(values) if values else float("nan"),
+           f"median_{name}_ms": percentile(values, 50)}
+    for q in PERCENTILES:
+        out[f"p{q}_{name}_ms"] = percentile(values, q)
+    return out

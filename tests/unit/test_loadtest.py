@@ -1,0 +1,69 @@
+"""Load-tester pieces with no server: arrivals, percentiles, workload, SLO parsing."""
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from loadtest.arrivals import inter_arrival_times, send_times
+from loadtest.client import RequestResult
+from loadtest.runner import SLO, check_target
+from loadtest.stats import percentile, summarize_ms
+from loadtest.workload import WorkloadConfig, build_requests
+
+
+@pytest.mark.parametrize("rate", [0.5, 4.0, 50.0])
+def test_poisson_gaps_match_the_rate_and_are_exponential(rate):
+    gaps = inter_arrival_times(rate, 20000, np.random.default_rng(1))
+    assert abs(gaps.mean() - 1 / rate) < 0.03 / rate
+    assert scipy_stats.kstest(gaps, "expon", args=(0, 1 / rate)).pvalue > 0.01
+
+
+def test_gamma_burstiness_keeps_the_mean_and_changes_the_spread():
+    rng = np.random.default_rng(2)
+    bursty = inter_arrival_times(10.0, 20000, rng, burstiness=0.25)
+    regular = inter_arrival_times(10.0, 20000, rng, burstiness=4.0)
+    assert abs(bursty.mean() - 0.1) < 0.005 and abs(regular.mean() - 0.1) < 0.005
+    assert bursty.std() > 0.15 > 0.06 > regular.std()  # CV 2 vs 0.5
+    assert scipy_stats.kstest(bursty, "gamma", args=(0.25, 0, 0.1 / 0.25)).pvalue > 0.01
+
+
+def test_send_times_start_at_zero_and_increase():
+    times = send_times(5.0, 100, seed=3)
+    assert times[0] == 0 and np.all(np.diff(times) > 0)
+    assert np.array_equal(times, send_times(5.0, 100, seed=3))
+
+
+@pytest.mark.parametrize("q", [0, 1, 50, 90, 95, 99, 100])
+def test_percentiles_match_numpy(q):
+    values = list(np.random.default_rng(4).lognormal(size=257))
+    assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+    summary = summarize_ms("ttft", values)
+    assert summary["p99_ttft_ms"] == pytest.approx(1000 * np.percentile(values, 99))
+    assert summary["median_ttft_ms"] == pytest.approx(1000 * np.median(values))
+
+
+def test_workload_is_reproducible_and_follows_the_mix():
+    config = WorkloadConfig(models=("a", "b", "c", "d"), rate=10, num_requests=4000, seed=5, adapter_mix="zipf:1.5",
+                            prompt_len=(4, 8), output_len=(2, 3))
+    first, second = build_requests(config), build_requests(config)
+    assert first == second
+    counts = [sum(1 for r in first if r.model == m) for m in "abcd"]
+    assert counts == sorted(counts, reverse=True) and counts[0] > 2 * counts[1]
+    assert all(4 <= len(r.prompt.split()) <= 8 and 2 <= r.max_tokens <= 3 for r in first)
+
+
+def test_slo_parsing_and_verdict():
+    slo = SLO.parse("ttft=200ms,e2e=1.5s")
+    assert slo == SLO(0.2, 1.5)
+    ok = RequestResult(0, "m", 0.0, ok=True, ttft_s=0.1, e2e_s=1.0)
+    slow = RequestResult(1, "m", 0.0, ok=True, ttft_s=0.3, e2e_s=1.0)
+    assert slo.met_by(ok) and not slo.met_by(slow)
+    with pytest.raises(ValueError):
+        SLO.parse("latency=1s")
+
+
+def test_only_loopback_targets_by_default():
+    check_target("http://127.0.0.1:8000", False)
+    check_target("http://localhost:8000", False)
+    with pytest.raises(ValueError, match="loopback"):
+        check_target("http://10.0.0.5:8000", False)
