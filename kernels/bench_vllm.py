@@ -20,30 +20,6 @@ import time
 from pathlib import Path
 
 CONFIGS = ("base", "vllm", "loraplex")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def make_adapters(model_dir: Path, out_root: Path, num_adapters: int, rank: int) -> list[Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    paths = [out_root / f"bench-r{rank}-{i}" for i in range(num_adapters)]
-    if all((p / "adapter_model.safetensors").is_file() for p in paths):
-        return paths
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    for i, path in enumerate(paths):
-        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS)))
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_A" in name:
-                    param.copy_(torch.randn(param.shape, generator=g) / param.shape[1] ** 0.5)
-                elif "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.1)
-        model.save_pretrained(path, safe_serialization=True)
-        base = model.unload()
-    return paths
 
 
 def make_prompts(num_requests: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -136,19 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: as `loraplex serve` picks it")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=Path("bench-results/e2e.json"))
     args = parser.parse_args(argv)
 
     from server import default_model
+    from server.engine import resolve_dtype
 
+    args.dtype = resolve_dtype(args.dtype)
     cache_dir = default_model.default_cache_dir()
     model_dir = args.model or default_model.ensure_default_model(cache_dir)
     from transformers import AutoConfig
 
     vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
-    adapters = make_adapters(model_dir, cache_dir / "bench-adapters", args.num_adapters, args.rank)
+    from loadtest.adapters import make_adapters
+
+    adapters = make_adapters(model_dir, cache_dir / "bench-adapters", args.num_adapters, args.rank, prefix="bench")
     shared = {
         "model_dir": str(model_dir), "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,

@@ -24,7 +24,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     model.add_argument("--cache-dir", type=Path, default=None,
                        help="where the embedded model is converted once (default: ~/.cache/loraplex)")
     engine = p.add_argument_group("engine")
-    engine.add_argument("--dtype", default=defaults_engine.dtype, choices=("bfloat16", "float16", "float32"))
+    engine.add_argument("--dtype", default=defaults_engine.dtype, choices=("auto", "bfloat16", "float16", "float32"),
+                        help="auto: bfloat16 where the hardware multiplies it natively, else float32")
     engine.add_argument("--max-model-len", type=int, default=defaults_engine.max_model_len)
     engine.add_argument("--kv-cache-gib", type=float, default=defaults_engine.kv_cache_gib,
                         help="KV cache budget in GiB (RAM on CPU)")

@@ -29,7 +29,7 @@ class EngineConfig:
     """How the in-process vLLM engine is built."""
 
     model_path: str
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # resolved by the engine: bf16 where the hardware multiplies it natively
     max_model_len: int = 2048
     # KV cache budget in GiB (on CPU vLLM reserves this much RAM).
     kv_cache_gib: float = 2.0

@@ -48,13 +48,26 @@ class EngineUnavailable(RuntimeError):
     pass
 
 
+def resolve_dtype(dtype: str) -> str:
+    """``auto``: bfloat16 on GPUs and on CPUs that multiply bf16 natively (AVX512-BF16/AMX);
+    float32 on other CPUs, where bf16 matmuls are emulated and ~3x slower than fp32."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bfloat16" if native else "float32"
+
+
 def build_engine_args(config: EngineConfig):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs(
         model=config.model_path,
         tokenizer=config.model_path,
-        dtype=config.dtype,
+        dtype=resolve_dtype(config.dtype),
         max_model_len=config.max_model_len,
         kv_cache_memory_bytes=int(config.kv_cache_gib * GiB),
         max_num_seqs=config.max_num_seqs,

@@ -157,20 +157,9 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
                               f"{request_id}-{i}")
             for i, ids in enumerate(prompts)
         ]
-        stream = service.stream_choices(generations, resolved, body.n)
-        headers = {REQUEST_ID_HEADER: request_id}
-        if body.stream:
-            first = await _prime(stream)
-            return StreamingResponse(
-                _completion_events(first, stream, request_id, body, generations), headers=headers,
-                media_type="text/event-stream")
-        texts, _, finish, num_generated = await collect_choices(stream, len(generations) * body.n)
-        return JSONResponse({
-            "id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model,
-            "choices": [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]}
-                        for i in range(len(texts))],
-            "usage": usage_counts(generations, num_generated),
-        }, headers=headers)
+        return await _respond(service, body, resolved, generations, request_id, _completion_events,
+                              "text_completion", lambda i, text, finish: {
+                                  "index": i, "text": text, "logprobs": None, "finish_reason": finish})
 
     @app.post("/v1/chat/completions", dependencies=inference)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -180,20 +169,10 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("chatcmpl")
         generations = [GenerationRequest(body.model, ids, _options(service, body, len(ids), body.output_token_limit),
                                          request_id)]
-        stream = service.stream_choices(generations, resolved, body.n)
-        headers = {REQUEST_ID_HEADER: request_id}
-        if body.stream:
-            first = await _prime(stream)
-            return StreamingResponse(
-                _chat_events(first, stream, request_id, body, generations), headers=headers,
-                media_type="text/event-stream")
-        texts, _, finish, num_generated = await collect_choices(stream, body.n)
-        return JSONResponse({
-            "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": body.model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
-                         "finish_reason": finish[i]} for i in range(len(texts))],
-            "usage": usage_counts(generations, num_generated),
-        }, headers=headers)
+        return await _respond(service, body, resolved, generations, request_id, _chat_events,
+                              "chat.completion", lambda i, text, finish: {
+                                  "index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                  "finish_reason": finish})
 
     @app.get("/v1/adapters", dependencies=inference)
     async def list_adapters():
@@ -241,6 +220,23 @@ def _options(service: GenerationService, body, prompt_len: int, max_tokens: int 
         prompt_len=prompt_len, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         n=body.n, stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, stream=body.stream)
+
+
+async def _respond(service: GenerationService, body, resolved, generations: list[GenerationRequest],
+                   request_id: str, events, object_name: str, make_choice):
+    """Run the generations; answer with an SSE stream or one JSON body (both APIs' shared tail)."""
+    stream = service.stream_choices(generations, resolved, body.n)
+    headers = {REQUEST_ID_HEADER: request_id}
+    if body.stream:
+        first = await _prime(stream)
+        return StreamingResponse(events(first, stream, request_id, body, generations), headers=headers,
+                                 media_type="text/event-stream")
+    texts, _, finish, num_generated = await collect_choices(stream, len(generations) * body.n)
+    return JSONResponse({
+        "id": request_id, "object": object_name, "created": int(time.time()), "model": body.model,
+        "choices": [make_choice(i, texts[i], finish[i]) for i in range(len(texts))],
+        "usage": usage_counts(generations, num_generated),
+    }, headers=headers)
 
 
 async def _prime(stream: AsyncIterator):

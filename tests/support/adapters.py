@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from loadtest.adapters import ALL_TARGETS, make_adapter  # noqa: F401  (re-exported for tests)
 
 
 def load_base_model(model_dir: Path, dtype: str = "float32"):
@@ -12,31 +12,6 @@ def load_base_model(model_dir: Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-
-
-def make_adapter(base_model, out_dir: Path, *, seed: int, rank: int = 8,
-                 targets: tuple[str, ...] = ALL_TARGETS, b_std: float = 0.1) -> Path:
-    """Save a PEFT LoRA adapter with non-zero, seed-distinct A and B to ``out_dir``.
-
-    ``b_std`` sets how strongly the adapter moves the model (PEFT's default B is zero, which
-    would make every adapter equal to the base model).
-    """
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0,
-                        bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(base_model, config, adapter_name="default")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_A" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
-            elif "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * b_std)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    model.unload()  # leaves base_model without LoRA layers for the next adapter
-    return out_dir
 
 
 def greedy_tokens(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
