@@ -72,7 +72,8 @@ def _wrapper_classes():
         def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
             x = x.view(-1, x.shape[-1])
             for i, lora_a in enumerate(lora_a_stacked):
-                cpu_lora.lora_shrink(self._plan, x, self._compute(lora_a), y[i].view(-1, y[i].shape[-1]), scale)
+                cpu_lora.lora_shrink(self._plan, x, self._compute(lora_a), y[i].view(-1, y[i].shape[-1]), scale,
+                                     workspace=self._workspace)
             return y
 
         def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start=0, add_inputs=True, **kwargs):

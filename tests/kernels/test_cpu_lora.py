@@ -47,12 +47,14 @@ def test_shrink_and_expand_separately(num_tokens, popularity, dtype):
 
 def test_plan_kinds():
     prefill = torch.tensor([2] * 20 + [-1] * 5 + [0] * 9)
-    plan = cpu_lora.build_plan(prefill, min_run=8)
-    assert plan.runs == [(0, 20, 2), (25, 34, 0)] and not plan.groups and plan.batch_slots is None
+    plan = cpu_lora.build_plan(prefill)
+    assert plan.perm is None  # every slot is one run: views, no gather
+    assert plan.segments == [(0, 20, 2), (25, 34, 0)] and plan.batch_slots is None
     decode = torch.tensor([0, 1, 0, 1, 2, -1, 0, 1] * 2)
-    plan = cpu_lora.build_plan(decode, min_run=4, min_group=4)
-    assert not plan.runs
-    assert sorted(slot for _, slot in plan.groups) == [0, 1]  # 6 scattered tokens each
+    plan = cpu_lora.build_plan(decode, min_group=4)
+    assert plan.perm is not None and plan.num_rows == 14  # slot-sorted, the -1 tokens left out
+    assert plan.perm.tolist() == [0, 2, 6, 8, 10, 14, 1, 3, 7, 9, 11, 15, 4, 12]
+    assert plan.segments == [(0, 6, 0), (6, 12, 1)]
     assert plan.batch_slots.tolist() == [2] and plan.batch_rows == 2
     assert not cpu_lora.build_plan(torch.full((5,), -1)).has_lora
 
