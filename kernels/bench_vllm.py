@@ -41,7 +41,8 @@ def run_config(config: str, args: dict, result_queue) -> None:
         model_path=args["model_dir"], dtype=args["dtype"], kv_cache_gib=args["kv_cache_gib"],
         max_model_len=1024, max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["max_num_batched_tokens"],
         enable_lora=config != "base", max_loras=args["max_loras"], max_lora_rank=args["rank"],
-        max_cpu_loras=max(args["max_loras"], len(args["adapters"])), lora_kernels=select_kernels(config))
+        max_cpu_loras=max(args["max_loras"], len(args["adapters"])), lora_kernels=select_kernels(config),
+        lora_target_modules=tuple(args["lora_target_modules"]) if args["lora_target_modules"] else None)
 
     async def main():
         engine = Engine.start(engine_config)
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--dtype", default="auto", help="auto: as `loraplex serve` picks it")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--lora-target-modules", default=None,
+                        help="comma-separated modules vLLM wraps with LoRA (default: all supported)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/e2e.json"))
     args = parser.parse_args(argv)
 
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_loras": args.max_loras, "rank": args.rank, "adapters": [str(p) for p in adapters],
         "output_len": args.output_len,
+        "lora_target_modules": args.lora_target_modules.split(",") if args.lora_target_modules else None,
         "prompts": make_prompts(args.num_requests, args.prompt_len, vocab_size, seed=0),
     }
     ctx = mp.get_context("spawn")

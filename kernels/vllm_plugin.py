@@ -64,6 +64,7 @@ def _wrapper_classes():
             self._plan = cpu_lora.build_plan(torch.empty(0, dtype=torch.long))
             self._compute = cpu_lora.ComputeWeights(enabled=not cpu_lora.native_bf16_matmul())
             self._workspace = cpu_lora.Workspace()
+            self._nonzero_slots: dict[int, tuple[tuple[int, int], list[int]]] = {}
 
         def update_metadata(self, *args, **kwargs) -> None:
             super().update_metadata(*args, **kwargs)
@@ -92,6 +93,30 @@ def _wrapper_classes():
                                      [self._compute(b) for b in lora_b_stacked], scale, output_slices,
                                      workspace=self._workspace)
             return y
+
+        def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
+            """lm_head LoRA over the sampled tokens. Slots whose lm_head B is all zero (adapters
+            that do not target lm_head: the common case) are skipped, so it usually costs nothing."""
+            active = self._slots_with_weights(lora_b_stacked)
+            if not active:
+                return y
+            slots = self.sampler_indices
+            slots = torch.where(torch.isin(slots, torch.tensor(active, dtype=slots.dtype)), slots, -1)
+            y2 = y.view(-1, y.shape[-1])
+            width = min(lora_b_stacked.shape[-2], y2.shape[-1])
+            cpu_lora.add_lora_linear(cpu_lora.build_plan(slots), y2, x.view(-1, x.shape[-1]),
+                                     [self._compute(lora_a_stacked)], [self._compute(lora_b_stacked)[..., :width, :]],
+                                     scale, [width], workspace=self._workspace)
+            return y
+
+        def _slots_with_weights(self, lora_b_stacked) -> list[int]:
+            key = (id(lora_b_stacked), lora_b_stacked._version)
+            cached = self._nonzero_slots.get(id(lora_b_stacked))
+            if cached is None or cached[0] != key:
+                flat = lora_b_stacked.reshape(lora_b_stacked.shape[0], -1)
+                cached = (key, torch.nonzero(flat.abs().amax(dim=1) > 0).flatten().tolist())
+                self._nonzero_slots[id(lora_b_stacked)] = cached
+            return cached[1]
 
     return {"LoraplexPunicaWrapperCPU": LoraplexPunicaWrapperCPU}
 

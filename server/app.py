@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from .adapters.manager import AdapterManager
-from .adapters.registry import AdapterRegistry
+from .adapters.registry import AdapterError, AdapterRegistry
+from .adapters.validation import BaseModelShapes
 from .config import AdapterConfig, EngineConfig, ServerConfig
 from .engine import Engine
 from .http_api import build_app
@@ -30,9 +32,15 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
     engine = Engine.start(engine_config)
     registry = AdapterRegistry(base_model_name)
     adapters = AdapterManager(registry, engine, engine_config.max_lora_rank, engine_config.max_cpu_loras,
-                              adapter_config.adapter_dir, adapter_config.allowed_roots)
+                              adapter_config.adapter_dir, adapter_config.allowed_roots,
+                              BaseModelShapes.from_model_dir(Path(engine_config.model_path)))
     if adapter_config.adapter_dir is not None:
-        await adapters.load_directory(adapter_config.adapter_dir)
+        await adapters.load_directory(adapter_config.adapter_dir, adapter_config.preload)
+    for name in adapter_config.pinned:
+        try:
+            await adapters.pin(name)
+        except AdapterError as exc:
+            raise SystemExit(f"loraplex: --pin {name}: {exc}") from exc
     metrics = Metrics(base_model_name)
     metrics.track_engine(engine.num_unfinished_requests)
     service = GenerationService(engine, registry, server_config.limits, metrics, base_model_name,
@@ -59,12 +67,21 @@ async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server
         await grpc_server.start()
         await set_serving(health, True)
         logger.info("gRPC on %s:%d", server_config.host, server_config.grpc_port)
+    background = []
+    if adapter_config.adapter_dir is not None and adapter_config.watch_interval_s > 0:
+        from .adapters.watcher import AdapterDirWatcher
+
+        watcher = AdapterDirWatcher(server.adapters, adapter_config.adapter_dir, adapter_config.watch_interval_s)
+        watcher.mark_loaded([e.name for e in server.registry.adapters()])
+        background.append(asyncio.ensure_future(watcher.run()))
     ready.set()
     logger.info("serving %s on http://%s:%d", base_model_name, server_config.host, server_config.port)
     try:
         await http.serve()
     finally:
         ready.clear()
+        for task in background:
+            task.cancel()
         if grpc_server is not None:
             await set_serving(health, False)
             await grpc_server.stop(grace=5)

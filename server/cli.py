@@ -44,6 +44,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                           help="every subdirectory holding a PEFT LoRA adapter is served under its name")
     adapters.add_argument("--allowed-adapter-roots", type=Path, nargs="*", default=(),
                           help="admin loads may only read adapters under these directories")
+    adapters.add_argument("--watch-interval", type=float, default=AdapterConfig.watch_interval_s,
+                          help="seconds between scans of --adapter-dir for new/changed/removed adapters (0: off)")
+    adapters.add_argument("--preload", nargs="*", default=(), help="adapters loaded into the engine first at start")
+    adapters.add_argument("--pin", nargs="*", default=(), help="adapters kept resident (never evicted)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default=ServerConfig.host)
     server.add_argument("--port", type=int, default=ServerConfig.port)
@@ -139,7 +143,9 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         api_key=args.api_key, admin_token=args.admin_token, log_level=args.log_level,
         limits=LimitsConfig(max_n=args.max_n, max_tokens=args.max_tokens_limit))
-    adapter_config = AdapterConfig(adapter_dir=args.adapter_dir, allowed_roots=tuple(args.allowed_adapter_roots))
+    adapter_config = AdapterConfig(adapter_dir=args.adapter_dir, allowed_roots=tuple(args.allowed_adapter_roots),
+                                   watch_interval_s=args.watch_interval, preload=tuple(args.preload),
+                                   pinned=tuple(args.pin))
 
     from kernels.vllm_plugin import select_lora_kernels
 

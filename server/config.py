@@ -39,6 +39,9 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 16
     max_cpu_loras: int = 32
+    # Modules vLLM wraps with LoRA layers; None = every supported module (embeddings and lm_head
+    # too, whose per-token ops then run on every step even if no adapter targets them).
+    lora_target_modules: tuple[str, ...] | None = None
     # Which batched-LoRA ops vLLM uses: ours ("loraplex") or vLLM's stock ones ("vllm").
     lora_kernels: str = "loraplex"
     enable_lora: bool = True
@@ -61,6 +64,12 @@ class AdapterConfig:
     adapter_dir: Path | None = None
     # If set, admin loads may only read adapters under these directories (after resolving symlinks).
     allowed_roots: tuple[Path, ...] = ()
+    # Poll --adapter-dir this often for new/changed/removed adapters; 0 = only at start.
+    watch_interval_s: float = 2.0
+    # Loaded into the engine first at start (the rest of the directory loads on first request
+    # once --max-cpu-loras are resident), and pinned ones never leave the engine's cache.
+    preload: tuple[str, ...] = ()
+    pinned: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

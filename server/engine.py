@@ -76,6 +76,7 @@ def build_engine_args(config: EngineConfig):
         max_loras=config.max_loras,
         max_lora_rank=config.max_lora_rank,
         max_cpu_loras=config.max_cpu_loras,
+        lora_target_modules=list(config.lora_target_modules) if config.lora_target_modules else None,
         seed=config.seed,
         enforce_eager=config.enforce_eager,
         disable_log_stats=True,

@@ -184,6 +184,10 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
         entry = await adapters.load(body.lora_name, adapters.resolve_path(body.lora_path))
         return {"message": f"Success: LoRA adapter '{entry.name}' added successfully.", "adapter": entry.describe()}
 
+    @app.post("/v1/adapters/{name}/pin", dependencies=admin)
+    async def pin_adapter(name: str):
+        return {"adapter": (await adapters.pin(name)).describe()}
+
     @app.post("/v1/unload_lora_adapter", dependencies=admin)
     async def unload_lora_adapter(body: UnloadAdapterBody):
         entry = await adapters.unload(body.lora_name)

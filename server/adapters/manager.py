@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .registry import AdapterError, AdapterRegistry, AdapterVersion
-from .validation import inspect_adapter, is_adapter_dir
+from .registry import AdapterError, AdapterRegistry, AdapterState, AdapterVersion
+from .validation import BaseModelShapes, inspect_adapter, is_adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +21,15 @@ class AdapterPathRejected(AdapterError):
 
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, engine, max_lora_rank: int, max_cpu_loras: int,
-                 adapter_dir: Path | None = None, allowed_roots: tuple[Path, ...] = ()) -> None:
+                 adapter_dir: Path | None = None, allowed_roots: tuple[Path, ...] = (),
+                 base_shapes: BaseModelShapes | None = None) -> None:
         self.registry = registry
         self.engine = engine
         self.max_lora_rank = max_lora_rank
         self.max_cpu_loras = max_cpu_loras
         self.adapter_dir = adapter_dir
         self.allowed_roots = tuple(root.resolve() for root in allowed_roots)
+        self.base_shapes = base_shapes
 
     def resolve_path(self, lora_path: str) -> Path:
         """An admin's ``lora_path``: an absolute directory, or a name relative to ``--adapter-dir``.
@@ -58,7 +60,7 @@ class AdapterManager:
         a failure never disturbs other adapters or an existing version of this one."""
         entry = self.registry.begin_load(name, path.resolve())
         try:
-            info = inspect_adapter(path, self.max_lora_rank)
+            info = inspect_adapter(path, self.max_lora_rank, self.base_shapes)
             entry.rank, entry.target_modules = info.rank, info.target_modules
             if warm:
                 await self.engine.add_adapter(entry)
@@ -70,24 +72,41 @@ class AdapterManager:
             self.registry.fail_load(entry, message)
             raise AdapterLoadFailed(message) from exc
         previous = self.registry.commit_load(entry)
-        if previous is not None and previous.num_running_requests == 0 and previous.state.value == "unloading":
+        if previous is not None and previous.pinned:
+            await self._pin(entry)  # a replaced pinned adapter stays pinned
+        if previous is not None and previous.num_running_requests == 0 and previous.state is AdapterState.UNLOADING:
             await self.engine.remove_adapter(previous)
         logger.info("adapter %s v%d ready (rank %d, slot %d)", name, entry.version, entry.rank, entry.adapter_slot)
         return entry
 
     async def unload(self, name: str) -> AdapterVersion:
         entry = self.registry.unregister(name)
-        if entry.num_running_requests == 0:
+        if entry.state is AdapterState.UNLOADING and entry.num_running_requests == 0:
             await self.engine.remove_adapter(entry)
         return entry
 
-    async def load_directory(self, adapter_dir: Path) -> list[str]:
+    async def pin(self, name: str) -> AdapterVersion:
+        """Keep ``name`` resident in the engine's adapter cache (never evicted by the LRU)."""
+        entry = self.registry.resolve(name)
+        await self._pin(entry)
+        return entry
+
+    async def _pin(self, entry: AdapterVersion) -> None:
+        await self.engine.add_adapter(entry)  # resident first: vLLM pins only loaded adapters
+        await self.engine.pin_adapter(entry)
+        entry.pinned = True
+
+    async def load_directory(self, adapter_dir: Path, preload: tuple[str, ...] = ()) -> list[str]:
         """Load every adapter subdirectory of ``adapter_dir`` under its directory name.
 
-        The first ``max_cpu_loras`` are loaded into the engine now; the rest load on first use.
+        ``preload`` names first, then the others, are loaded into the engine's adapter cache until
+        ``max_cpu_loras`` are resident; the rest load on their first request (the engine's LRU).
         Returns the names that failed (their errors are kept in the registry and logged)."""
         failed = []
-        candidates = sorted(p for p in adapter_dir.iterdir() if is_adapter_dir(p))
+        root = adapter_dir.resolve()
+        candidates = sorted((p for p in adapter_dir.iterdir()
+                             if is_adapter_dir(p) and p.resolve().is_relative_to(root) and not p.name.startswith(".")),
+                            key=lambda p: (p.name not in preload, p.name))
         for i, path in enumerate(candidates):
             try:
                 await self.load(path.name, path, warm=i < self.max_cpu_loras)

@@ -63,12 +63,14 @@ class AdapterVersion:
     target_modules: tuple[str, ...] = ()
     registered_at: float = field(default_factory=time.time)
     num_running_requests: int = 0
+    pinned: bool = False
 
     def describe(self) -> dict:
         """What admin APIs (HTTP and gRPC) report about this version."""
         return {"name": self.name, "version": self.version, "status": self.state.value, "error": self.error,
                 "rank": self.rank, "target_modules": list(self.target_modules), "path": str(self.path),
-                "loaded_at_unix": self.registered_at, "running_requests": self.num_running_requests}
+                "loaded_at_unix": self.registered_at, "running_requests": self.num_running_requests,
+                "pinned": self.pinned}
 
 
 class AdapterRegistry:

@@ -7,6 +7,7 @@ enough to reject corrupt or truncated files and to read tensor shapes.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 MAX_HEADER_BYTES = 100 << 20
+DEFAULT_MAX_ADAPTER_BYTES = 2 << 30
+TENSOR_KEY = re.compile(r"layers\.(\d+)\..*?\.?(\w+)\.lora_([AB])\.weight$")
 
 
 class InvalidAdapter(AdapterError):
@@ -30,6 +33,39 @@ class AdapterInfo:
     target_modules: tuple[str, ...]
     base_model_name_or_path: str | None
     num_tensors: int
+
+
+@dataclass(frozen=True)
+class BaseModelShapes:
+    """(in_features, out_features) of every LoRA-targetable linear of a Llama-style base model."""
+
+    modules: dict[str, tuple[int, int]]
+    num_layers: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "BaseModelShapes | None":
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            kv_heads = int(config.get("num_key_value_heads") or heads)
+            head_dim = int(config.get("head_dim") or hidden // heads)
+            intermediate = int(config["intermediate_size"])
+            num_layers = int(config["num_hidden_layers"])
+        except (KeyError, TypeError, ValueError):
+            return None  # not a Llama-style config: the engine's own checks still apply
+        return cls({
+            "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
+            "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
+            "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
+            "down_proj": (intermediate, hidden),
+        }, num_layers)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> "BaseModelShapes | None":
+        try:
+            return cls.from_config(json.loads((model_dir / "config.json").read_text()))
+        except (OSError, json.JSONDecodeError):
+            return None
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -63,7 +99,41 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def inspect_adapter(path: Path, max_lora_rank: int) -> AdapterInfo:
+def _inside(file: Path, root: Path) -> None:
+    if file.exists() and not file.resolve().is_relative_to(root.resolve()):
+        raise InvalidAdapter(f"{file.name} is a symlink that leaves the adapter directory")
+
+
+def _check_unsupported(config: dict) -> None:
+    if config.get("use_dora"):
+        raise InvalidAdapter("DoRA adapters (use_dora) are not supported")
+    if config.get("bias", "none") not in (None, "none"):
+        raise InvalidAdapter(f"LoRA bias={config['bias']!r} is not supported (only 'none')")
+    if config.get("modules_to_save"):
+        raise InvalidAdapter(f"modules_to_save {config['modules_to_save']} is not supported")
+
+
+def _check_shapes(header: dict, rank: int, base: BaseModelShapes) -> None:
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        match = TENSOR_KEY.search(key)
+        if match is None:
+            raise InvalidAdapter(f"tensor {key!r} is not a LoRA A/B weight of a decoder layer")
+        layer, module, which = int(match.group(1)), match.group(2), match.group(3)
+        if module not in base.modules:
+            raise InvalidAdapter(f"tensor {key!r} targets {module!r}, not a linear layer of the base model")
+        if layer >= base.num_layers:
+            raise InvalidAdapter(f"tensor {key!r} is for layer {layer}; the base model has {base.num_layers}")
+        in_features, out_features = base.modules[module]
+        expected = [rank, in_features] if which == "A" else [out_features, rank]
+        if list(meta.get("shape", [])) != expected:
+            raise InvalidAdapter(f"tensor {key!r} has shape {meta.get('shape')}; the base model needs {expected} "
+                                 "(an adapter trained for another base model?)")
+
+
+def inspect_adapter(path: Path, max_lora_rank: int, base: BaseModelShapes | None = None,
+                    max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> AdapterInfo:
     """Validate ``path`` as a servable PEFT LoRA adapter and return what the registry records."""
     if not path.is_dir():
         raise InvalidAdapter(f"adapter path {str(path)!r} is not a directory")
@@ -71,6 +141,8 @@ def inspect_adapter(path: Path, max_lora_rank: int) -> AdapterInfo:
         if (path / name).exists() and not (path / ADAPTER_WEIGHTS).exists():
             raise InvalidAdapter(f"{name} is a pickle file; only safetensors adapters are accepted")
     config_path = path / ADAPTER_CONFIG
+    _inside(config_path, path)
+    _inside(path / ADAPTER_WEIGHTS, path)
     if not config_path.is_file():
         raise InvalidAdapter(f"{ADAPTER_CONFIG} is missing in {path.name!r}")
     weights_path = path / ADAPTER_WEIGHTS
@@ -85,6 +157,7 @@ def inspect_adapter(path: Path, max_lora_rank: int) -> AdapterInfo:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InvalidAdapter(f"peft_type {peft_type!r} is not supported (only LORA)")
+    _check_unsupported(config)
     rank = config.get("r")
     if not isinstance(rank, int) or rank < 1:
         raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'r' must be a positive integer, got {rank!r}")
@@ -93,10 +166,20 @@ def inspect_adapter(path: Path, max_lora_rank: int) -> AdapterInfo:
     targets = config.get("target_modules") or ()
     if isinstance(targets, str):
         targets = (targets,)
+    if base is not None:
+        unknown = sorted(set(targets) - set(base.modules))
+        if unknown:
+            raise InvalidAdapter(f"target modules {unknown} are not linear layers of the base model "
+                                 f"(known: {sorted(base.modules)})")
+    size = weights_path.stat().st_size
+    if size > max_bytes:
+        raise InvalidAdapter(f"{ADAPTER_WEIGHTS} is {size} bytes; the limit is {max_bytes}")
     header = read_safetensors_header(weights_path)
     num_tensors = sum(1 for key in header if key != "__metadata__")
     if num_tensors == 0:
         raise InvalidAdapter(f"{ADAPTER_WEIGHTS} holds no tensors")
+    if base is not None:
+        _check_shapes(header, rank, base)
     return AdapterInfo(
         rank=rank,
         alpha=float(config.get("lora_alpha", rank)),

@@ -49,7 +49,7 @@ def server(tmp_path_factory, adapter_dir: Path, cache_dir: Path, base_model_dir:
     running = start_server(
         ["--adapter-dir", str(adapter_dir), "--cache-dir", str(cache_dir), "--dtype", "float32",
          "--kv-cache-gib", "1", "--max-loras", "4", "--max-cpu-loras", "16", "--max-model-len", "1024",
-         "--admin-token", ADMIN_TOKEN],
+         "--admin-token", ADMIN_TOKEN, "--watch-interval", "0.5", "--pin", "adapter-0"],
         log_path)
     yield running
     running.stop()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -52,33 +55,117 @@ def test_admin_routes_need_the_token(server, adapter_dir):
     assert load(server, "x", adapter_dir / "adapter-0", headers={"authorization": "Bearer wrong"}).status_code == 401
 
 
-@pytest.mark.parametrize("name, path_kind, message", [
-    ("../escape", "good", "invalid adapter name"),
-    ("bad-rank", "rank", "exceeds the server's max LoRA rank"),
-    ("bad-pickle", "pickle", "pickle"),
-    ("bad-path", "missing", "not a directory"),
-    ("bad-relative", "relative-escape", "leaves the adapter directory"),
-])
-def test_bad_adapters_are_rejected_with_a_clear_message(server, client, adapter_dir, adapter_names, tmp_path,
-                                                        name, path_kind, message):
-    good = adapter_dir / adapter_names[0]
-    path = {"good": str(good), "missing": str(tmp_path / "nope"), "relative-escape": "../../etc"}.get(path_kind)
-    if path_kind == "rank":
-        path = tmp_path / "rank"
-        path.mkdir()
-        (path / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
-        config = json.loads((good / "adapter_config.json").read_text())
-        (path / "adapter_config.json").write_text(json.dumps({**config, "r": 512}))
-    elif path_kind == "pickle":
-        path = tmp_path / "pickle"
-        path.mkdir()
-        (path / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
-        (path / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+def _copy_good(good: Path, dst: Path, config_changes: dict | None = None) -> Path:
+    dst.mkdir()
+    (dst / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    config = json.loads((good / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**config, **(config_changes or {})}))
+    return dst
+
+
+def _corrupt(good: Path, dst: Path, mutate) -> Path:
+    _copy_good(good, dst)
+    weights = dst / "adapter_model.safetensors"
+    weights.write_bytes(mutate(weights.read_bytes()))
+    return dst
+
+
+def _wrong_shapes(good: Path, dst: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    _copy_good(good, dst)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({key: torch.zeros(8, 1024)}, str(dst / "adapter_model.safetensors"))  # hidden 1024, not 576
+    return dst
+
+
+def _symlinked_weights(good: Path, dst: Path) -> Path:
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    (dst / "adapter_model.safetensors").symlink_to(good / "adapter_model.safetensors")  # outside dst
+    return dst
+
+
+def _pickle_only(good: Path, dst: Path) -> Path:
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    (dst / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+    return dst
+
+
+def _no_config(good: Path, dst: Path) -> Path:
+    _copy_good(good, dst)
+    (dst / "adapter_config.json").unlink()
+    return dst
+
+
+BAD_ADAPTERS = {  # name -> (build(good, dst) -> path or str, expected message)
+    "../escape": (lambda good, dst: good, "invalid adapter name"),
+    "bad-rank": (lambda good, dst: _copy_good(good, dst, {"r": 512}), "exceeds the server's max LoRA rank"),
+    "bad-pickle": (_pickle_only, "pickle"),
+    "bad-missing": (lambda good, dst: str(dst / "nope"), "not a directory"),
+    "bad-relative": (lambda good, dst: "../../etc", "leaves the adapter directory"),
+    "bad-truncated": (lambda good, dst: _corrupt(good, dst, lambda b: b[: len(b) // 2]), "truncated"),
+    "bad-header": (lambda good, dst: _corrupt(good, dst, lambda b: b[:8] + b"{garbage" + b[16:]), "corrupt"),
+    "bad-no-config": (_no_config, "adapter_config.json is missing"),
+    "bad-module": (lambda good, dst: _copy_good(good, dst, {"target_modules": ["q_proj", "conv_proj"]}),
+                   "not linear layers of the base model"),
+    "bad-shapes": (_wrong_shapes, "another base model"),
+    "bad-dora": (lambda good, dst: _copy_good(good, dst, {"use_dora": True}), "DoRA"),
+    "bad-modules-to-save": (lambda good, dst: _copy_good(good, dst, {"modules_to_save": ["lm_head"]}),
+                            "modules_to_save"),
+    "bad-bias": (lambda good, dst: _copy_good(good, dst, {"bias": "all"}), "bias"),
+    "bad-symlink": (_symlinked_weights, "symlink that leaves the adapter directory"),
+    "bad-peft-type": (lambda good, dst: _copy_good(good, dst, {"peft_type": "IA3"}), "not supported"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ADAPTERS))
+def test_bad_adapters_are_rejected_with_a_clear_message(server, client, adapter_dir, adapter_names, tmp_path, name):
+    build, message = BAD_ADAPTERS[name]
+    path = build(adapter_dir / adapter_names[1], tmp_path / "adapter")
     response = load(server, name, path)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"]
     # The good adapters keep serving.
-    assert client.completions.create(model=adapter_names[0], prompt="Hi", max_tokens=2).choices[0].text
+    assert client.completions.create(model=adapter_names[1], prompt="Hi", max_tokens=2).choices[0].text
+
+
+def test_watched_directory_loads_replaces_and_unloads(server, client, adapter_dir, hf_base_model, tmp_path):
+    def wait_for(predicate, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.25)
+        return False
+
+    def watched():
+        return {a["name"]: a for a in httpx.get(f"{server.url}/v1/adapters").json()["data"]}.get("watched")
+
+    staging = adapter_dir / ".staging-watched"  # hidden names are ignored until published
+    make_adapter(hf_base_model, staging, seed=8001)
+    staging.rename(adapter_dir / "watched")
+    assert wait_for(lambda: (watched() or {}).get("status") == "ready"), "new directory not loaded"
+    first = client.completions.create(model="watched", prompt="Hello", max_tokens=8, temperature=0).choices[0].text
+
+    replacement = make_adapter(hf_base_model, tmp_path / "v2", seed=8002)
+    shutil.copy(replacement / "adapter_model.safetensors", adapter_dir / "watched" / "adapter_model.safetensors")
+    assert wait_for(lambda: (watched() or {}).get("version") == 2), "changed directory not reloaded"
+    second = client.completions.create(model="watched", prompt="Hello", max_tokens=8, temperature=0).choices[0].text
+    assert second != first
+
+    shutil.rmtree(adapter_dir / "watched")
+    assert wait_for(lambda: watched() is None), "removed directory not unloaded"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="watched", prompt="Hello", max_tokens=2)
+
+
+def test_pinned_adapter_is_reported(server):
+    adapters = {a["name"]: a for a in httpx.get(f"{server.url}/v1/adapters").json()["data"]}
+    assert adapters["adapter-0"]["pinned"] is True
+    assert adapters["adapter-1"]["pinned"] is False
 
 
 def test_list_adapters_reports_status(server, adapter_names):

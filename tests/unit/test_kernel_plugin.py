@@ -134,3 +134,22 @@ def test_no_adapter_tokens_stay_untouched_when_all_slots_are_full(is_prefill):
     assert not torch.equal(out_stock[1], base[1]), "stock vLLM no longer mis-applies slot -1"
     assert torch.equal(out_ours[[1, 3]], base[[1, 3]])
     torch.testing.assert_close(out_ours[[0, 2]], out_stock[[0, 2]], atol=1e-4, rtol=1e-4)
+
+
+def test_lm_head_lora_matches_stock_and_skips_zero_slots():
+    index_mapping = (5, 6, 0, 5)
+    stock, ours = _both_wrappers(index_mapping, [5, 6], is_prefill=False)
+    lora_a = torch.randn(2, 1, 8, 32)
+    lora_b = torch.randn(2, 1, 100, 8)
+    lora_b[1] = 0  # slot 1's adapter does not target lm_head
+    x = torch.randn(4, 32)
+    logits = torch.randn(4, 100)
+    expected = reference.lora_expand(reference.lora_shrink(x, lora_a, torch.tensor([0, -1, -1, 0]), 1.0), lora_b,
+                                     torch.tensor([0, -1, -1, 0]), logits.clone())
+    actual = ours.add_lora_logits(logits.clone(), x, lora_a, lora_b, 1.0)
+    torch.testing.assert_close(actual, expected)
+    from_stock = logits.clone()
+    stock.add_lora_logits(from_stock, x, lora_a, lora_b, 1.0)
+    torch.testing.assert_close(actual[[0, 1, 3]], from_stock[[0, 1, 3]], atol=1e-4, rtol=1e-4)
+    lora_b.zero_()  # in place: the version counter changes, the cache must notice
+    assert torch.equal(ours.add_lora_logits(logits.clone(), x, lora_a, lora_b, 1.0), logits)

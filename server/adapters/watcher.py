@@ -1,0 +1,108 @@
+"""Keeps the served adapters in step with ``--adapter-dir`` by polling it.
+
+A new subdirectory is loaded, a changed one is loaded again as a new version, a removed one is
+unloaded. A directory is acted on only once its files (names, sizes, mtimes) are unchanged over
+two consecutive polls, so an adapter that is still being written is not loaded half-written
+(copying into a temporary name and renaming it into place is the cleanest way to publish one).
+
+The decision (:func:`plan_changes`) is pure bookkeeping, unit-tested without an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .registry import AdapterError
+from .validation import is_adapter_dir
+
+logger = logging.getLogger(__name__)
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """(name, size, mtime_ns) of every file in an adapter directory."""
+    entries = []
+    for file in sorted(path.iterdir()):
+        try:
+            stat = file.stat()
+        except OSError:  # removed while we looked
+            continue
+        if file.is_file():
+            entries.append((file.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
+def scan(adapter_dir: Path) -> dict[str, Fingerprint]:
+    root = adapter_dir.resolve()
+    found = {}
+    for path in adapter_dir.iterdir():
+        if is_adapter_dir(path) and path.resolve().is_relative_to(root) and not path.name.startswith("."):
+            found[path.name] = fingerprint(path)
+    return found
+
+
+@dataclass
+class Changes:
+    load: list[str] = field(default_factory=list)     # new or changed, and stable
+    unload: list[str] = field(default_factory=list)   # gone from the directory
+
+
+def plan_changes(previous_scan: dict[str, Fingerprint], current_scan: dict[str, Fingerprint],
+                 served: dict[str, Fingerprint]) -> Changes:
+    """What to do after a poll. ``served``: the fingerprint each directory adapter was loaded with."""
+    changes = Changes()
+    for name, current in sorted(current_scan.items()):
+        stable = previous_scan.get(name) == current
+        if stable and served.get(name) != current:
+            changes.load.append(name)
+    changes.unload = sorted(name for name in served if name not in current_scan)
+    return changes
+
+
+class AdapterDirWatcher:
+    def __init__(self, manager, adapter_dir: Path, interval_s: float) -> None:
+        self.manager = manager
+        self.adapter_dir = adapter_dir
+        self.interval_s = interval_s
+        self._served: dict[str, Fingerprint] = {}
+        self._previous: dict[str, Fingerprint] = {}
+
+    def mark_loaded(self, names: list[str]) -> None:
+        """Record what the start-up load took from the directory."""
+        current = scan(self.adapter_dir)
+        self._previous = current
+        for name in names:
+            if name in current:
+                self._served[name] = current[name]
+
+    async def poll_once(self) -> Changes:
+        current = scan(self.adapter_dir)
+        changes = plan_changes(self._previous, current, self._served)
+        self._previous = current
+        for name in changes.load:
+            self._served[name] = current[name]  # a failure is not retried until the files change again
+            try:
+                await self.manager.load(name, self.adapter_dir / name)
+                logger.info("adapter dir: loaded %s", name)
+            except AdapterError as exc:
+                logger.error("adapter dir: %s not loaded: %s", name, exc)
+        for name in changes.unload:
+            del self._served[name]
+            try:
+                await self.manager.unload(name)
+                logger.info("adapter dir: unloaded %s", name)
+            except AdapterError as exc:
+                logger.warning("adapter dir: %s: %s", name, exc)
+        return changes
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.poll_once()
+            except OSError as exc:
+                logger.error("adapter dir %s cannot be read: %s", self.adapter_dir, exc)

@@ -1,0 +1,64 @@
+"""Adapter-directory watching: the decision logic and a poll over a real directory, fake manager."""
+
+import asyncio
+import shutil
+
+from server.adapters.watcher import AdapterDirWatcher, plan_changes
+
+A1 = (("adapter_config.json", 10, 1), ("adapter_model.safetensors", 100, 1))
+A2 = (("adapter_config.json", 10, 1), ("adapter_model.safetensors", 200, 2))
+
+
+def test_new_adapter_waits_until_stable():
+    assert plan_changes({}, {"x": A1}, {}).load == []          # first seen: maybe still being written
+    assert plan_changes({"x": A1}, {"x": A1}, {}).load == ["x"]  # unchanged over two polls: load
+
+
+def test_growing_file_is_not_loaded_until_it_stops_changing():
+    assert plan_changes({"x": A1}, {"x": A2}, {}).load == []
+    assert plan_changes({"x": A2}, {"x": A2}, {}).load == ["x"]
+
+
+def test_changed_adapter_is_reloaded_and_removed_one_unloaded():
+    changes = plan_changes({"x": A2, "y": A1}, {"x": A2}, {"x": A1, "y": A1})
+    assert changes.load == ["x"] and changes.unload == ["y"]
+    assert plan_changes({"x": A1}, {"x": A1}, {"x": A1}).load == []  # nothing new
+
+
+class FakeManager:
+    def __init__(self):
+        self.calls = []
+
+    async def load(self, name, path):
+        self.calls.append(("load", name))
+
+    async def unload(self, name):
+        self.calls.append(("unload", name))
+
+
+def write_adapter(path, weights=b"w"):
+    path.mkdir()
+    (path / "adapter_config.json").write_text("{}")
+    (path / "adapter_model.safetensors").write_bytes(weights)
+
+
+def test_polls_over_a_directory(tmp_path):
+    manager = FakeManager()
+    watcher = AdapterDirWatcher(manager, tmp_path, interval_s=0)
+    watcher.mark_loaded([])
+    write_adapter(tmp_path / "new")
+    (tmp_path / "not-an-adapter").mkdir()
+    write_adapter(tmp_path / ".hidden-staging")
+
+    async def polls(n):
+        for _ in range(n):
+            await watcher.poll_once()
+
+    asyncio.run(polls(2))
+    assert manager.calls == [("load", "new")]
+    (tmp_path / "new" / "adapter_model.safetensors").write_bytes(b"longer weights")
+    asyncio.run(polls(2))
+    assert manager.calls[-1] == ("load", "new")
+    shutil.rmtree(tmp_path / "new")
+    asyncio.run(polls(1))
+    assert manager.calls[-1] == ("unload", "new") and len(manager.calls) == 3
