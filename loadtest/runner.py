@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import httpx
 
+from .churn import ChurnConfig, churn
 from .client import RequestResult, send
 from .stats import percentile, summarize_ms
 from .workload import WorkloadConfig, build_requests
@@ -51,6 +52,7 @@ class RunConfig:
     timeout_s: float = 120.0
     api_key: str | None = None
     allow_remote: bool = False
+    churn: ChurnConfig | None = None
 
 
 def check_target(url: str, allow_remote: bool) -> None:
@@ -67,6 +69,22 @@ def check_target(url: str, allow_remote: bool) -> None:
 
 async def run(config: RunConfig, progress=None) -> list[RequestResult]:
     """Send the workload's requests at their times until ``duration_s`` (plus warm-up) has passed."""
+    results, _ = await run_with_churn(config, progress)
+    return results
+
+
+async def run_with_churn(config: RunConfig, progress=None) -> tuple[list[RequestResult], list[dict]]:
+    """:func:`run`, plus the adapter churn records when ``config.churn`` is set."""
+    stop = asyncio.Event()
+    churn_task = asyncio.ensure_future(churn(config.url, config.churn, stop)) if config.churn else None
+    try:
+        results = await _send_all(config, progress)
+    finally:
+        stop.set()
+    return results, (await churn_task if churn_task else [])
+
+
+async def _send_all(config: RunConfig, progress) -> list[RequestResult]:
     check_target(config.url, config.allow_remote)
     specs = build_requests(config.workload)
     headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
@@ -125,6 +143,14 @@ def report(results: list[RequestResult], config: RunConfig) -> dict:
     return result
 
 
+def churn_report(records: list[dict]) -> dict:
+    loads = [r for r in records if "error" not in r]
+    return {"loads": len(records), "failed_loads": len(records) - len(loads),
+            **summarize_ms("load", [r["load_s"] for r in loads]),
+            **summarize_ms("load_to_first_token", [r["load_to_first_token_s"] for r in loads]),
+            "errors": [r["error"] for r in records if "error" in r][:10]}
+
+
 def print_table(result: dict, stream=sys.stdout) -> None:
     rows = [("requests completed / failed", f"{result['completed']} / {result['failed']}"),
             ("request throughput (req/s)", f"{result['request_throughput']:.2f}"),
@@ -133,6 +159,11 @@ def print_table(result: dict, stream=sys.stdout) -> None:
     for metric in ("ttft", "tpot", "itl", "e2el"):
         rows.append((f"{metric.upper()} mean / p50 / p99 (ms)",
                      " / ".join(f"{result[f'{k}_{metric}_ms']:.1f}" for k in ("mean", "median", "p99"))))
+    if "churn" in result:
+        c = result["churn"]
+        rows.append(("adapter loads ok / failed", f"{c['loads'] - c['failed_loads']} / {c['failed_loads']}"))
+        rows.append(("load call -> first token p50 / p99 (ms)",
+                     f"{c['median_load_to_first_token_ms']:.1f} / {c['p99_load_to_first_token_ms']:.1f}"))
     rows.append(("SLO " + ", ".join(f"{k}<={v:g}" for k, v in result["slo"].items() if v is not None),
                  "MET" if result["slo_met"] else "MISSED"))
     width = max(len(k) for k, _ in rows)
@@ -148,9 +179,11 @@ def run_and_report(config: RunConfig, out_dir: Path | None) -> dict:
         bar = "#" * int(30 * sent / max(1, num_expected))
         print(f"\r[{bar:<30}] sent {sent}/{num_expected}", end="", file=sys.stderr, flush=True)
 
-    results = asyncio.run(run(config, progress))
+    results, churn_records = asyncio.run(run_with_churn(config, progress))
     print(file=sys.stderr)
     result = report(results, config)
+    if config.churn is not None:
+        result["churn"] = churn_report(churn_records)
     print_table(result)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,15 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
     return Server(engine, registry, adapters, service)
 
 
+async def _keep_pinned_warm(adapters: AdapterManager, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await adapters.keep_pinned_warm()
+        except Exception:  # never let the keeper die; the next round tries again
+            logger.exception("keeping pinned adapters warm failed")
+
+
 async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server_config: ServerConfig,
               base_model_name: str) -> None:
     import uvicorn
@@ -67,7 +76,7 @@ async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server
         await grpc_server.start()
         await set_serving(health, True)
         logger.info("gRPC on %s:%d", server_config.host, server_config.grpc_port)
-    background = []
+    background = [asyncio.ensure_future(_keep_pinned_warm(server.adapters, interval_s=1.0))]
     if adapter_config.adapter_dir is not None and adapter_config.watch_interval_s > 0:
         from .adapters.watcher import AdapterDirWatcher
 

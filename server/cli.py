@@ -83,6 +83,10 @@ def _add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
     p.add_argument("--out", type=Path, default=None, help="directory for result.json")
+    p.add_argument("--churn-adapters", type=Path, nargs="*", default=(),
+                   help="adapter directories to load/unload through the admin API while traffic runs")
+    p.add_argument("--churn-interval", type=float, default=1.0, help="seconds between churn loads")
+    p.add_argument("--admin-token", default=None, help="the server's admin token (needed for churn)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 def loadtest(args: argparse.Namespace) -> int:
     import httpx
 
+    from loadtest.churn import ChurnConfig
     from loadtest.runner import SLO, RunConfig, check_target, num_requests_for, run_and_report
     from loadtest.workload import WorkloadConfig
 
@@ -109,8 +114,14 @@ def loadtest(args: argparse.Namespace) -> int:
         models=models, rate=args.rate, num_requests=num_requests_for(args.rate, args.duration, args.warmup),
         seed=args.seed, burstiness=args.burstiness, adapter_mix=args.adapter_mix, prompt_len=args.prompt_len,
         output_len=args.output_len, prompts_file=args.prompts_file)
+    churn = None
+    if args.churn_adapters:
+        if not args.admin_token:
+            print("loraplex loadtest: --churn-adapters needs --admin-token", file=sys.stderr)
+            return 2
+        churn = ChurnConfig(tuple(p.resolve() for p in args.churn_adapters), args.admin_token, args.churn_interval)
     config = RunConfig(url=args.url.rstrip("/"), workload=workload, duration_s=args.duration, warmup_s=args.warmup,
-                       slo=SLO.parse(args.slo), api_key=args.api_key, allow_remote=args.allow_remote)
+                       slo=SLO.parse(args.slo), api_key=args.api_key, allow_remote=args.allow_remote, churn=churn)
     result = run_and_report(config, args.out)
     return 0 if result["completed"] else 1
 

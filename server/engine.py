@@ -171,8 +171,5 @@ class Engine:
     async def remove_adapter(self, adapter: AdapterVersion) -> None:
         await self._llm.remove_lora(adapter.adapter_slot)
 
-    async def pin_adapter(self, adapter: AdapterVersion) -> None:
-        await self._llm.pin_lora(adapter.adapter_slot)
-
     def shutdown(self) -> None:
         self._llm.shutdown()

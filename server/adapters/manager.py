@@ -86,15 +86,25 @@ class AdapterManager:
         return entry
 
     async def pin(self, name: str) -> AdapterVersion:
-        """Keep ``name`` resident in the engine's adapter cache (never evicted by the LRU)."""
+        """Keep ``name`` resident in the engine's adapter cache.
+
+        Not vLLM's ``pin_lora``: in vLLM 0.32 that also pins the adapter into one of the
+        ``--max-loras`` batch slots behind the scheduler's back, and a batch holding
+        ``--max-loras`` other adapters then kills the engine (KeyError in convert_mapping; seen
+        here). Instead pinned adapters are loaded now and re-touched by :meth:`keep_pinned_warm`,
+        which keeps them at the recent end of the engine's LRU cache."""
         entry = self.registry.resolve(name)
         await self._pin(entry)
         return entry
 
     async def _pin(self, entry: AdapterVersion) -> None:
-        await self.engine.add_adapter(entry)  # resident first: vLLM pins only loaded adapters
-        await self.engine.pin_adapter(entry)
+        await self.engine.add_adapter(entry)
         entry.pinned = True
+
+    async def keep_pinned_warm(self) -> None:
+        for entry in self.registry.adapters():
+            if entry.pinned and entry.state is AdapterState.READY:
+                await self.engine.add_adapter(entry)  # a no-op load that refreshes its LRU position
 
     async def load_directory(self, adapter_dir: Path, preload: tuple[str, ...] = ()) -> list[str]:
         """Load every adapter subdirectory of ``adapter_dir`` under its directory name.

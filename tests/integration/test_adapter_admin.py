@@ -173,3 +173,45 @@ def test_list_adapters_reports_status(server, adapter_names):
     by_name = {a["name"]: a for a in listing["data"]}
     assert by_name[adapter_names[0]]["status"] == "ready"
     assert by_name[adapter_names[0]]["rank"] == 8
+
+
+def test_load_and_replace_under_traffic_lose_no_request(server, base_model_name, adapter_dir, adapter_names,
+                                                         hf_base_model, tmp_path):
+    """Traffic to other adapters (and to the one being replaced) while adapters are loaded,
+    unloaded and replaced: zero failed requests, and each new adapter answers right after its load."""
+    import asyncio
+
+    from loadtest.churn import ChurnConfig
+    from loadtest.runner import RunConfig, report, run_with_churn
+    from loadtest.workload import WorkloadConfig
+
+    versions = [make_adapter(hf_base_model, tmp_path / f"replace-v{i}", seed=9000 + i) for i in range(2)]
+    assert load(server, "replaced", versions[0]).status_code == 200
+    workload = WorkloadConfig(models=(base_model_name, adapter_names[2], adapter_names[3], "replaced"), rate=4.0,
+                              num_requests=40, seed=2, prompt_len=(8, 16), output_len=(4, 4))
+    config = RunConfig(url=server.url, workload=workload, duration_s=5.0,
+                       churn=ChurnConfig((adapter_dir / adapter_names[4], adapter_dir / adapter_names[5]),
+                                         ADMIN_TOKEN, interval_s=1.0))
+
+    async def replace_while_running():
+        async def replacer():
+            for i in range(4):
+                await asyncio.sleep(1.0)
+                response = await asyncio.to_thread(load, server, "replaced", versions[(i + 1) % 2])
+                assert response.status_code == 200, response.text
+
+        replacing = asyncio.ensure_future(replacer())
+        results, churn_records = await run_with_churn(config)
+        await replacing
+        return results, churn_records
+
+    results, churn_records = asyncio.run(replace_while_running())
+    result = report(results, config)
+    assert result["failed"] == 0, result["errors"]
+    assert result["completed"] == len(results) > 10
+    assert len(churn_records) >= 3 and all("error" not in r for r in churn_records), churn_records
+    assert all(r["load_to_first_token_s"] >= r["load_s"] > 0 for r in churn_records)
+    listing = {a["name"]: a for a in httpx.get(f"{server.url}/v1/adapters").json()["data"]}
+    assert listing["replaced"]["version"] == 5
+    assert not any(name.startswith("churn-") for name in listing)  # the churn cleaned up after itself
+    assert unload(server, "replaced").status_code == 200
