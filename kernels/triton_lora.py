@@ -89,7 +89,7 @@ if triton is not None:
     def _shrink_kernel(
         x_ptr, a0_ptr, a1_ptr, a2_ptr, y_ptr,
         sorted_tokens_ptr, segment_starts_ptr, segment_slots_ptr,
-        hidden, rank, scale,
+        hidden, rank, scale, k_per_split,
         stride_xt, stride_xh,
         stride_as, stride_ar, stride_ah,
         stride_yslice, stride_yt, stride_yr,
@@ -121,7 +121,6 @@ if triton is not None:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < rank
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            k_per_split = tl.cdiv(tl.cdiv(hidden, SPLIT_K), BLOCK_K) * BLOCK_K
             k_begin = pid_k * k_per_split
             for k0 in range(0, k_per_split, BLOCK_K):
                 offs_k = k_begin + k0 + tl.arange(0, BLOCK_K)
@@ -223,10 +222,11 @@ def lora_shrink(meta: TritonLoraMeta, x: torch.Tensor, lora_a_slices, y: torch.T
     grid = (triton.cdiv(meta.max_segment_len, config["BLOCK_M"]) * num_n_tiles, split_k,
             meta.num_segments * len(slices))
     a = _padded(slices, slices[0])
+    k_per_split = triton.cdiv(triton.cdiv(hidden, split_k), config["BLOCK_K"]) * config["BLOCK_K"]
     _shrink_kernel[grid](
         x, a[0], a[1], a[2], y,
         meta.sorted_token_ids, meta.segment_starts, meta.segment_slots,
-        hidden, rank, scale,
+        hidden, rank, scale, k_per_split,
         x.stride(0), x.stride(1),
         slices[0].stride(0), slices[0].stride(1), slices[0].stride(2),
         y.stride(0), y.stride(1), y.stride(2),

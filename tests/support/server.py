@@ -55,7 +55,7 @@ def start_server(args: list[str], log_path: Path, startup_timeout: float = 600) 
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port), *args],
         stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONUNBUFFERED": "1"})
     server = RunningServer(process, port, grpc_port, log_path)
     deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
