@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +50,27 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
     return Server(engine, registry, adapters, service)
 
 
+def _http_server(config):
+    """uvicorn's server, minus its habit of re-raising SIGTERM/SIGINT once it has stopped (which
+    kills the process before the engine and its child processes are shut down)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            loop = asyncio.get_running_loop()
+            signals = (signal.SIGINT, signal.SIGTERM)
+            for sig in signals:
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+
+    return Server(config)
+
+
 async def _keep_pinned_warm(adapters: AdapterManager, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
@@ -64,7 +87,7 @@ async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server
     server = await build_server(engine_config, adapter_config, server_config, base_model_name)
     ready = asyncio.Event()
     app = build_app(server.service, server.adapters, server_config, is_ready=ready.is_set)
-    http = uvicorn.Server(uvicorn.Config(
+    http = _http_server(uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
         lifespan="off", timeout_graceful_shutdown=30))
     grpc_server = health = None

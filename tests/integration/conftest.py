@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.adapters import load_base_model, make_adapter
-from tests.support.server import RunningServer, start_server
+from tests.support.server import RunningServer, alive, start_server
 
 NUM_ADAPTERS = 9
 ADAPTER_RANK = 8
@@ -52,7 +53,11 @@ def server(tmp_path_factory, adapter_dir: Path, cache_dir: Path, base_model_dir:
          "--admin-token", ADMIN_TOKEN, "--watch-interval", "0.5", "--pin", "adapter-0"],
         log_path)
     yield running
-    running.stop()
+    children = running.descendants()
+    assert children, "the engine's processes were not found"
+    assert running.stop() == 0, f"SIGTERM must end the server cleanly:\n{running.log_tail()}"
+    time.sleep(2)
+    assert not alive(children), "engine processes outlived the server"
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,20 @@ class RunningServer:
     def log_tail(self, num_lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
 
+    def descendants(self) -> list[int]:
+        """Pids of the server's child processes (vLLM's engine core and workers), recursively."""
+        found, todo = [], [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            for children in Path(f"/proc/{pid}/task").glob("*/children"):
+                try:
+                    kids = [int(c) for c in children.read_text().split()]
+                except OSError:
+                    continue
+                found.extend(kids)
+                todo.extend(kids)
+        return found
+
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -69,3 +83,16 @@ def start_server(args: list[str], log_path: Path, startup_timeout: float = 600) 
         time.sleep(1)
     server.stop()
     raise RuntimeError(f"server did not become healthy in {startup_timeout}s:\n{server.log_tail()}")
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The pids still running (zombies, which are only waiting to be reaped, do not count)."""
+    running = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text(errors="replace")
+        except OSError:
+            continue
+        if "zombie" not in status.lower():
+            running.append(pid)
+    return running
