@@ -31,11 +31,13 @@ class Server:
 
 async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfig, server_config: ServerConfig,
                        base_model_name: str) -> Server:
-    engine = Engine.start(engine_config)
+    metrics = Metrics(base_model_name, max_adapter_labels=server_config.metrics_max_adapters,
+                      max_loras=engine_config.max_loras)
+    engine = Engine.start(engine_config, on_stats=metrics.engine_step)
     registry = AdapterRegistry(base_model_name)
     adapters = AdapterManager(registry, engine, engine_config.max_lora_rank, engine_config.max_cpu_loras,
                               adapter_config.adapter_dir, adapter_config.allowed_roots,
-                              BaseModelShapes.from_model_dir(Path(engine_config.model_path)))
+                              BaseModelShapes.from_model_dir(Path(engine_config.model_path)), metrics)
     if adapter_config.adapter_dir is not None:
         await adapters.load_directory(adapter_config.adapter_dir, adapter_config.preload)
     for name in adapter_config.pinned:
@@ -43,7 +45,6 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
             await adapters.pin(name)
         except AdapterError as exc:
             raise SystemExit(f"loraplex: --pin {name}: {exc}") from exc
-    metrics = Metrics(base_model_name)
     metrics.track_engine(engine.num_unfinished_requests)
     service = GenerationService(engine, registry, server_config.limits, metrics, base_model_name,
                                 engine_config.max_model_len)
@@ -71,13 +72,15 @@ def _http_server(config):
     return Server(config)
 
 
-async def _keep_pinned_warm(adapters: AdapterManager, interval_s: float) -> None:
+async def _adapter_housekeeping(adapters: AdapterManager, interval_s: float) -> None:
+    """Every interval: keep pinned adapters warm, refresh the adapter gauges."""
     while True:
         await asyncio.sleep(interval_s)
         try:
             await adapters.keep_pinned_warm()
+            await adapters.refresh_metrics()
         except Exception:  # never let the keeper die; the next round tries again
-            logger.exception("keeping pinned adapters warm failed")
+            logger.exception("adapter housekeeping failed")
 
 
 async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server_config: ServerConfig,
@@ -99,7 +102,7 @@ async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server
         await grpc_server.start()
         await set_serving(health, True)
         logger.info("gRPC on %s:%d", server_config.host, server_config.grpc_port)
-    background = [asyncio.ensure_future(_keep_pinned_warm(server.adapters, interval_s=1.0))]
+    background = [asyncio.ensure_future(_adapter_housekeeping(server.adapters, interval_s=1.0))]
     if adapter_config.adapter_dir is not None and adapter_config.watch_interval_s > 0:
         from .adapters.watcher import AdapterDirWatcher
 

@@ -58,7 +58,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     server.add_argument("--max-n", type=int, default=defaults_limits.max_n)
     server.add_argument("--max-tokens-limit", type=int, default=defaults_limits.max_tokens,
                         help="largest max_tokens a request may ask for")
+    server.add_argument("--metrics-max-adapters", type=int, default=ServerConfig.metrics_max_adapters,
+                        help="adapters with their own metric label; the rest are folded into 'other'")
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    server.add_argument("--log-format", default="text", choices=("text", "json"), help="json: one object a line")
 
 
 def _length_range(text: str) -> tuple[int, int]:
@@ -153,6 +156,7 @@ def serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         api_key=args.api_key, admin_token=args.admin_token, log_level=args.log_level,
+        metrics_max_adapters=args.metrics_max_adapters,
         limits=LimitsConfig(max_n=args.max_n, max_tokens=args.max_tokens_limit))
     adapter_config = AdapterConfig(adapter_dir=args.adapter_dir, allowed_roots=tuple(args.allowed_adapter_roots),
                                    watch_interval_s=args.watch_interval, preload=tuple(args.preload),
@@ -168,10 +172,33 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any fields passed as
+    ``extra=`` (a request's ``request_id``, ``adapter``, ``outcome``, latencies ...)."""
+
+    _standard = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in self._standard})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, getattr(args, "log_level", "info").upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if args.command == "serve":
         return serve(args)
     if args.command == "loadtest":

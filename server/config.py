@@ -94,5 +94,7 @@ class ServerConfig:
     # Admin routes/RPCs (adapter load/unload) need this token; None disables them.
     admin_token: str | None = None
     grpc_port: int | None = None
+    # Per-adapter metric series: at most this many adapters get their own label, the rest "other".
+    metrics_max_adapters: int = 32
     log_level: str = "info"
     limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -48,6 +48,54 @@ class EngineUnavailable(RuntimeError):
     pass
 
 
+@dataclass
+class FinishedTiming:
+    """Engine-side phases of one finished request, in seconds."""
+
+    queued_s: float
+    prefill_s: float
+    decode_s: float
+
+
+@dataclass
+class EngineStepStats:
+    """What the engine reports after a step (plain data; no vLLM types leave this module)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1
+    running_adapters: list[str]
+    waiting_adapters: list[str]
+    finished: list[FinishedTiming]
+
+
+def _stats_relay_factory(on_stats):
+    """A vLLM stat logger that hands each step's stats to ``on_stats`` in the server's loop."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class StatsRelay(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            finished = [FinishedTiming(f.queued_time, f.prefill_time, f.decode_time)
+                        for f in (iteration_stats.finished_requests if iteration_stats else ())]
+            if scheduler_stats is None:
+                if finished:
+                    on_stats(None, finished)
+                return
+            on_stats(EngineStepStats(
+                num_running=scheduler_stats.num_running_reqs, num_waiting=scheduler_stats.num_waiting_reqs,
+                kv_cache_usage=scheduler_stats.kv_cache_usage,
+                running_adapters=sorted(scheduler_stats.running_lora_adapters),
+                waiting_adapters=sorted(scheduler_stats.waiting_lora_adapters), finished=finished), finished)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return StatsRelay
+
+
 def resolve_dtype(dtype: str) -> str:
     """``auto``: bfloat16 on GPUs and on CPUs that multiply bf16 natively (AVX512-BF16/AMX);
     float32 on other CPUs, where bf16 matmuls are emulated and ~3x slower than fp32."""
@@ -92,11 +140,14 @@ class Engine:
         self.tokenizer = llm.get_tokenizer()
 
     @classmethod
-    def start(cls, config: EngineConfig) -> "Engine":
+    def start(cls, config: EngineConfig, on_stats=None) -> "Engine":
+        """``on_stats(step: EngineStepStats | None, finished: list[FinishedTiming])`` is called
+        after every engine step (from the server's event loop)."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
         logger.info("starting vLLM engine on %s (lora_kernels=%s)", config.model_path, config.lora_kernels)
-        llm = AsyncLLM.from_engine_args(build_engine_args(config))
+        stat_loggers = [_stats_relay_factory(on_stats)] if on_stats else None
+        llm = AsyncLLM.from_engine_args(build_engine_args(config), stat_loggers=stat_loggers)
         return cls(config, llm)
 
     # -- generation -----------------------------------------------------------------------------
@@ -167,6 +218,10 @@ class Engine:
     async def add_adapter(self, adapter: AdapterVersion) -> None:
         """Load ``adapter`` into the engine's CPU cache, so its first request does not pay for it."""
         await self._llm.add_lora(self._lora_request(adapter))
+
+    async def resident_adapter_slots(self) -> set[int]:
+        """Adapter slots loaded in the engine's CPU-side cache."""
+        return set(await self._llm.list_loras())
 
     async def remove_adapter(self, adapter: AdapterVersion) -> None:
         await self._llm.remove_lora(adapter.adapter_slot)

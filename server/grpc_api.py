@@ -49,9 +49,11 @@ def status_code(http_status: int) -> grpc.StatusCode:
     return STATUS_CODES.get(http_status, grpc.StatusCode.INTERNAL)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception):
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, metrics=None):
     status = getattr(exc, "status", 500)
     message = exc.message if isinstance(exc, RequestError) else str(exc)
+    if metrics is not None:
+        metrics.record_outcome(None, f"rejected_{status}")
     await context.abort(status_code(status), message)
 
 
@@ -103,7 +105,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             texts, token_ids, finish, num_generated = await collect_choices(
                 self.service.stream_choices([generation], resolved, n), n)
         except (RequestError, AdapterError) as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, self.service.metrics)
         return pb.GenerateResponse(
             request_id=generation.request_id, model=request.model,
             choices=[pb.Choice(index=i, text=texts[i], token_ids=token_ids[i], finish_reason=finish[i] or "")
@@ -120,7 +122,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     request_id=generation.request_id, index=index, text=chunk.text, token_ids=chunk.token_ids,
                     finish_reason=chunk.finish_reason or "")
         except (RequestError, AdapterError) as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, self.service.metrics)
             return
         yield pb.GenerateStreamResponse(request_id=generation.request_id,
                                         usage=pb.Usage(**usage_counts([generation], num_generated)))

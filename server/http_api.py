@@ -90,17 +90,23 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
     app = FastAPI(title="loraplex", version="0.1.0", docs_url=None, redoc_url=None)
     base_model = service.base_model_name
 
+    def rejected(request: Request, status: int) -> None:
+        if request.url.path.startswith(("/v1/completions", "/v1/chat/completions")):
+            service.metrics.record_outcome(None, f"rejected_{status}")
+
     @app.exception_handler(RequestError)
-    async def _request_error(_: Request, exc: RequestError):
+    async def _request_error(request: Request, exc: RequestError):
+        rejected(request, exc.status)
         return error_response(exc.status, exc.message, exc.kind, exc.param)
 
     @app.exception_handler(AdapterError)
-    async def _adapter_error(_: Request, exc: AdapterError):
+    async def _adapter_error(request: Request, exc: AdapterError):
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
         return error_response(exc.status, str(exc), kind)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        rejected(request, 400)
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -173,6 +179,11 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
                               "chat.completion", lambda i, text, finish: {
                                   "index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                                   "finish_reason": finish})
+
+    @app.get("/v1/stats", dependencies=inference)
+    async def stats():
+        """Throughput and latency over the last minute, overall and per adapter (no PromQL needed)."""
+        return service.metrics.window.summary()
 
     @app.get("/v1/adapters", dependencies=inference)
     async def list_adapters():

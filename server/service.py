@@ -169,12 +169,11 @@ class GenerationService:
         adapter_name = resolved.adapter_name
         if adapter is not None:
             self.registry.acquire(adapter)
-        self.metrics.request_started()
         arrival = time.perf_counter()
         first_token_at: float | None = None
         last_output_at = arrival
         num_generated = 0
-        outcome = "server_error"
+        outcome = "failed_500"
         try:
             async for chunk in self.engine.generate(request.prompt_token_ids, request.options,
                                                     request.request_id, adapter):
@@ -192,12 +191,17 @@ class GenerationService:
             outcome = "aborted"
             raise
         except EngineUnavailable as exc:
+            outcome = "failed_503"
             raise ServiceUnavailable(str(exc)) from exc
         except ValueError as exc:  # vLLM's input validation (e.g. a token id out of range)
-            outcome = "client_error"
+            outcome = "failed_400"
             raise InvalidRequest(str(exc)) from exc
         finally:
             end = time.perf_counter()
+            logger.info("request %s %s", request.request_id, outcome, extra={
+                "request_id": request.request_id, "adapter": adapter_name or "", "outcome": outcome,
+                "ttft_ms": None if first_token_at is None else round(1000 * (first_token_at - arrival), 2),
+                "e2e_ms": round(1000 * (end - arrival), 2), "generated_tokens": num_generated})
             self.metrics.request_finished(
                 adapter_name, outcome,
                 ttft_s=None if first_token_at is None else first_token_at - arrival,

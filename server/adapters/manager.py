@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 from pathlib import Path
 
 from .registry import AdapterError, AdapterRegistry, AdapterState, AdapterVersion
@@ -22,7 +24,7 @@ class AdapterPathRejected(AdapterError):
 class AdapterManager:
     def __init__(self, registry: AdapterRegistry, engine, max_lora_rank: int, max_cpu_loras: int,
                  adapter_dir: Path | None = None, allowed_roots: tuple[Path, ...] = (),
-                 base_shapes: BaseModelShapes | None = None) -> None:
+                 base_shapes: BaseModelShapes | None = None, metrics=None) -> None:
         self.registry = registry
         self.engine = engine
         self.max_lora_rank = max_lora_rank
@@ -30,6 +32,7 @@ class AdapterManager:
         self.adapter_dir = adapter_dir
         self.allowed_roots = tuple(root.resolve() for root in allowed_roots)
         self.base_shapes = base_shapes
+        self.metrics = metrics
 
     def resolve_path(self, lora_path: str) -> Path:
         """An admin's ``lora_path``: an absolute directory, or a name relative to ``--adapter-dir``.
@@ -58,7 +61,12 @@ class AdapterManager:
         """Validate ``path``, register it as a new version of ``name`` and (``warm``) load it into
         the engine's adapter cache. Raises an :class:`AdapterError` with a clear message on failure;
         a failure never disturbs other adapters or an existing version of this one."""
-        entry = self.registry.begin_load(name, path.resolve())
+        started = time.perf_counter()
+        try:
+            entry = self.registry.begin_load(name, path.resolve())
+        except AdapterError as exc:
+            self._failed(exc)
+            raise
         try:
             info = inspect_adapter(path, self.max_lora_rank, self.base_shapes)
             entry.rank, entry.target_modules = info.rank, info.target_modules
@@ -66,11 +74,15 @@ class AdapterManager:
                 await self.engine.add_adapter(entry)
         except AdapterError as exc:
             self.registry.fail_load(entry, str(exc))
+            self._failed(exc)
             raise
         except Exception as exc:  # the engine's own checks (shapes, modules) reject it
             message = f"the engine rejected adapter {name!r}: {exc}"
             self.registry.fail_load(entry, message)
+            self._failed(AdapterLoadFailed(message))
             raise AdapterLoadFailed(message) from exc
+        if self.metrics is not None:
+            self.metrics.adapter_loaded(time.perf_counter() - started)
         previous = self.registry.commit_load(entry)
         if previous is not None and previous.pinned:
             await self._pin(entry)  # a replaced pinned adapter stays pinned
@@ -79,8 +91,23 @@ class AdapterManager:
         logger.info("adapter %s v%d ready (rank %d, slot %d)", name, entry.version, entry.rank, entry.adapter_slot)
         return entry
 
+    def _failed(self, exc: AdapterError) -> None:
+        if self.metrics is not None:
+            reason = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()  # InvalidAdapter -> invalid_adapter
+            self.metrics.adapter_load_failed(reason)
+
+    async def refresh_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        counts: dict[str, int] = {}
+        for entry in self.registry.adapters():
+            counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
+        self.metrics.adapter_states(counts, len(await self.engine.resident_adapter_slots()))
+
     async def unload(self, name: str) -> AdapterVersion:
         entry = self.registry.unregister(name)
+        if self.metrics is not None:
+            self.metrics.adapter_unloads.inc()
         if entry.state is AdapterState.UNLOADING and entry.num_running_requests == 0:
             await self.engine.remove_adapter(entry)
         return entry

@@ -13,6 +13,7 @@ from tests.support.server import RunningServer, alive, start_server
 NUM_ADAPTERS = 9
 ADAPTER_RANK = 8
 ADMIN_TOKEN = "test-admin-token"
+METRICS_MAX_ADAPTERS = 4
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +51,8 @@ def server(tmp_path_factory, adapter_dir: Path, cache_dir: Path, base_model_dir:
     running = start_server(
         ["--adapter-dir", str(adapter_dir), "--cache-dir", str(cache_dir), "--dtype", "float32",
          "--kv-cache-gib", "1", "--max-loras", "4", "--max-cpu-loras", "16", "--max-model-len", "1024",
-         "--admin-token", ADMIN_TOKEN, "--watch-interval", "0.5", "--pin", "adapter-0"],
+         "--admin-token", ADMIN_TOKEN, "--watch-interval", "0.5", "--pin", "adapter-0",
+         "--metrics-max-adapters", str(METRICS_MAX_ADAPTERS)],
         log_path)
     yield running
     children = running.descendants()

@@ -1,0 +1,56 @@
+"""Metrics pieces without a server: the adapter-label guard, the stats window, JSON logs."""
+
+import json
+import logging
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.cli import JsonLogFormatter
+from server.metrics import FinishedRequest, Metrics, StatsWindow
+
+
+def samples(metrics: Metrics, name: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_adapters_past_the_limit_fold_into_other():
+    metrics = Metrics("base", max_adapter_labels=2)
+    for adapter in ["a", "b", "c", "d", "a", None]:
+        metrics.request_finished(adapter, "ok", ttft_s=0.1, e2e_s=0.5, num_prompt_tokens=3, num_generated_tokens=4)
+    counts = {dict(k)["adapter"]: v for k, v in samples(metrics, "loraplex:e2e_request_latency_seconds_count").items()}
+    assert counts == {"a": 2, "b": 1, "other": 2, "": 1}
+
+
+def test_tpot_and_bucket_edge_at_200ms():
+    metrics = Metrics("base")
+    metrics.request_finished("a", "ok", ttft_s=0.2, e2e_s=1.2, num_prompt_tokens=3, num_generated_tokens=11)
+    tpot = samples(metrics, "loraplex:request_time_per_output_token_seconds_sum")
+    assert list(tpot.values()) == [0.1]
+    buckets = samples(metrics, "loraplex:time_to_first_token_seconds_bucket")
+    assert any(dict(k)["le"] == "0.2" and v == 1 for k, v in buckets.items())
+
+
+def test_stats_window_summary_and_expiry():
+    window = StatsWindow(window_s=10)
+    for i in range(10):
+        window.add(FinishedRequest(100.0 + i * 0.1, "a" if i % 2 else None, True, 0.01 * (i + 1), 0.5, 5))
+    window.add(FinishedRequest(101.0, "a", False, None, 0.1, 0))
+    summary = window.summary(now=101.0)
+    assert summary["requests"] == 11 and summary["errors"] == 1
+    assert summary["output_tokens_per_s"] == 5.0
+    assert summary["adapters"]["a"]["requests"] == 6
+    assert abs(summary["p50_ttft_ms"] - 55.0) < 1e-6
+    assert window.summary(now=200.0)["requests"] == 0
+
+
+def test_json_log_lines_carry_request_fields():
+    record = logging.LogRecord("server.service", logging.INFO, "", 0, "request %s ok", ("r-1",), None)
+    record.request_id = "r-1"
+    record.adapter = "billing"
+    line = json.loads(JsonLogFormatter().format(record))
+    assert line["message"] == "request r-1 ok" and line["request_id"] == "r-1" and line["adapter"] == "billing"
