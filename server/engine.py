@@ -138,6 +138,8 @@ class Engine:
         self.config = config
         self._llm = llm
         self.tokenizer = llm.get_tokenizer()
+        # Slots this server removed itself (so that other disappearances count as LRU evictions).
+        self.removed_slots: set[int] = set()
 
     @classmethod
     def start(cls, config: EngineConfig, on_stats=None) -> "Engine":
@@ -224,6 +226,7 @@ class Engine:
         return set(await self._llm.list_loras())
 
     async def remove_adapter(self, adapter: AdapterVersion) -> None:
+        self.removed_slots.add(adapter.adapter_slot)
         await self._llm.remove_lora(adapter.adapter_slot)
 
     def shutdown(self) -> None:

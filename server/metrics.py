@@ -155,6 +155,8 @@ class Metrics:
                                      ("result", "reason"), registry=r)
         self.adapter_load_latency = Histogram(f"{PREFIX}:adapter_load_seconds", "Time to validate and load an "
                                               "adapter into the engine.", buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_evictions = Counter(f"{PREFIX}:adapter_evictions", "Adapters the engine's LRU cache "
+                                         "dropped (they reload from disk on their next request).", registry=r)
         self.adapter_unloads = Counter(f"{PREFIX}:adapter_unloads", "Adapters unloaded or replaced.", registry=r)
         self.adapters = Gauge(f"{PREFIX}:adapters", "Registered adapters by state.", ("state",), registry=r)
         self.adapters_resident = Gauge(f"{PREFIX}:adapters_resident", "Adapters loaded in the engine, by tier "
@@ -223,7 +225,8 @@ class Metrics:
     def adapter_load_failed(self, reason: str) -> None:
         self.adapter_loads.labels(result="failed", reason=reason).inc()
 
-    def adapter_states(self, counts: dict[str, int], resident_cpu: int | None = None) -> None:
+    def adapter_states(self, counts: dict[str, int], resident_cpu: int | None = None, evictions: int = 0) -> None:
+        self.adapter_evictions.inc(evictions)
         for state in ("loading", "ready", "failed", "unloading"):
             self.adapters.labels(state=state).set(counts.get(state, 0))
         if resident_cpu is not None:

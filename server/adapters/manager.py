@@ -33,6 +33,7 @@ class AdapterManager:
         self.allowed_roots = tuple(root.resolve() for root in allowed_roots)
         self.base_shapes = base_shapes
         self.metrics = metrics
+        self._resident: set[int] = set()
 
     def resolve_path(self, lora_path: str) -> Path:
         """An admin's ``lora_path``: an absolute directory, or a name relative to ``--adapter-dir``.
@@ -102,7 +103,12 @@ class AdapterManager:
         counts: dict[str, int] = {}
         for entry in self.registry.adapters():
             counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
-        self.metrics.adapter_states(counts, len(await self.engine.resident_adapter_slots()))
+        resident = await self.engine.resident_adapter_slots()
+        gone = self._resident - resident
+        evicted = gone - self.engine.removed_slots  # left the cache without us removing them: the LRU
+        self.engine.removed_slots -= gone
+        self._resident = resident
+        self.metrics.adapter_states(counts, len(resident), evictions=len(evicted))
 
     async def unload(self, name: str) -> AdapterVersion:
         entry = self.registry.unregister(name)

@@ -54,3 +54,31 @@ def test_json_log_lines_carry_request_fields():
     record.adapter = "billing"
     line = json.loads(JsonLogFormatter().format(record))
     assert line["message"] == "request r-1 ok" and line["request_id"] == "r-1" and line["adapter"] == "billing"
+
+
+def test_evictions_are_slots_that_left_the_cache_without_an_unload():
+    import asyncio
+    from pathlib import Path
+
+    from server.adapters.manager import AdapterManager
+    from server.adapters.registry import AdapterRegistry
+
+    class FakeEngine:
+        def __init__(self):
+            self.resident = {1, 2, 3}
+            self.removed_slots = set()
+
+        async def resident_adapter_slots(self):
+            return set(self.resident)
+
+    engine = FakeEngine()
+    metrics = Metrics("base")
+    manager = AdapterManager(AdapterRegistry("base"), engine, 16, 2, metrics=metrics)
+    manager.registry.commit_load(manager.registry.begin_load("a", Path("/a")))
+    asyncio.run(manager.refresh_metrics())
+    engine.resident = {3, 4}           # 1 and 2 left; we removed 2 ourselves, 1 was evicted
+    engine.removed_slots = {2}
+    asyncio.run(manager.refresh_metrics())
+    assert list(samples(metrics, "loraplex:adapter_evictions_total").values()) == [1.0]
+    assert list(samples(metrics, "loraplex:adapters_resident").values()) == [2.0]
+    assert engine.removed_slots == set()
