@@ -53,6 +53,8 @@ class RunConfig:
     api_key: str | None = None
     allow_remote: bool = False
     churn: ChurnConfig | None = None
+    # Closed loop: this many requests in flight at all times (arrival times are then ignored).
+    concurrency: int | None = None
 
 
 def check_target(url: str, allow_remote: bool) -> None:
@@ -90,6 +92,8 @@ async def _send_all(config: RunConfig, progress) -> list[RequestResult]:
     headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits) as client:
+        if config.concurrency:
+            return await _closed_loop(client, config, specs, headers, progress)
         start = time.perf_counter()
         tasks = []
         for spec in specs:
@@ -104,6 +108,26 @@ async def _send_all(config: RunConfig, progress) -> list[RequestResult]:
         return list(await asyncio.gather(*tasks))
 
 
+async def _closed_loop(client, config: RunConfig, specs, headers, progress) -> list[RequestResult]:
+    """``concurrency`` workers, each sending its next request as soon as the last one finished."""
+    start = time.perf_counter()
+    end = start + config.warmup_s + config.duration_s
+    queue = iter(specs)
+    results: list[RequestResult] = []
+
+    async def worker() -> None:
+        while time.perf_counter() < end:
+            spec = next(queue, None)
+            if spec is None:
+                return
+            results.append(await send(client, config.url, spec, time.perf_counter() - start, headers))
+            if progress:
+                progress(len(results), len(results))
+
+    await asyncio.gather(*[worker() for _ in range(config.concurrency)])
+    return sorted(results, key=lambda r: r.index)
+
+
 def report(results: list[RequestResult], config: RunConfig) -> dict:
     measured = [r for r in results if r.sent_at >= config.warmup_s]
     done = [r for r in measured if r.ok]
@@ -116,6 +140,7 @@ def report(results: list[RequestResult], config: RunConfig) -> dict:
     in_tokens = sum(r.prompt_tokens for r in done)
     result = {
         "duration": duration, "request_rate": config.workload.rate, "burstiness": config.workload.burstiness,
+        "max_concurrency": config.concurrency,
         "num_prompts": len(measured), "completed": len(done), "failed": len(measured) - len(done),
         "errors": errors, "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
         "request_throughput": len(done) / duration, "output_throughput": out_tokens / duration,
@@ -171,9 +196,9 @@ def print_table(result: dict, stream=sys.stdout) -> None:
         print(f"{key:<{width}}  {value}", file=stream)
 
 
-def run_and_report(config: RunConfig, out_dir: Path | None) -> dict:
+def run_and_report(config: RunConfig, out_dir: Path | None, plot: bool = True) -> dict:
     num_expected = len([s for s in build_requests(config.workload)
-                        if s.send_at <= config.warmup_s + config.duration_s])
+                        if config.concurrency or s.send_at <= config.warmup_s + config.duration_s])
 
     def progress(sent: int, done: int) -> None:
         bar = "#" * int(30 * sent / max(1, num_expected))
@@ -188,7 +213,27 @@ def run_and_report(config: RunConfig, out_dir: Path | None) -> dict:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+        if plot:
+            from .plot import plot_latency_vs_rate
+
+            plot_latency_vs_rate([result], out_dir / "latency.png", result["slo"]["ttft_ms"])
     return result
+
+
+COMPARED = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
+            "p99_itl_ms", "p99_e2el_ms", "request_goodput", "failed")
+
+
+def compare(first: dict, second: dict, stream=sys.stdout) -> dict[str, float | None]:
+    """Ratio table second / first over the same workload."""
+    ratios = {}
+    print(f"{'metric':<22} {'first':>10} {'second':>10} {'second/first':>12}", file=stream)
+    for key in COMPARED:
+        a, b = first[key], second[key]
+        ratios[key] = b / a if a else None
+        ratio = f"{ratios[key]:.2f}" if ratios[key] is not None else "-"
+        print(f"{key:<22} {a:>10.2f} {b:>10.2f} {ratio:>12}", file=stream)
+    return ratios
 
 
 def num_requests_for(rate: float, duration_s: float, warmup_s: float) -> int:

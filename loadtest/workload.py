@@ -36,13 +36,26 @@ class WorkloadConfig:
     prompts_file: Path | None = None   # JSONL with {"prompt": ...} per line
 
 
+def read_weights_file(path: Path) -> dict[str, float]:
+    """``{"adapter-name": weight, ...}`` as JSON."""
+    weights = json.loads(path.read_text())
+    if not isinstance(weights, dict) or not weights or not all(
+            isinstance(v, (int, float)) and v >= 0 for v in weights.values()):
+        raise ValueError(f"{path}: expected a JSON object of model name -> non-negative weight")
+    return {str(k): float(v) for k, v in weights.items()}
+
+
 def model_weights(models: tuple[str, ...], adapter_mix: str) -> list[float]:
+    """``uniform``, ``zipf:ALPHA`` (by position in ``models``) or ``weights:FILE.json``."""
     if adapter_mix == "uniform":
         return [1.0] * len(models)
+    if adapter_mix.startswith("weights:"):
+        weights = read_weights_file(Path(adapter_mix.split(":", 1)[1]))
+        return [weights.get(m, 0.0) for m in models]
     if adapter_mix.startswith("zipf:"):
         alpha = float(adapter_mix.split(":", 1)[1])
         return [1.0 / (rank + 1) ** alpha for rank in range(len(models))]
-    raise ValueError(f"adapter mix must be 'uniform' or 'zipf:ALPHA', got {adapter_mix!r}")
+    raise ValueError(f"adapter mix must be 'uniform', 'zipf:ALPHA' or 'weights:FILE', got {adapter_mix!r}")
 
 
 def build_requests(config: WorkloadConfig) -> list[RequestSpec]:

@@ -7,8 +7,10 @@ Each builds its config dataclasses from flags.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .config import LORA_KERNEL_CHOICES, AdapterConfig, EngineConfig, LimitsConfig, ModelConfig, ServerConfig
@@ -77,7 +79,15 @@ def _add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of load excluded from results")
     p.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; gamma shape otherwise")
     p.add_argument("--models", default=None, help="comma-separated models/adapters (default: all the server lists)")
-    p.add_argument("--adapter-mix", default="uniform", help="uniform | zipf:ALPHA")
+    p.add_argument("--adapter-mix", default="uniform", help="uniform | zipf:ALPHA | weights:FILE.json")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="closed loop: keep this many requests in flight (instead of --rate arrivals)")
+    p.add_argument("--find-capacity", action="store_true",
+                   help="bisect for the highest rate in [--rate-min, --rate] whose p99 meets the SLO")
+    p.add_argument("--rate-min", type=float, default=0.25)
+    p.add_argument("--search-steps", type=int, default=3)
+    p.add_argument("--compare", default=None, metavar="URL",
+                   help="run the identical workload against this second endpoint and print the ratios")
     p.add_argument("--prompt-len", type=_length_range, default=(128, 128), help="words: N or MIN:MAX")
     p.add_argument("--output-len", type=_length_range, default=(16, 16), help="tokens: N or MIN:MAX")
     p.add_argument("--prompts-file", type=Path, default=None, help='JSONL of {"prompt": ...}')
@@ -104,12 +114,16 @@ def loadtest(args: argparse.Namespace) -> int:
     import httpx
 
     from loadtest.churn import ChurnConfig
-    from loadtest.runner import SLO, RunConfig, check_target, num_requests_for, run_and_report
+    from loadtest.runner import SLO, RunConfig, check_target, compare, num_requests_for, run_and_report
     from loadtest.workload import WorkloadConfig
 
     check_target(args.url, args.allow_remote)
     if args.models:
         models = tuple(m for m in args.models.split(",") if m)
+    elif args.adapter_mix.startswith("weights:"):
+        from loadtest.workload import read_weights_file
+
+        models = tuple(read_weights_file(Path(args.adapter_mix.split(":", 1)[1])))
     else:
         headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         models = tuple(m["id"] for m in httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"])
@@ -124,9 +138,46 @@ def loadtest(args: argparse.Namespace) -> int:
             return 2
         churn = ChurnConfig(tuple(p.resolve() for p in args.churn_adapters), args.admin_token, args.churn_interval)
     config = RunConfig(url=args.url.rstrip("/"), workload=workload, duration_s=args.duration, warmup_s=args.warmup,
-                       slo=SLO.parse(args.slo), api_key=args.api_key, allow_remote=args.allow_remote, churn=churn)
+                       slo=SLO.parse(args.slo), api_key=args.api_key, allow_remote=args.allow_remote, churn=churn,
+                       concurrency=args.concurrency)
+    if args.find_capacity:
+        return _find_capacity(args, config)
     result = run_and_report(config, args.out)
+    if args.compare:
+        check_target(args.compare, args.allow_remote)
+        print(f"\n== same workload against {args.compare}")
+        second = run_and_report(replace(config, url=args.compare.rstrip("/")),
+                                args.out / "compare" if args.out else None)
+        ratios = compare(result, second)
+        if args.out:
+            (args.out / "compare.json").write_text(json.dumps({"first": args.url, "second": args.compare,
+                                                                "ratios": ratios}, indent=2))
     return 0 if result["completed"] else 1
+
+
+def _find_capacity(args: argparse.Namespace, config) -> int:
+    from loadtest.capacity import find_capacity
+    from loadtest.plot import plot_latency_vs_rate
+    from loadtest.runner import num_requests_for, run_and_report
+
+    results = []
+
+    def run_at(rate: float) -> bool:
+        print(f"\n== rate {rate:g} req/s")
+        workload = replace(config.workload, rate=rate, num_requests=num_requests_for(rate, args.duration, args.warmup))
+        out = args.out / f"rate-{rate:g}" if args.out else None
+        result = run_and_report(replace(config, workload=workload), out, plot=False)
+        results.append(result)
+        return result["slo_met"]
+
+    found = find_capacity(run_at, args.rate_min, args.rate, args.search_steps)
+    summary = {"capacity_rate": found.capacity_rate, "steps": found.steps, "slo": results[0]["slo"]}
+    print(f"\ncapacity: {found.capacity_rate if found.capacity_rate is not None else 'below ' + str(args.rate_min)}"
+          " req/s meets the SLO at p99")
+    if args.out:
+        (args.out / "capacity.json").write_text(json.dumps(summary, indent=2))
+        plot_latency_vs_rate(results, args.out / "latency_vs_rate.png", results[0]["slo"]["ttft_ms"])
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:

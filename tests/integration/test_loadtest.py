@@ -43,3 +43,31 @@ def test_cli_writes_a_result_file(server, tmp_path):
     assert result["completed"] >= 1 and result["failed"] == 0
     assert "p99_ttft_ms" in result and result["slo_met"] is True
     assert "SLO" in completed.stdout
+
+
+def test_capacity_search_compare_and_closed_loop(server, base_model_name, tmp_path):
+    from PIL import Image
+
+    common = [sys.executable, "-m", "server.cli", "loadtest", "--url", server.url, "--duration", "2",
+              "--prompt-len", "8", "--output-len", "2", "--models", base_model_name]
+    capacity = subprocess.run([*common, "--find-capacity", "--rate", "4", "--rate-min", "1", "--search-steps", "1",
+                               "--slo", "ttft=60s", "--out", str(tmp_path / "cap")],
+                              capture_output=True, text=True, timeout=300)
+    assert capacity.returncode == 0, capacity.stderr
+    summary = json.loads((tmp_path / "cap" / "capacity.json").read_text())
+    assert summary["capacity_rate"] == 4  # a 60 s TTFT SLO holds at the highest rate tried
+    with Image.open(tmp_path / "cap" / "latency_vs_rate.png") as image:
+        assert image.format == "PNG"
+
+    compared = subprocess.run([*common, "--rate", "2", "--compare", server.url, "--out", str(tmp_path / "cmp")],
+                              capture_output=True, text=True, timeout=300)
+    assert compared.returncode == 0, compared.stderr
+    ratios = json.loads((tmp_path / "cmp" / "compare.json").read_text())["ratios"]
+    assert set(ratios) >= {"request_throughput", "p99_ttft_ms"}
+    assert "second/first" in compared.stdout
+
+    closed = subprocess.run([*common, "--rate", "1", "--concurrency", "2", "--out", str(tmp_path / "closed")],
+                            capture_output=True, text=True, timeout=300)
+    assert closed.returncode == 0, closed.stderr
+    result = json.loads((tmp_path / "closed" / "result.json").read_text())
+    assert result["max_concurrency"] == 2 and result["completed"] >= 2 and result["failed"] == 0

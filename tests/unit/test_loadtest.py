@@ -67,3 +67,38 @@ def test_only_loopback_targets_by_default():
     check_target("http://localhost:8000", False)
     with pytest.raises(ValueError, match="loopback"):
         check_target("http://10.0.0.5:8000", False)
+
+
+def test_capacity_bisection_brackets_the_threshold():
+    from loadtest.capacity import find_capacity
+
+    threshold = 3.3
+    found = find_capacity(lambda rate: rate <= threshold, rate_min=0.5, rate_max=8.0, steps=5)
+    assert found.capacity_rate <= threshold < found.capacity_rate + (8.0 - 0.5) / 2 ** 5
+    assert [rate for rate, _ in found.steps][:2] == [8.0, 0.5] and len(found.steps) == 7
+    assert find_capacity(lambda rate: True, 0.5, 8.0, 5).capacity_rate == 8.0
+    assert find_capacity(lambda rate: False, 0.5, 8.0, 5).capacity_rate is None
+
+
+def test_weights_file_mix(tmp_path):
+    import json
+
+    path = tmp_path / "weights.json"
+    path.write_text(json.dumps({"hot": 9, "cold": 1, "never": 0}))
+    config = WorkloadConfig(models=("hot", "cold", "never"), rate=10, num_requests=2000, seed=1,
+                            adapter_mix=f"weights:{path}")
+    counts = {m: sum(1 for r in build_requests(config) if r.model == m) for m in ("hot", "cold", "never")}
+    assert counts["never"] == 0 and 0.85 < counts["hot"] / 2000 < 0.95
+
+
+def test_plot_is_a_png_with_the_slo_line(tmp_path):
+    from PIL import Image
+
+    from loadtest.plot import plot_latency_vs_rate
+
+    runs = [{"request_rate": r, "median_ttft_ms": 50 * r, "p99_ttft_ms": 90 * r, "p99_e2el_ms": 400 * r}
+            for r in (1, 2, 4)]
+    path = plot_latency_vs_rate(runs, tmp_path / "plot.png", slo_ttft_ms=200)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.size == (700, 450)
