@@ -58,7 +58,11 @@ class RunConfig:
 
 
 def check_target(url: str, allow_remote: bool) -> None:
-    host = urlparse(url).hostname or ""
+    """Loopback only unless allowed; ``http://host:port`` (OpenAI API) or ``grpc://host:port``."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https", "grpc"):
+        raise ValueError(f"{url}: use http://, https:// or grpc://")
+    host = parsed.hostname or ""
     if allow_remote or host == "localhost":
         return
     try:
@@ -90,6 +94,8 @@ async def _send_all(config: RunConfig, progress) -> list[RequestResult]:
     check_target(config.url, config.allow_remote)
     specs = build_requests(config.workload)
     headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    if config.url.startswith("grpc://"):
+        return await _send_all_grpc(config, specs, headers, progress)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits) as client:
         if config.concurrency:
@@ -103,6 +109,27 @@ async def _send_all(config: RunConfig, progress) -> list[RequestResult]:
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(send(client, config.url, spec, spec.send_at, headers)))
+            if progress:
+                progress(len(tasks), sum(t.done() for t in tasks))
+        return list(await asyncio.gather(*tasks))
+
+
+async def _send_all_grpc(config: RunConfig, specs, headers, progress) -> list[RequestResult]:
+    import grpc
+
+    from .grpc_client import send_grpc
+
+    metadata = tuple(headers.items())
+    async with grpc.aio.insecure_channel(urlparse(config.url).netloc) as channel:
+        start = time.perf_counter()
+        tasks = []
+        for spec in specs:
+            if spec.send_at > config.warmup_s + config.duration_s:
+                break
+            delay = start + spec.send_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(send_grpc(channel, spec, spec.send_at, config.timeout_s, metadata)))
             if progress:
                 progress(len(tasks), sum(t.done() for t in tasks))
         return list(await asyncio.gather(*tasks))

@@ -73,7 +73,8 @@ def _length_range(text: str) -> tuple[int, int]:
 
 
 def _add_loadtest_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="an OpenAI-compatible server")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="an OpenAI-compatible server, or grpc://HOST:PORT for loraplex's gRPC API")
     p.add_argument("--rate", type=float, required=True, help="arrival rate, requests/s (open loop)")
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds (after warm-up)")
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of load excluded from results")
@@ -120,6 +121,9 @@ def loadtest(args: argparse.Namespace) -> int:
     check_target(args.url, args.allow_remote)
     if args.models:
         models = tuple(m for m in args.models.split(",") if m)
+    elif args.url.startswith("grpc://"):
+        print("loraplex loadtest: a grpc:// target needs --models", file=sys.stderr)
+        return 2
     elif args.adapter_mix.startswith("weights:"):
         from loadtest.workload import read_weights_file
 

@@ -71,3 +71,14 @@ def test_capacity_search_compare_and_closed_loop(server, base_model_name, tmp_pa
     assert closed.returncode == 0, closed.stderr
     result = json.loads((tmp_path / "closed" / "result.json").read_text())
     assert result["max_concurrency"] == 2 and result["completed"] >= 2 and result["failed"] == 0
+
+
+def test_grpc_target(server, base_model_name, adapter_names):
+    workload = WorkloadConfig(models=(base_model_name, adapter_names[0]), rate=3.0, num_requests=10, seed=3,
+                              prompt_len=(8, 8), output_len=(3, 3))
+    config = RunConfig(url=f"grpc://{server.grpc_target}", workload=workload, duration_s=2.0)
+    results = asyncio.run(run(config))
+    result = report(results, config)
+    assert result["completed"] == len(results) >= 2 and result["failed"] == 0
+    assert result["total_output_tokens"] == 3 * len(results)
+    assert result["p99_ttft_ms"] <= result["p99_e2el_ms"]

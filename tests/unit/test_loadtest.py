@@ -65,6 +65,9 @@ def test_slo_parsing_and_verdict():
 def test_only_loopback_targets_by_default():
     check_target("http://127.0.0.1:8000", False)
     check_target("http://localhost:8000", False)
+    check_target("grpc://127.0.0.1:50051", False)
+    with pytest.raises(ValueError, match="grpc://"):
+        check_target("ftp://127.0.0.1:21", False)
     with pytest.raises(ValueError, match="loopback"):
         check_target("http://10.0.0.5:8000", False)
 
