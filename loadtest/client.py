@@ -24,6 +24,14 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
 
+    def output_arrived(self, now: float, start: float, last: float) -> float:
+        """Record a chunk that carried tokens at ``now``; returns the new "last output" time."""
+        if self.ttft_s is None:
+            self.ttft_s = now - start
+        else:
+            self.itl_s.append(now - last)
+        return now
+
     @property
     def tpot_s(self) -> float | None:
         if self.ttft_s is None or self.e2e_s is None or self.output_tokens < 2:
@@ -58,13 +66,8 @@ async def send(client: httpx.AsyncClient, url: str, spec: RequestSpec, sent_at: 
                 if "error" in event:
                     result.error = "stream_error"
                     return result
-                now = time.perf_counter()
                 if event.get("choices") and event["choices"][0].get("text"):
-                    if result.ttft_s is None:
-                        result.ttft_s = now - start
-                    else:
-                        result.itl_s.append(now - last)
-                    last = now
+                    last = result.output_arrived(time.perf_counter(), start, last)
                 if event.get("usage"):
                     result.prompt_tokens = event["usage"]["prompt_tokens"]
                     result.output_tokens = event["usage"]["completion_tokens"]

@@ -22,13 +22,8 @@ async def send_grpc(channel: grpc.aio.Channel, spec: RequestSpec, sent_at: float
     try:
         async for message in pb_grpc.GenerationStub(channel).GenerateStream(request, timeout=timeout_s,
                                                                            metadata=metadata):
-            now = time.perf_counter()
             if message.token_ids:
-                if result.ttft_s is None:
-                    result.ttft_s = now - start
-                else:
-                    result.itl_s.append(now - last)
-                last = now
+                last = result.output_arrived(time.perf_counter(), start, last)
             if message.HasField("usage"):
                 result.prompt_tokens = message.usage.prompt_tokens
                 result.output_tokens = message.usage.completion_tokens

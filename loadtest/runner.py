@@ -91,51 +91,42 @@ async def run_with_churn(config: RunConfig, progress=None) -> tuple[list[Request
 
 
 async def _send_all(config: RunConfig, progress) -> list[RequestResult]:
+    """Open or closed loop over HTTP (OpenAI API) or gRPC, by the target's scheme."""
     check_target(config.url, config.allow_remote)
     specs = build_requests(config.workload)
     headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    loop = _closed_loop if config.concurrency else _open_loop
     if config.url.startswith("grpc://"):
-        return await _send_all_grpc(config, specs, headers, progress)
+        import grpc
+
+        from .grpc_client import send_grpc
+
+        async with grpc.aio.insecure_channel(urlparse(config.url).netloc) as channel:
+            return await loop(config, specs, progress, lambda spec, sent_at: send_grpc(
+                channel, spec, sent_at, config.timeout_s, tuple(headers.items())))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=config.timeout_s, limits=limits) as client:
-        if config.concurrency:
-            return await _closed_loop(client, config, specs, headers, progress)
-        start = time.perf_counter()
-        tasks = []
-        for spec in specs:
-            if spec.send_at > config.warmup_s + config.duration_s:
-                break
-            delay = start + spec.send_at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(send(client, config.url, spec, spec.send_at, headers)))
-            if progress:
-                progress(len(tasks), sum(t.done() for t in tasks))
-        return list(await asyncio.gather(*tasks))
+        return await loop(config, specs, progress,
+                          lambda spec, sent_at: send(client, config.url, spec, sent_at, headers))
 
 
-async def _send_all_grpc(config: RunConfig, specs, headers, progress) -> list[RequestResult]:
-    import grpc
-
-    from .grpc_client import send_grpc
-
-    metadata = tuple(headers.items())
-    async with grpc.aio.insecure_channel(urlparse(config.url).netloc) as channel:
-        start = time.perf_counter()
-        tasks = []
-        for spec in specs:
-            if spec.send_at > config.warmup_s + config.duration_s:
-                break
-            delay = start + spec.send_at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(send_grpc(channel, spec, spec.send_at, config.timeout_s, metadata)))
-            if progress:
-                progress(len(tasks), sum(t.done() for t in tasks))
-        return list(await asyncio.gather(*tasks))
+async def _open_loop(config: RunConfig, specs, progress, send_one) -> list[RequestResult]:
+    """Each request at its arrival time, whatever is still in flight."""
+    start = time.perf_counter()
+    tasks = []
+    for spec in specs:
+        if spec.send_at > config.warmup_s + config.duration_s:
+            break
+        delay = start + spec.send_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(send_one(spec, spec.send_at)))
+        if progress:
+            progress(len(tasks), sum(t.done() for t in tasks))
+    return list(await asyncio.gather(*tasks))
 
 
-async def _closed_loop(client, config: RunConfig, specs, headers, progress) -> list[RequestResult]:
+async def _closed_loop(config: RunConfig, specs, progress, send_one) -> list[RequestResult]:
     """``concurrency`` workers, each sending its next request as soon as the last one finished."""
     start = time.perf_counter()
     end = start + config.warmup_s + config.duration_s
@@ -147,7 +138,7 @@ async def _closed_loop(client, config: RunConfig, specs, headers, progress) -> l
             spec = next(queue, None)
             if spec is None:
                 return
-            results.append(await send(client, config.url, spec, time.perf_counter() - start, headers))
+            results.append(await send_one(spec, time.perf_counter() - start))
             if progress:
                 progress(len(results), len(results))
 
