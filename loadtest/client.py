@@ -39,6 +39,11 @@ class RequestResult:
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
 
+def _chunk_text(choice: dict) -> str:
+    """Completions stream ``text``; chat streams ``delta.content``."""
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
 def _error_kind(status: int) -> str:
     return f"http_{status}" if status < 500 else "http_5xx"
 
@@ -46,12 +51,18 @@ def _error_kind(status: int) -> str:
 async def send(client: httpx.AsyncClient, url: str, spec: RequestSpec, sent_at: float,
                headers: dict[str, str]) -> RequestResult:
     result = RequestResult(spec.index, spec.model, sent_at)
-    body = {"model": spec.model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": 0.0,
+    body = {"model": spec.model, "max_tokens": spec.max_tokens, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}}
+    if spec.api == "chat":
+        body["messages"] = [{"role": "user", "content": spec.prompt}]
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = spec.prompt
+        path = "/v1/completions"
     start = time.perf_counter()
     last = start
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
+        async with client.stream("POST", f"{url}{path}", json=body, headers=headers) as response:
             if response.status_code != 200:
                 await response.aread()
                 result.error = _error_kind(response.status_code)
@@ -66,7 +77,7 @@ async def send(client: httpx.AsyncClient, url: str, spec: RequestSpec, sent_at: 
                 if "error" in event:
                     result.error = "stream_error"
                     return result
-                if event.get("choices") and event["choices"][0].get("text"):
+                if event.get("choices") and _chunk_text(event["choices"][0]):
                     last = result.output_arrived(time.perf_counter(), start, last)
                 if event.get("usage"):
                     result.prompt_tokens = event["usage"]["prompt_tokens"]

@@ -21,6 +21,7 @@ class RequestSpec:
     model: str
     prompt: str
     max_tokens: int
+    api: str = "completions"
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class WorkloadConfig:
     prompt_len: tuple[int, int] = (128, 128)  # words, min..max (uniform)
     output_len: tuple[int, int] = (16, 16)
     prompts_file: Path | None = None   # JSONL with {"prompt": ...} per line
+    api: str = "completions"           # completions | chat (the prompt becomes one user message)
 
 
 def read_weights_file(path: Path) -> dict[str, float]:
@@ -76,5 +78,5 @@ def build_requests(config: WorkloadConfig) -> list[RequestSpec]:
         else:
             length = rng.randint(*config.prompt_len)
             prompt = " ".join(rng.choice(WORDS) for _ in range(length))
-        specs.append(RequestSpec(i, float(send_at), model, prompt, rng.randint(*config.output_len)))
+        specs.append(RequestSpec(i, float(send_at), model, prompt, rng.randint(*config.output_len), config.api))
     return specs

@@ -81,6 +81,8 @@ def _add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; gamma shape otherwise")
     p.add_argument("--models", default=None, help="comma-separated models/adapters (default: all the server lists)")
     p.add_argument("--adapter-mix", default="uniform", help="uniform | zipf:ALPHA | weights:FILE.json")
+    p.add_argument("--api", choices=("completions", "chat"), default="completions",
+                   help="chat: each prompt is sent as one user message to /v1/chat/completions")
     p.add_argument("--concurrency", type=int, default=None,
                    help="closed loop: keep this many requests in flight (instead of --rate arrivals)")
     p.add_argument("--find-capacity", action="store_true",
@@ -134,7 +136,7 @@ def loadtest(args: argparse.Namespace) -> int:
     workload = WorkloadConfig(
         models=models, rate=args.rate, num_requests=num_requests_for(args.rate, args.duration, args.warmup),
         seed=args.seed, burstiness=args.burstiness, adapter_mix=args.adapter_mix, prompt_len=args.prompt_len,
-        output_len=args.output_len, prompts_file=args.prompts_file)
+        output_len=args.output_len, prompts_file=args.prompts_file, api=args.api)
     churn = None
     if args.churn_adapters:
         if not args.admin_token:

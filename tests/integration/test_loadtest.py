@@ -82,3 +82,14 @@ def test_grpc_target(server, base_model_name, adapter_names):
     assert result["completed"] == len(results) >= 2 and result["failed"] == 0
     assert result["total_output_tokens"] == 3 * len(results)
     assert result["p99_ttft_ms"] <= result["p99_e2el_ms"]
+
+
+def test_chat_api_mode(server, base_model_name):
+    workload = WorkloadConfig(models=(base_model_name,), rate=3.0, num_requests=8, seed=4, prompt_len=(4, 6),
+                              output_len=(3, 3), api="chat")
+    config = RunConfig(url=server.url, workload=workload, duration_s=2.0)
+    results = asyncio.run(run(config))
+    result = report(results, config)
+    assert result["completed"] == len(results) >= 2 and result["failed"] == 0
+    assert all(r.ttft_s is not None for r in results)
+    assert result["total_output_tokens"] == 3 * len(results)
