@@ -175,3 +175,20 @@ def test_request_id_is_echoed(server, base_model_name):
     assert response.status_code == 200
     assert response.headers["x-request-id"] == "abc-123"
     assert response.json()["id"] == "abc-123"
+
+
+def test_client_going_away_aborts_the_engine_request(server, base_model_name):
+    from .conftest import wait_until_engine_idle
+
+    body = {"model": base_model_name, "prompt": PROMPT, "max_tokens": 900}
+    # Non-streamed: the client gives up waiting for the whole answer.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/completions", timeout=1.0, json=body)
+    # 900 tokens take over a minute here; an aborted request leaves the engine within seconds.
+    assert wait_until_engine_idle(server, timeout=15) == 0
+    # Streamed: the client closes the connection after the first event.
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break
+    assert wait_until_engine_idle(server, timeout=15) == 0
