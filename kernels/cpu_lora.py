@@ -201,24 +201,36 @@ class Workspace:
         return buffer[:numel].view(rows, cols).zero_()
 
 
+class PerTensorCache:
+    """``fn(tensor)`` computed once per tensor and reused until the tensor is written in place
+    (its version counter changes), as vLLM does when it loads new weights into a slot buffer.
+    Holding the tensor keeps its ``id`` from being reused by another one."""
+
+    def __init__(self, fn) -> None:
+        self._fn = fn
+        self._cache: dict[int, tuple[int, torch.Tensor, object]] = {}
+
+    def __call__(self, tensor: torch.Tensor):
+        hit = self._cache.get(id(tensor))
+        if hit is not None and hit[0] == tensor._version and hit[1] is tensor:
+            return hit[2]
+        value = self._fn(tensor)
+        self._cache[id(tensor)] = (tensor._version, tensor, value)
+        return value
+
+
 class ComputeWeights:
-    """Float32 copies of low-precision adapter weights, made once and reused until vLLM writes
-    new weights into the slot buffers (detected by the tensor's in-place version counter)."""
+    """Float32 copies of low-precision adapter weights (for CPUs without native bf16 matmuls),
+    made once per slot buffer and refreshed when vLLM writes new weights into it."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self._cache: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._copies = PerTensorCache(lambda weights: weights.float())
 
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
         if not self.enabled or weights.dtype == torch.float32:
             return weights
-        key = id(weights)
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == weights._version and hit[1] is weights:
-            return hit[2]
-        converted = weights.float()
-        self._cache[key] = (weights._version, weights, converted)
-        return converted
+        return self._copies(weights)
 
 
 def native_bf16_matmul() -> bool:

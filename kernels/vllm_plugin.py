@@ -64,7 +64,9 @@ def _wrapper_classes():
             self._plan = cpu_lora.build_plan(torch.empty(0, dtype=torch.long))
             self._compute = cpu_lora.ComputeWeights(enabled=not cpu_lora.native_bf16_matmul())
             self._workspace = cpu_lora.Workspace()
-            self._nonzero_slots: dict[int, tuple[tuple[int, int], list[int]]] = {}
+            # Slots whose lm_head B is not all zero, per stacked B buffer.
+            self._slots_with_weights = cpu_lora.PerTensorCache(
+                lambda b: torch.nonzero(b.reshape(b.shape[0], -1).abs().amax(dim=1) > 0).flatten().tolist())
 
         def update_metadata(self, *args, **kwargs) -> None:
             super().update_metadata(*args, **kwargs)
@@ -108,15 +110,6 @@ def _wrapper_classes():
                                      [self._compute(lora_a_stacked)], [self._compute(lora_b_stacked)[..., :width, :]],
                                      scale, [width], workspace=self._workspace)
             return y
-
-        def _slots_with_weights(self, lora_b_stacked) -> list[int]:
-            key = (id(lora_b_stacked), lora_b_stacked._version)
-            cached = self._nonzero_slots.get(id(lora_b_stacked))
-            if cached is None or cached[0] != key:
-                flat = lora_b_stacked.reshape(lora_b_stacked.shape[0], -1)
-                cached = (key, torch.nonzero(flat.abs().amax(dim=1) > 0).flatten().tolist())
-                self._nonzero_slots[id(lora_b_stacked)] = cached
-            return cached[1]
 
     return {"LoraplexPunicaWrapperCPU": LoraplexPunicaWrapperCPU}
 
