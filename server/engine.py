@@ -66,7 +66,6 @@ class EngineStepStats:
     kv_cache_usage: float  # 0..1
     running_adapters: list[str]
     waiting_adapters: list[str]
-    finished: list[FinishedTiming]
 
 
 def _stats_relay_factory(on_stats):
@@ -88,7 +87,7 @@ def _stats_relay_factory(on_stats):
                 num_running=scheduler_stats.num_running_reqs, num_waiting=scheduler_stats.num_waiting_reqs,
                 kv_cache_usage=scheduler_stats.kv_cache_usage,
                 running_adapters=sorted(scheduler_stats.running_lora_adapters),
-                waiting_adapters=sorted(scheduler_stats.waiting_lora_adapters), finished=finished), finished)
+                waiting_adapters=sorted(scheduler_stats.waiting_lora_adapters)), finished)
 
         def log_engine_initialized(self) -> None:
             pass

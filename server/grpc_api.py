@@ -19,15 +19,14 @@ from .config import ServerConfig
 from .grpc_gen import loraplex_pb2 as pb
 from .grpc_gen import loraplex_pb2_grpc as pb_grpc
 from .service import (
-    Forbidden,
     GenerationRequest,
     GenerationService,
     InvalidRequest,
     RequestError,
-    Unauthorized,
-    check_bearer,
     collect_choices,
     new_request_id,
+    require_admin,
+    require_api_key,
     usage_counts,
 )
 
@@ -43,6 +42,10 @@ STATUS_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
 }
 SERVICE_NAMES = ("loraplex.v1.Generation", "loraplex.v1.Adapters")
+
+
+def _authorization(context) -> str | None:
+    return dict(context.invocation_metadata() or ()).get("authorization")
 
 
 def status_code(http_status: int) -> grpc.StatusCode:
@@ -63,11 +66,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.config = config
 
     def _check_api_key(self, context) -> None:
-        if self.config.api_key is None:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        if not check_bearer(metadata.get("authorization"), self.config.api_key):
-            raise Unauthorized("a valid API key is required (authorization: Bearer <key>)")
+        require_api_key(_authorization(context), self.config.api_key)
 
     def _prompt_ids(self, request) -> list[int]:
         which = request.WhichOneof("prompt")
@@ -153,11 +152,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
         self.base_model = base_model
 
     def _check_admin(self, context) -> None:
-        if self.config.admin_token is None:
-            raise Forbidden("admin RPCs are disabled: start the server with --admin-token")
-        metadata = dict(context.invocation_metadata() or ())
-        if not check_bearer(metadata.get("authorization"), self.config.admin_token):
-            raise Unauthorized("a valid admin token is required (authorization: Bearer <token>)")
+        require_admin(_authorization(context), self.config.admin_token)
 
     @staticmethod
     def _info(entry) -> pb.AdapterInfo:

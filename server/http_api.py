@@ -18,15 +18,14 @@ from .config import ServerConfig
 from .engine import GenerationChunk
 from .openai_protocol import ChatCompletionRequest, CompletionRequest
 from .service import (
-    Forbidden,
     GenerationRequest,
     GenerationService,
     InvalidRequest,
     RequestError,
-    Unauthorized,
-    check_bearer,
     collect_choices,
     new_request_id,
+    require_admin,
+    require_api_key,
     usage_counts,
 )
 
@@ -118,18 +117,14 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
     async def _http_error(_: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
-    async def require_api_key(request: Request) -> None:
-        if config.api_key is not None and not check_bearer(request.headers.get("authorization"), config.api_key):
-            raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
+    async def inference_auth(request: Request) -> None:
+        require_api_key(request.headers.get("authorization"), config.api_key)
 
-    async def require_admin(request: Request) -> None:
-        if config.admin_token is None:
-            raise Forbidden("admin routes are disabled: start the server with --admin-token")
-        if not check_bearer(request.headers.get("authorization"), config.admin_token):
-            raise Unauthorized("a valid admin token is required (Authorization: Bearer <token>)")
+    async def admin_auth(request: Request) -> None:
+        require_admin(request.headers.get("authorization"), config.admin_token)
 
-    inference = [Depends(require_api_key)]
-    admin = [Depends(require_admin)]
+    inference = [Depends(inference_auth)]
+    admin = [Depends(admin_auth)]
 
     @app.get("/health")
     async def health():

@@ -248,11 +248,25 @@ def usage_counts(generations: list[GenerationRequest], num_generated: int) -> di
             "total_tokens": num_prompt + num_generated}
 
 
-def check_bearer(authorization: str | None, secret: str) -> bool:
+def _bearer_matches(authorization: str | None, secret: str) -> bool:
     """Constant-time check of an ``Authorization: Bearer <secret>`` value."""
     import hmac
 
     return hmac.compare_digest((authorization or "").encode(), f"Bearer {secret}".encode())
+
+
+def require_api_key(authorization: str | None, api_key: str | None) -> None:
+    """Inference calls (HTTP and gRPC): open unless the server was started with ``--api-key``."""
+    if api_key is not None and not _bearer_matches(authorization, api_key):
+        raise Unauthorized("a valid API key is required (authorization: Bearer <key>)")
+
+
+def require_admin(authorization: str | None, admin_token: str | None) -> None:
+    """Adapter admin calls (HTTP and gRPC): disabled without ``--admin-token``."""
+    if admin_token is None:
+        raise Forbidden("admin calls are disabled: start the server with --admin-token")
+    if not _bearer_matches(authorization, admin_token):
+        raise Unauthorized("a valid admin token is required (authorization: Bearer <token>)")
 
 
 async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

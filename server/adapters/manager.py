@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .registry import AdapterError, AdapterRegistry, AdapterState, AdapterVersion
-from .validation import BaseModelShapes, inspect_adapter, is_adapter_dir
+from .validation import BaseModelShapes, adapter_subdirs, inspect_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +146,7 @@ class AdapterManager:
         ``max_cpu_loras`` are resident; the rest load on their first request (the engine's LRU).
         Returns the names that failed (their errors are kept in the registry and logged)."""
         failed = []
-        root = adapter_dir.resolve()
-        candidates = sorted((p for p in adapter_dir.iterdir()
-                             if is_adapter_dir(p) and p.resolve().is_relative_to(root) and not p.name.startswith(".")),
-                            key=lambda p: (p.name not in preload, p.name))
+        candidates = sorted(adapter_subdirs(adapter_dir), key=lambda p: (p.name not in preload, p.name))
         for i, path in enumerate(candidates):
             try:
                 await self.load(path.name, path, warm=i < self.max_cpu_loras)

@@ -72,6 +72,14 @@ def is_adapter_dir(path: Path) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
 
 
+def adapter_subdirs(adapter_dir: Path) -> list[Path]:
+    """The adapters ``--adapter-dir`` serves: subdirectories holding an adapter, not hidden (a
+    hidden name is a staging area), and not symlinks that leave the directory. Sorted by name."""
+    root = adapter_dir.resolve()
+    return sorted(p for p in adapter_dir.iterdir()
+                  if is_adapter_dir(p) and p.resolve().is_relative_to(root) and not p.name.startswith("."))
+
+
 def read_safetensors_header(path: Path) -> dict:
     size = path.stat().st_size
     with path.open("rb") as f:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .registry import AdapterError
-from .validation import is_adapter_dir
+from .validation import adapter_subdirs
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,7 @@ def fingerprint(path: Path) -> Fingerprint:
 
 
 def scan(adapter_dir: Path) -> dict[str, Fingerprint]:
-    root = adapter_dir.resolve()
-    found = {}
-    for path in adapter_dir.iterdir():
-        if is_adapter_dir(path) and path.resolve().is_relative_to(root) and not path.name.startswith("."):
-            found[path.name] = fingerprint(path)
-    return found
+    return {path.name: fingerprint(path) for path in adapter_subdirs(adapter_dir)}
 
 
 @dataclass
