@@ -12,6 +12,7 @@ from pathlib import Path
 from .adapters.manager import AdapterManager
 from .adapters.registry import AdapterError, AdapterRegistry
 from .adapters.validation import BaseModelShapes
+from .admission import AdmissionController
 from .config import AdapterConfig, EngineConfig, ServerConfig
 from .engine import Engine
 from .http_api import build_app
@@ -46,14 +47,25 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
         except AdapterError as exc:
             raise SystemExit(f"loraplex: --pin {name}: {exc}") from exc
     metrics.track_engine(engine.num_unfinished_requests)
+    capture = None
+    if server_config.capture_dir is not None:
+        from .capture import CaptureWriter
+
+        capture = CaptureWriter(server_config.capture_dir)
+        logger.warning("capturing prompts and completions to %s (sensitive data)", server_config.capture_dir)
+    limits = server_config.admission
+    admission = AdmissionController(limits.max_concurrent, limits.max_queued, dict(limits.adapter_weights),
+                                    limits.max_queue_wait_s)
+    metrics.track_admission(lambda: admission.running, lambda: admission.stats().queued)
     service = GenerationService(engine, registry, server_config.limits, metrics, base_model_name,
-                                engine_config.max_model_len)
+                                engine_config.max_model_len, admission, capture)
     return Server(engine, registry, adapters, service)
 
 
-def _http_server(config):
+def _http_server(config, on_signal):
     """uvicorn's server, minus its habit of re-raising SIGTERM/SIGINT once it has stopped (which
-    kills the process before the engine and its child processes are shut down)."""
+    kills the process before the engine and its child processes are shut down); SIGTERM/SIGINT
+    go to ``on_signal(server, sig)`` (which drains first)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -62,7 +74,7 @@ def _http_server(config):
             loop = asyncio.get_running_loop()
             signals = (signal.SIGINT, signal.SIGTERM)
             for sig in signals:
-                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+                loop.add_signal_handler(sig, on_signal, self, sig)
             try:
                 yield
             finally:
@@ -83,6 +95,50 @@ async def _adapter_housekeeping(adapters: AdapterManager, interval_s: float) -> 
             logger.exception("adapter housekeeping failed")
 
 
+class Drain:
+    """SIGTERM/SIGINT: refuse new requests (503, health NOT_SERVING), let the admitted ones finish
+    for at most ``timeout_s``, then stop the front doors. A second signal stops at once."""
+
+    def __init__(self, service: GenerationService, timeout_s: float, on_start) -> None:
+        self.service = service
+        self.timeout_s = timeout_s
+        self.on_start = on_start  # async callable: mark the gRPC health NOT_SERVING
+        self.task: asyncio.Task | None = None
+
+    def __call__(self, http, sig: int) -> None:
+        if self.task is not None:
+            logger.warning("second signal: stopping now")
+            http.handle_exit(sig, None)
+            return
+        self.task = asyncio.ensure_future(self._drain(http, sig))
+
+    async def _drain(self, http, sig: int) -> None:
+        admission = self.service.admission
+        admission.start_draining()
+        stats = admission.stats()
+        logger.info("draining: %d running, %d queued; waiting up to %.0f s", stats.running, stats.queued,
+                    self.timeout_s)
+        try:
+            await self.on_start()
+        except Exception:  # noqa: BLE001 - health is best effort; draining goes on
+            logger.exception("could not mark gRPC health NOT_SERVING")
+        if await admission.wait_idle(self.timeout_s):
+            logger.info("drained")
+        else:
+            stats = admission.stats()
+            logger.warning("drain timeout: %d running, %d queued requests are cut off", stats.running, stats.queued)
+        http.handle_exit(sig, None)
+
+
+async def _watch_engine(service: GenerationService, on_failure, interval_s: float = 1.0) -> None:
+    """When the engine dies, say so once (log, gRPC health NOT_SERVING); /health turns 503 by itself
+    and in-flight requests fail with 503 through the engine's own error."""
+    while service.engine.healthy:
+        await asyncio.sleep(interval_s)
+    logger.error("the engine has failed: health is NOT_SERVING; restart the server")
+    await on_failure()
+
+
 async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server_config: ServerConfig,
               base_model_name: str) -> None:
     import uvicorn
@@ -90,9 +146,6 @@ async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server
     server = await build_server(engine_config, adapter_config, server_config, base_model_name)
     ready = asyncio.Event()
     app = build_app(server.service, server.adapters, server_config, is_ready=ready.is_set)
-    http = _http_server(uvicorn.Config(
-        app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-        lifespan="off", timeout_graceful_shutdown=30))
     grpc_server = health = None
     if server_config.grpc_port is not None:
         from .grpc_api import build_grpc_server, set_serving
@@ -102,7 +155,17 @@ async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server
         await grpc_server.start()
         await set_serving(health, True)
         logger.info("gRPC on %s:%d", server_config.host, server_config.grpc_port)
-    background = [asyncio.ensure_future(_adapter_housekeeping(server.adapters, interval_s=1.0))]
+
+    async def not_serving() -> None:
+        if health is not None:
+            await set_serving(health, False)
+
+    http = _http_server(uvicorn.Config(
+        app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
+        lifespan="off", timeout_graceful_shutdown=5), Drain(server.service, server_config.drain_timeout_s,
+                                                             not_serving))
+    background = [asyncio.ensure_future(_adapter_housekeeping(server.adapters, interval_s=1.0)),
+                  asyncio.ensure_future(_watch_engine(server.service, not_serving))]
     if adapter_config.adapter_dir is not None and adapter_config.watch_interval_s > 0:
         from .adapters.watcher import AdapterDirWatcher
 

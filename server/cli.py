@@ -1,6 +1,7 @@
 """``loraplex`` command line: the only place that reads argv and the environment.
 
-Subcommands: ``serve`` (the server), ``loadtest`` (open-loop load against a server).
+Subcommands: ``serve`` (the server), ``train`` (fine-tune an adapter), ``loadtest`` (open-loop
+load against a server).
 Each builds its config dataclasses from flags.
 """
 
@@ -13,7 +14,27 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .config import LORA_KERNEL_CHOICES, AdapterConfig, EngineConfig, LimitsConfig, ModelConfig, ServerConfig
+from .config import (
+    LORA_KERNEL_CHOICES,
+    AdapterConfig,
+    AdmissionConfig,
+    EngineConfig,
+    LimitsConfig,
+    ModelConfig,
+    ServerConfig,
+    TrainConfig,
+)
+
+
+def _adapter_weight(text: str) -> tuple[str, float]:
+    name, sep, weight = text.rpartition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = 0.0
+    if not sep or not name or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT with a positive weight, got {text!r}")
+    return name, value
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +62,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--lora-kernels", choices=LORA_KERNEL_CHOICES, default=defaults_engine.lora_kernels,
                         help="batched-LoRA ops: loraplex's own or vLLM's stock ones")
     engine.add_argument("--seed", type=int, default=defaults_engine.seed)
+    engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-enforce-eager: let vLLM capture CUDA graphs (GPU)")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model shard group")
+    engine.add_argument("--pipeline-parallel-size", type=int, default=1, help="vLLM: pipeline stages")
+    engine.add_argument("--data-parallel-size", type=int, default=1, help="vLLM: engine replicas in this server")
     adapters = p.add_argument_group("adapters")
     adapters.add_argument("--adapter-dir", type=Path, default=None,
                           help="every subdirectory holding a PEFT LoRA adapter is served under its name")
@@ -57,11 +83,31 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on inference calls")
     server.add_argument("--admin-token", default=None,
                         help="enables adapter admin routes/RPCs, which need 'Authorization: Bearer TOKEN'")
+    server.add_argument("--api-key-file", type=Path, default=None, help="read --api-key from this file")
+    server.add_argument("--admin-token-file", type=Path, default=None,
+                        help="read --admin-token from this file (a mounted secret; keeps it out of `ps`)")
     server.add_argument("--max-n", type=int, default=defaults_limits.max_n)
     server.add_argument("--max-tokens-limit", type=int, default=defaults_limits.max_tokens,
                         help="largest max_tokens a request may ask for")
     server.add_argument("--metrics-max-adapters", type=int, default=ServerConfig.metrics_max_adapters,
                         help="adapters with their own metric label; the rest are folded into 'other'")
+    server.add_argument("--capture-dir", type=Path, default=None,
+                        help="opt-in: append each served prompt/completion per model to DIR/<model>.jsonl in "
+                             "the training format (holds users' data verbatim: treat as sensitive)")
+    server.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="longest prompt accepted, in tokens (default: the model's context)")
+    server.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout_s,
+                        help="on SIGTERM: seconds admitted requests may take to finish before exit")
+    admission = p.add_argument_group("admission control")
+    defaults_admission = AdmissionConfig()
+    admission.add_argument("--max-concurrent", type=int, default=defaults_admission.max_concurrent,
+                           help="requests admitted into the engine at once")
+    admission.add_argument("--max-queued", type=int, default=defaults_admission.max_queued,
+                           help="requests waiting for admission; beyond this 429 at once")
+    admission.add_argument("--max-queue-wait", type=float, default=None,
+                           help="seconds: 429 at once when the estimated queueing delay exceeds this")
+    admission.add_argument("--adapter-weight", action="append", default=[], metavar="NAME=WEIGHT",
+                           type=_adapter_weight, help="fair-share weight of an adapter (default 1; repeatable)")
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     server.add_argument("--log-format", default="text", choices=("text", "json"), help="json: one object a line")
 
@@ -105,10 +151,52 @@ def _add_loadtest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token", default=None, help="the server's admin token (needed for churn)")
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument("--data", type=Path, help="training JSONL: {prompt, completion} or {messages: [...]} per line")
+    data.add_argument("--eval", type=Path, help="held-out JSONL in the same format")
+    data.add_argument("--demo", action="store_true",
+                      help="generate the demo task (loan statements -> payoff amount and due date as JSON), "
+                           "train on it and evaluate base vs adapter")
+    data.add_argument("--demo-train", type=int, default=320, help="demo training examples")
+    data.add_argument("--demo-eval", type=int, default=200, help="demo held-out examples")
+    data.add_argument("--replay", type=Path, help="general JSONL mixed in against forgetting")
+    data.add_argument("--replay-ratio", type=float, default=None, help="share of replay examples, e.g. 0.1")
+    p.add_argument("--out", type=Path, required=True, help="adapter directory to write (PEFT, safetensors)")
+    p.add_argument("--model", type=Path, default=None, help="base model directory (default: embedded SmolLM2)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    hyper = p.add_argument_group("hyper-parameters (a preset fills them; flags override)")
+    hyper.add_argument("--preset", default=None, help="preset name (default, demo) or JSON file; "
+                       "default: 'demo' with --demo, else 'default'")
+    hyper.add_argument("--rank", type=int)
+    hyper.add_argument("--alpha", type=float)
+    hyper.add_argument("--dropout", type=float)
+    hyper.add_argument("--target-modules", nargs="+")
+    hyper.add_argument("--lr", dest="learning_rate", type=float)
+    hyper.add_argument("--epochs", type=float)
+    hyper.add_argument("--batch-size", type=int)
+    hyper.add_argument("--max-length", type=int)
+    hyper.add_argument("--max-steps", type=int)
+    hyper.add_argument("--seed", type=int)
+    hyper.add_argument("--device", help="auto (cuda if present), cpu, cuda")
+    evaluation = p.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-generate", type=int, help="eval examples to generate and score (default 200)")
+    evaluation.add_argument("--eval-max-new-tokens", type=int)
+    evaluation.add_argument("--no-compare-base", dest="compare_base", action="store_false", default=None,
+                            help="skip evaluating the base model")
+    serve = p.add_argument_group("hot-load when done")
+    serve.add_argument("--serve-url", help="a running loraplex server, e.g. http://127.0.0.1:8000")
+    serve.add_argument("--admin-token", help="that server's admin token")
+    serve.add_argument("--adapter-name", help="name to load it under (default: the --out directory's name)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-level", default="info")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve_args(sub.add_parser("serve", help="serve the base model and its LoRA adapters"))
+    _add_train_args(sub.add_parser("train", help="fine-tune a LoRA adapter (peft) and compare it with the base"))
     _add_loadtest_args(sub.add_parser("loadtest", help="open-loop load test of an OpenAI-compatible server"))
     return parser
 
@@ -186,6 +274,61 @@ def _find_capacity(args: argparse.Namespace, config) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    from . import default_model
+    from .training import presets, trainer
+    from .training.data import DataError
+    from .training.demo import write_demo_data
+
+    if args.demo == (args.data is not None):
+        print("loraplex train: give exactly one of --data FILE or --demo", file=sys.stderr)
+        return 2
+    try:
+        values = presets.load_preset(args.preset or ("demo" if args.demo else "default"))
+    except ValueError as exc:
+        print(f"loraplex train: {exc}", file=sys.stderr)
+        return 2
+    overrides = {name: getattr(args, name) for name in (
+        "rank", "alpha", "dropout", "learning_rate", "epochs", "batch_size", "max_length", "max_steps", "seed",
+        "device", "replay_ratio", "eval_generate", "eval_max_new_tokens", "compare_base", "serve_url",
+        "admin_token", "adapter_name") if getattr(args, name) is not None}
+    if args.target_modules:
+        overrides["target_modules"] = tuple(args.target_modules)
+    train_path, eval_path = args.data, args.eval
+    if args.demo:
+        data_dir = args.out.with_name(args.out.name + "-data")
+        train_path, eval_path = write_demo_data(data_dir, args.demo_train, args.demo_eval)
+        print(f"demo data: {train_path} ({args.demo_train}), {eval_path} ({args.demo_eval})")
+    cache_dir = args.cache_dir or default_model.default_cache_dir()
+    try:
+        config = TrainConfig(train_path=train_path, eval_path=eval_path, out_dir=args.out, model_dir=args.model,
+                             cache_dir=cache_dir, replay_path=args.replay, **{**values, **overrides})
+    except (TypeError, ValueError) as exc:
+        print(f"loraplex train: {exc}", file=sys.stderr)
+        return 2
+    for path in (config.train_path, config.eval_path, config.replay_path):
+        if path is not None and not path.is_file():
+            print(f"loraplex train: {path} does not exist", file=sys.stderr)
+            return 2
+    model_dir = config.model_dir or default_model.ensure_default_model(cache_dir)
+    try:
+        report = trainer.train(config, model_dir, progress=not args.quiet)
+    except DataError as exc:
+        print(f"loraplex train: {exc}", file=sys.stderr)
+        return 2
+    print(trainer.summary_table(report))
+    print(f"adapter: {config.out_dir}  (report: {config.out_dir / trainer.REPORT_NAME})")
+    if config.serve_url:
+        name = config.adapter_name or config.out_dir.resolve().name
+        try:
+            trainer.hot_load(config.serve_url, name, config.out_dir, config.admin_token)
+        except Exception as exc:  # noqa: BLE001 - report any transport or server error and fail
+            print(f"loraplex train: {exc}", file=sys.stderr)
+            return 1
+        print(f"hot-loaded as {name!r} into {config.serve_url}")
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     from . import default_model
     from .app import run
@@ -209,12 +352,25 @@ def serve(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_kernels=args.lora_kernels,
-        seed=args.seed)
+        seed=args.seed, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size)
+    for flag in ("api_key", "admin_token"):
+        path = getattr(args, f"{flag}_file")
+        if path is not None:
+            try:
+                setattr(args, flag, path.read_text().strip() or None)
+            except OSError as exc:
+                print(f"loraplex: --{flag.replace('_', '-')}-file: {exc}", file=sys.stderr)
+                return 2
     server_config = ServerConfig(
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         api_key=args.api_key, admin_token=args.admin_token, log_level=args.log_level,
-        metrics_max_adapters=args.metrics_max_adapters,
-        limits=LimitsConfig(max_n=args.max_n, max_tokens=args.max_tokens_limit))
+        metrics_max_adapters=args.metrics_max_adapters, capture_dir=args.capture_dir,
+        drain_timeout_s=args.drain_timeout,
+        limits=LimitsConfig(max_n=args.max_n, max_tokens=args.max_tokens_limit,
+                            max_prompt_tokens=args.max_prompt_tokens),
+        admission=AdmissionConfig(max_concurrent=args.max_concurrent, max_queued=args.max_queued,
+                                  max_queue_wait_s=args.max_queue_wait, adapter_weights=tuple(args.adapter_weight)))
     adapter_config = AdapterConfig(adapter_dir=args.adapter_dir, allowed_roots=tuple(args.allowed_adapter_roots),
                                    watch_interval_s=args.watch_interval, preload=tuple(args.preload),
                                    pinned=tuple(args.pin))
@@ -258,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     if args.command == "serve":
         return serve(args)
+    if args.command == "train":
+        return train(args)
     if args.command == "loadtest":
         return loadtest(args)
     return 2

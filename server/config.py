@@ -46,7 +46,12 @@ class EngineConfig:
     lora_kernels: str = "loraplex"
     enable_lora: bool = True
     seed: int = 0
-    enforce_eager: bool = True
+    enforce_eager: bool = True  # False: CUDA graphs on GPUs
+    # Scale-out inside one server, passed straight to vLLM (GPUs: tensor/pipeline parallel across
+    # a node's GPUs; data parallel replicas behind this one front door).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.lora_kernels not in LORA_KERNEL_CHOICES:
@@ -78,10 +83,29 @@ class LimitsConfig:
 
     max_n: int = 8
     max_tokens: int = 1024
+    max_prompt_tokens: int | None = None  # None = the model's context length
     max_stop_sequences: int = 8
     max_stop_length: int = 64
     max_chat_messages: int = 256
     max_payload_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Admission control in front of the engine (server/admission.py)."""
+
+    max_concurrent: int = 64  # requests admitted into the engine at once
+    max_queued: int = 256  # waiting behind them; beyond this, 429 at once
+    # Refuse (429) when the estimated queueing delay exceeds this; None = only the client's deadline.
+    max_queue_wait_s: float | None = None
+    # Fair-share weights per adapter name (default 1.0; the base model's key is "").
+    adapter_weights: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1 or self.max_queued < 0:
+            raise ValueError("need max_concurrent >= 1 and max_queued >= 0")
+        if any(weight <= 0 for _, weight in self.adapter_weights):
+            raise ValueError("adapter weights must be positive")
 
 
 @dataclass(frozen=True)
@@ -96,5 +120,57 @@ class ServerConfig:
     grpc_port: int | None = None
     # Per-adapter metric series: at most this many adapters get their own label, the rest "other".
     metrics_max_adapters: int = 32
+    # On SIGTERM: refuse new requests (503), let admitted ones finish for at most this long, exit.
+    drain_timeout_s: float = 30.0
+    # Opt-in: append served prompt/completion pairs per model to JSONL here (sensitive data).
+    capture_dir: Path | None = None
     log_level: str = "info"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+
+
+DEFAULT_TRAIN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``loraplex train``: LoRA SFT of one adapter (a preset file fills the hyper-parameters,
+    flags override it)."""
+
+    train_path: Path
+    out_dir: Path
+    eval_path: Path | None = None
+    model_dir: Path | None = None  # None = the embedded default
+    cache_dir: Path | None = None
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TRAIN_TARGETS
+    learning_rate: float = 2e-4
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    batch_size: int = 8
+    max_length: int = 512
+    max_steps: int | None = None  # stops earlier than `epochs` if set
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when present, else cpu
+    replay_path: Path | None = None
+    replay_ratio: float = 0.0
+    # Evaluation: generation for exact-match / field accuracy on at most this many eval examples.
+    eval_generate: int = 200
+    eval_batch_size: int = 32
+    eval_max_new_tokens: int = 64
+    compare_base: bool = True
+    # Hot-load into a running server when done.
+    serve_url: str | None = None
+    admin_token: str | None = None
+    adapter_name: str | None = None  # None = the output directory's name
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.batch_size < 1 or self.max_length < 8 or self.epochs <= 0:
+            raise ValueError("rank, batch_size, epochs must be positive and max_length >= 8")
+        if not 0 <= self.replay_ratio < 1:
+            raise ValueError("replay_ratio must be in [0, 1)")
+        if self.replay_ratio and self.replay_path is None:
+            raise ValueError("replay_ratio needs a replay file")

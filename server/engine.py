@@ -31,6 +31,7 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stream: bool = False
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -126,6 +127,9 @@ def build_engine_args(config: EngineConfig):
         lora_target_modules=list(config.lora_target_modules) if config.lora_target_modules else None,
         seed=config.seed,
         enforce_eager=config.enforce_eager,
+        tensor_parallel_size=config.tensor_parallel_size,
+        pipeline_parallel_size=config.pipeline_parallel_size,
+        data_parallel_size=config.data_parallel_size,
         disable_log_stats=True,
     )
 
@@ -179,23 +183,26 @@ class Engine:
             seed=options.seed,
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty,
+            ignore_eos=options.ignore_eos,
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )
-        async for output in self._llm.generate(
-            {"prompt_token_ids": prompt_token_ids},
-            params,
-            request_id,
-            lora_request=self._lora_request(adapter),
-        ):
-            num_prompt_tokens = len(output.prompt_token_ids or prompt_token_ids)
-            for completion in output.outputs:
-                yield GenerationChunk(
-                    index=completion.index,
-                    text=completion.text,
-                    token_ids=list(completion.token_ids),
-                    finish_reason=completion.finish_reason,
-                    num_prompt_tokens=num_prompt_tokens,
-                )
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        outputs = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id,
+                                     lora_request=self._lora_request(adapter))
+        try:
+            async for output in outputs:
+                num_prompt_tokens = len(output.prompt_token_ids or prompt_token_ids)
+                for completion in output.outputs:
+                    yield GenerationChunk(
+                        index=completion.index,
+                        text=completion.text,
+                        token_ids=list(completion.token_ids),
+                        finish_reason=completion.finish_reason,
+                        num_prompt_tokens=num_prompt_tokens,
+                    )
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the engine has failed; this request was not completed") from exc
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

@@ -8,6 +8,7 @@ deadline passes; the cancellation reaches the engine's generate loop, which abor
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .adapters.manager import AdapterManager
 from .adapters.registry import AdapterError
+from .admission import retry_after_header
 from .config import ServerConfig
 from .grpc_gen import loraplex_pb2 as pb
 from .grpc_gen import loraplex_pb2_grpc as pb_grpc
@@ -23,8 +25,10 @@ from .service import (
     GenerationService,
     InvalidRequest,
     RequestError,
+    TooManyRequests,
     collect_choices,
     new_request_id,
+    refusal_outcome,
     require_admin,
     require_api_key,
     usage_counts,
@@ -48,6 +52,12 @@ def _authorization(context) -> str | None:
     return dict(context.invocation_metadata() or ()).get("authorization")
 
 
+def _deadline(context) -> float | None:
+    """The call's gRPC deadline as a time.monotonic() value (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def status_code(http_status: int) -> grpc.StatusCode:
     return STATUS_CODES.get(http_status, grpc.StatusCode.INTERNAL)
 
@@ -56,8 +66,19 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, metrics=None
     status = getattr(exc, "status", 500)
     message = exc.message if isinstance(exc, RequestError) else str(exc)
     if metrics is not None:
-        metrics.record_outcome(None, f"rejected_{status}")
+        metrics.record_outcome(None, refusal_outcome(status))
+    if isinstance(exc, TooManyRequests):
+        context.set_trailing_metadata((("retry-after", retry_after_header(exc.retry_after_s)),))
     await context.abort(status_code(status), message)
+
+
+def _capture_source(request) -> dict | None:
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        return {"prompt": request.text}
+    if which == "chat":
+        return {"messages": [{"role": m.role, "content": m.content} for m in request.chat.messages]}
+    return None
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -95,14 +116,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             frequency_penalty=_bounded(s, "frequency_penalty", -2.0, 2.0),
             stream=stream)
         request_id = request.request_id or new_request_id("grpc")
-        return resolved, GenerationRequest(request.model, ids, options, request_id)
+        return resolved, GenerationRequest(request.model, ids, options, request_id, _capture_source(request))
 
     async def Generate(self, request, context):
         try:
             resolved, generation = self._prepare(request, context, stream=False)
             n = generation.options.n
             texts, token_ids, finish, num_generated = await collect_choices(
-                self.service.stream_choices([generation], resolved, n), n)
+                self.service.stream_choices([generation], resolved, n, _deadline(context)), n)
         except (RequestError, AdapterError) as exc:
             await _abort(context, exc, self.service.metrics)
         return pb.GenerateResponse(
@@ -115,7 +136,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             resolved, generation = self._prepare(request, context, stream=True)
             num_generated = 0
-            async for index, chunk in self.service.stream_choices([generation], resolved, generation.options.n):
+            stream = self.service.stream_choices([generation], resolved, generation.options.n, _deadline(context))
+            async for index, chunk in stream:
                 num_generated += len(chunk.token_ids)
                 yield pb.GenerateStreamResponse(
                     request_id=generation.request_id, index=index, text=chunk.text, token_ids=chunk.token_ids,

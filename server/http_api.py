@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapters.manager import AdapterManager
 from .adapters.registry import AdapterError
+from .admission import retry_after_header
 from .config import ServerConfig
 from .engine import GenerationChunk
 from .openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -22,14 +23,18 @@ from .service import (
     GenerationService,
     InvalidRequest,
     RequestError,
+    TooManyRequests,
     collect_choices,
     new_request_id,
+    refusal_outcome,
     require_admin,
     require_api_key,
     usage_counts,
 )
 
 REQUEST_ID_HEADER = "x-request-id"
+TIMEOUT_HEADER = "x-request-timeout"  # seconds the client will wait; admission refuses what cannot make it
+MAX_REQUEST_TIMEOUT_S = 24 * 3600
 
 
 def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
@@ -91,12 +96,15 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
 
     def rejected(request: Request, status: int) -> None:
         if request.url.path.startswith(("/v1/completions", "/v1/chat/completions")):
-            service.metrics.record_outcome(None, f"rejected_{status}")
+            service.metrics.record_outcome(None, refusal_outcome(status))
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         rejected(request, exc.status)
-        return error_response(exc.status, exc.message, exc.kind, exc.param)
+        response = error_response(exc.status, exc.message, exc.kind, exc.param)
+        if isinstance(exc, TooManyRequests):
+            response.headers["retry-after"] = retry_after_header(exc.retry_after_s)
+        return response
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(request: Request, exc: AdapterError):
@@ -128,7 +136,11 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
 
     @app.get("/health")
     async def health():
-        if is_ready() and service.engine.healthy:
+        if not service.engine.healthy:
+            return error_response(503, "the engine has failed", "service_unavailable")
+        if service.admission.draining:
+            return error_response(503, "draining: the server is shutting down", "service_unavailable")
+        if is_ready():
             return {"status": "ok"}
         return error_response(503, "not ready", "service_unavailable")
 
@@ -155,10 +167,11 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("cmpl")
         generations = [
             GenerationRequest(body.model, ids, _options(service, body, len(ids), body.max_tokens),
-                              f"{request_id}-{i}")
-            for i, ids in enumerate(prompts)
+                              f"{request_id}-{i}", source)
+            for i, (ids, source) in enumerate(zip(prompts, _capture_sources(body.prompt, len(prompts))))
         ]
-        return await _respond(service, body, resolved, generations, request_id, _completion_events,
+        return await _respond(service, body, resolved, generations, request_id, _deadline(request),
+                              _completion_events,
                               "text_completion", lambda i, text, finish: {
                                   "index": i, "text": text, "logprobs": None, "finish_reason": finish})
 
@@ -169,8 +182,9 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
         ids = service.render_chat(body.template_messages())
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("chatcmpl")
         generations = [GenerationRequest(body.model, ids, _options(service, body, len(ids), body.output_token_limit),
-                                         request_id)]
-        return await _respond(service, body, resolved, generations, request_id, _chat_events,
+                                         request_id, {"messages": body.template_messages()})]
+        return await _respond(service, body, resolved, generations, request_id, _deadline(request),
+                              _chat_events,
                               "chat.completion", lambda i, text, finish: {
                                   "index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
                                   "finish_reason": finish})
@@ -225,17 +239,41 @@ def _completion_prompts(service: GenerationService, prompt) -> list[list[int]]:
     return prompts
 
 
+def _capture_sources(prompt, num_prompts: int) -> list[dict | None]:
+    """What --capture-dir records per prompt: the text, or None for token-id prompts."""
+    if isinstance(prompt, str):
+        return [{"prompt": prompt}]
+    if all(isinstance(p, str) for p in prompt):
+        return [{"prompt": p} for p in prompt]
+    return [None] * num_prompts
+
+
 def _options(service: GenerationService, body, prompt_len: int, max_tokens: int | None):
     return service.sampling_options(
         prompt_len=prompt_len, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         n=body.n, stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, stream=body.stream)
+        frequency_penalty=body.frequency_penalty, stream=body.stream, ignore_eos=body.ignore_eos)
+
+
+def _deadline(request: Request) -> float | None:
+    """The client's deadline from ``x-request-timeout`` (seconds), as a time.monotonic() value."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a number of seconds in (0, {MAX_REQUEST_TIMEOUT_S}]",
+                             param=TIMEOUT_HEADER)
+    return time.monotonic() + seconds
 
 
 async def _respond(service: GenerationService, body, resolved, generations: list[GenerationRequest],
-                   request_id: str, events, object_name: str, make_choice):
+                   request_id: str, deadline: float | None, events, object_name: str, make_choice):
     """Run the generations; answer with an SSE stream or one JSON body (both APIs' shared tail)."""
-    stream = service.stream_choices(generations, resolved, body.n)
+    stream = service.stream_choices(generations, resolved, body.n, deadline)
     headers = {REQUEST_ID_HEADER: request_id}
     if body.stream:
         first = await _prime(stream)

@@ -133,12 +133,15 @@ class Metrics:
                                              "outputs.", buckets=TOKEN_LATENCY_BUCKETS)
         self.time_per_output_token = histogram("request_time_per_output_token_seconds", "Per request: "
                                                "(e2e - TTFT) / (output tokens - 1).", buckets=TOKEN_LATENCY_BUCKETS)
+        self.admission_wait = histogram("admission_wait_seconds", "Time a request waited for admission (loraplex's "
+                                        "queue, before the engine's).")
         self.queue_time = histogram("request_queue_time_seconds", "Time a request waited in the engine's queue.",
                                     model)
         self.prefill_time = histogram("request_prefill_time_seconds", "Engine time of a request's prefill.", model)
         self.decode_time = histogram("request_decode_time_seconds", "Engine time of a request's decode.", model)
-        self.requests = Counter(f"{PREFIX}:requests", "Requests by outcome: ok, aborted, rejected_<status> "
-                                "(refused before the engine), failed_<status> (failed in it).",
+        self.requests = Counter(f"{PREFIX}:requests", "Requests by outcome: ok, aborted, shed (refused by "
+                                "admission control), rejected_<status> (refused before the engine), "
+                                "failed_<status> (failed in it).",
                                 (*labels, "outcome"), registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}:prompt_tokens", "Prompt tokens of admitted requests.", labels,
                                      registry=r)
@@ -194,6 +197,16 @@ class Metrics:
 
     def record_outcome(self, adapter: str | None, outcome: str) -> None:
         self.requests.labels(**self._labels(adapter), outcome=outcome).inc()
+
+    def observe_admission_wait(self, adapter: str | None, seconds: float) -> None:
+        self.admission_wait.labels(**self._labels(adapter)).observe(seconds)
+
+    def track_admission(self, running, queued) -> None:
+        """Export admission control's running and queued counts, read at scrape time."""
+        for name, doc, read in (("admission_running", "Requests admitted and not finished.", running),
+                                ("admission_queued", "Requests waiting for admission.", queued)):
+            gauge = Gauge(f"{PREFIX}:{name}", doc, ("model_name",), registry=self.registry)
+            gauge.labels(model_name=self.model_name).set_function(read)
 
     def observe_inter_token(self, adapter: str | None, seconds: float) -> None:
         self.inter_token_latency.labels(**self._labels(adapter)).observe(seconds)

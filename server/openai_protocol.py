@@ -31,6 +31,7 @@ class _SamplingFields(_Request):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: keep generating past end-of-sequence (load tests)
 
     @property
     def include_usage(self) -> bool:

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from .adapters.registry import AdapterError, AdapterRegistry, AdapterVersion
+from .admission import BASE_MODEL_KEY, AdmissionController, Draining, Overloaded, Ticket
+from .capture import CaptureWriter
 from .config import LimitsConfig
 from .engine import Engine, EngineUnavailable, GenerationChunk, SamplingOptions
 from .metrics import Metrics
@@ -48,6 +50,17 @@ class ServiceUnavailable(RequestError):
     kind = "service_unavailable"
 
 
+class TooManyRequests(RequestError):
+    """Shed by admission control; ``retry_after_s`` goes out as ``Retry-After``."""
+
+    status = 429
+    kind = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unauthorized(RequestError):
     status = 401
     kind = "authentication_error"
@@ -56,6 +69,11 @@ class Unauthorized(RequestError):
 class Forbidden(RequestError):
     status = 403
     kind = "permission_error"
+
+
+def refusal_outcome(status: int) -> str:
+    """The metrics outcome of a request refused before the engine."""
+    return "shed" if status == 429 else f"rejected_{status}"
 
 
 def new_request_id(prefix: str) -> str:
@@ -68,6 +86,8 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     options: SamplingOptions
     request_id: str
+    # What the client sent ({"prompt": text} or {"messages": [...]}), for --capture-dir; None = never captured.
+    capture_source: dict | None = None
 
 
 @dataclass
@@ -81,7 +101,8 @@ class ResolvedModel:
 
 class GenerationService:
     def __init__(self, engine: Engine, registry: AdapterRegistry, limits: LimitsConfig,
-                 metrics: Metrics, base_model_name: str, max_model_len: int) -> None:
+                 metrics: Metrics, base_model_name: str, max_model_len: int,
+                 admission: AdmissionController, capture: CaptureWriter | None = None) -> None:
         self.engine = engine
         self.registry = registry
         self.limits = limits
@@ -89,6 +110,8 @@ class GenerationService:
         self.base_model_name = base_model_name
         self.max_model_len = max_model_len
         self.tokenizer = engine.tokenizer
+        self.admission = admission
+        self.capture = capture
         self._background: set[asyncio.Task] = set()
 
     # -- model resolution ----------------------------------------------------------------------
@@ -121,10 +144,13 @@ class GenerationService:
     def sampling_options(self, *, prompt_len: int, max_tokens: int | None, temperature: float | None,
                          top_p: float | None, n: int, stop: str | Sequence[str] | None, seed: int | None,
                          presence_penalty: float | None, frequency_penalty: float | None,
-                         stream: bool) -> SamplingOptions:
+                         stream: bool, ignore_eos: bool = False) -> SamplingOptions:
         limits = self.limits
         if prompt_len == 0:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        if limits.max_prompt_tokens is not None and prompt_len > limits.max_prompt_tokens:
+            raise InvalidRequest(f"the prompt has {prompt_len} tokens; this server accepts at most "
+                                 f"{limits.max_prompt_tokens}", param="prompt")
         room = self.max_model_len - prompt_len
         if room < 1:
             raise InvalidRequest(
@@ -160,23 +186,29 @@ class GenerationService:
             presence_penalty=presence_penalty or 0.0,
             frequency_penalty=frequency_penalty or 0.0,
             stream=stream,
+            ignore_eos=ignore_eos,
         )
 
     # -- generation ----------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest, resolved: ResolvedModel) -> AsyncIterator[GenerationChunk]:
-        """Run one request on the engine; yields chunks, records metrics, releases the adapter."""
+    async def generate(self, request: GenerationRequest, resolved: ResolvedModel,
+                       arrival: float | None = None) -> AsyncIterator[GenerationChunk]:
+        """Run one request on the engine; yields chunks, records metrics, releases the adapter.
+        ``arrival`` (perf_counter) is when the client's request came in: latencies count from it."""
         adapter = resolved.adapter
         adapter_name = resolved.adapter_name
         if adapter is not None:
             self.registry.acquire(adapter)
-        arrival = time.perf_counter()
+        arrival = time.perf_counter() if arrival is None else arrival
         first_token_at: float | None = None
         last_output_at = arrival
         num_generated = 0
         outcome = "failed_500"
+        captured: dict[int, list[str]] | None = {} if self.capture and request.capture_source else None
         try:
             async for chunk in self.engine.generate(request.prompt_token_ids, request.options,
                                                     request.request_id, adapter):
+                if captured is not None:
+                    captured.setdefault(chunk.index, []).append(chunk.text)
                 now = time.perf_counter()
                 if chunk.token_ids:
                     if first_token_at is None:
@@ -187,6 +219,9 @@ class GenerationService:
                 num_generated += len(chunk.token_ids)
                 yield chunk
             outcome = "ok"
+            if captured is not None:
+                for pieces in captured.values():
+                    self.capture.record(request.model, request.capture_source, "".join(pieces))
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "aborted"
             raise
@@ -211,15 +246,36 @@ class GenerationService:
             if adapter is not None and self.registry.release(adapter):
                 self._spawn(self.engine.remove_adapter(adapter))
 
-    def stream_choices(self, generations: list[GenerationRequest], resolved: ResolvedModel,
-                       n: int) -> AsyncIterator[tuple[int, GenerationChunk]]:
-        """One merged stream over all prompts of a request; yields (choice index, chunk)."""
+    def stream_choices(self, generations: list[GenerationRequest], resolved: ResolvedModel, n: int,
+                       deadline: float | None = None) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """One merged stream over all prompts of a request, admitted as one unit; yields
+        (choice index, chunk). ``deadline`` (time.monotonic) is the client's, if it gave one."""
+        arrival = time.perf_counter()
+        cost = sum(len(g.prompt_token_ids) + g.options.max_tokens * g.options.n for g in generations)
+        queue_key = resolved.adapter_name or BASE_MODEL_KEY
 
         async def choices():
-            async for prompt_index, chunk in merge_streams([self.generate(g, resolved) for g in generations]):
-                yield prompt_index * n + chunk.index, chunk
+            ticket = await self.admit(queue_key, cost, deadline, resolved.adapter_name)
+            started, finished = time.perf_counter(), False
+            try:
+                streams = [self.generate(g, resolved, arrival) for g in generations]
+                async for prompt_index, chunk in merge_streams(streams):
+                    yield prompt_index * n + chunk.index, chunk
+                finished = True
+            finally:
+                self.admission.release(ticket, time.perf_counter() - started if finished else None)
 
         return choices()
+
+    async def admit(self, queue_key: str, cost: float, deadline: float | None, adapter_name: str | None) -> Ticket:
+        try:
+            ticket = await self.admission.acquire(queue_key, cost, deadline)
+        except Overloaded as exc:
+            raise TooManyRequests(exc.message, exc.retry_after_s) from None
+        except Draining as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        self.metrics.observe_admission_wait(adapter_name, ticket.queue_wait_s)
+        return ticket
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -45,14 +45,21 @@ def adapter_names(adapter_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, adapter_dir: Path, cache_dir: Path, base_model_dir: Path) -> RunningServer:
+def capture_dir(tmp_path_factory) -> Path:
+    """Where the session server captures served traffic (--capture-dir)."""
+    return tmp_path_factory.mktemp("capture")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, adapter_dir: Path, cache_dir: Path, base_model_dir: Path,
+           capture_dir: Path) -> RunningServer:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     # float32 so that greedy tokens can be compared with HF transformers + peft exactly.
     running = start_server(
         ["--adapter-dir", str(adapter_dir), "--cache-dir", str(cache_dir), "--dtype", "float32",
          "--kv-cache-gib", "1", "--max-loras", "4", "--max-cpu-loras", "16", "--max-model-len", "1024",
          "--admin-token", ADMIN_TOKEN, "--watch-interval", "0.5", "--pin", "adapter-0",
-         "--metrics-max-adapters", str(METRICS_MAX_ADAPTERS)],
+         "--metrics-max-adapters", str(METRICS_MAX_ADAPTERS), "--capture-dir", str(capture_dir)],
         log_path)
     yield running
     children = running.descendants()

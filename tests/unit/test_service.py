@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from server.adapters.registry import AdapterRegistry
+from server.admission import AdmissionController
 from server.config import LimitsConfig
 from server.metrics import Metrics
 from server.service import GenerationService, InvalidRequest, ModelNotFound, merge_streams
@@ -16,7 +17,7 @@ class FakeEngine:
 
 def make_service(**limits) -> GenerationService:
     return GenerationService(FakeEngine(), AdapterRegistry("base"), LimitsConfig(**limits), Metrics("base"),
-                             "base", max_model_len=100)
+                             "base", max_model_len=100, admission=AdmissionController(4, 4))
 
 
 def options(service, **overrides):
@@ -74,3 +75,9 @@ def test_merge_streams_interleaves_and_propagates_errors():
     assert [v for i, v in items if i == 0] == [1, 2, 3]
     with pytest.raises(RuntimeError, match="boom"):
         asyncio.run(collect([gen([1], 0.001, fail=True), gen([2, 3, 4], 0.01)]))
+
+
+def test_prompt_token_limit_is_enforced():
+    service = make_service(max_prompt_tokens=8)
+    with pytest.raises(InvalidRequest, match="at most 8"):
+        options(service, prompt_len=9)

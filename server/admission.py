@@ -1,0 +1,224 @@
+"""Admission control: a concurrency limit, bounded per-adapter queues behind it, SLO-aware
+rejection, and fair share across adapters. Pure bookkeeping (asyncio only; no engine, no torch).
+
+- At most ``max_concurrent`` requests run in the engine; up to ``max_queued`` more wait.
+- A request is refused at once (``Overloaded``: HTTP 429 / gRPC RESOURCE_EXHAUSTED, with a
+  retry-after) when the queue is full, or when the estimated wait plus the estimated service time
+  would overrun its deadline — instead of being queued to go slow and miss it anyway.
+- Waiting requests are granted by a virtual token counter per adapter (VTC, "Fairness in Serving
+  Large Language Models", Sheng et al. 2024): each grant charges the adapter its request's token
+  cost divided by the adapter's weight; the next grant goes to the waiting adapter with the
+  smallest counter. An adapter that was idle is lifted to the smallest active counter when it
+  queues again, so idling banks no credit. One hot adapter thus gets its share, not the server.
+- Draining refuses new requests (``Draining``: 503 / UNAVAILABLE) while the admitted ones finish.
+
+Estimates: the service time is an exponentially weighted mean of observed request durations;
+with ``max_concurrent`` running, a request behind ``q`` queued ones waits about
+``(q // max_concurrent + 1) * service_time`` (one wave of completions per service time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+BASE_MODEL_KEY = ""  # the queue of requests to the base model (no adapter)
+
+
+class Overloaded(Exception):
+    """Refused now; ``retry_after_s`` says when trying again makes sense."""
+
+    def __init__(self, message: str, retry_after_s: float, reason: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.reason = reason  # "queue_full" | "queue_wait" | "deadline"
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new requests."""
+
+
+@dataclass
+class _Waiter:
+    adapter: str
+    cost: float
+    granted: asyncio.Future
+    enqueued_at: float
+
+
+@dataclass
+class Ticket:
+    """One admitted request; hand it back to ``release`` exactly once."""
+
+    adapter: str
+    cost: float
+    admitted_at: float
+    queue_wait_s: float
+    released: bool = False
+
+
+@dataclass
+class AdmissionStats:
+    running: int
+    queued: int
+    queued_per_adapter: dict[str, int] = field(default_factory=dict)
+    service_time_s: float | None = None
+
+
+class AdmissionController:
+    def __init__(self, max_concurrent: int, max_queued: int, adapter_weights: dict[str, float] | None = None,
+                 max_queue_wait_s: float | None = None, service_time_smoothing: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_concurrent < 1 or max_queued < 0:
+            raise ValueError("need max_concurrent >= 1 and max_queued >= 0")
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        # The server's own bound on queueing (an SLO): refuse when the estimated wait exceeds it,
+        # and give up a queued request that has waited this long.
+        self.max_queue_wait_s = max_queue_wait_s
+        self.adapter_weights = dict(adapter_weights or {})
+        self._smoothing = service_time_smoothing
+        self._clock = clock
+        self.running = 0
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._num_queued = 0
+        self._counters: dict[str, float] = {}  # virtual tokens served per adapter (weighted)
+        self.service_time_s: float | None = None
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- estimates -----------------------------------------------------------------------------
+    def estimated_wait_s(self) -> float:
+        """Expected queueing delay for a request arriving now (0 while a slot is free)."""
+        if self.running < self.max_concurrent and self._num_queued == 0:
+            return 0.0
+        if self.service_time_s is None:
+            return 0.0  # nothing observed yet: no basis to refuse on time
+        return (self._num_queued // self.max_concurrent + 1) * self.service_time_s
+
+    def check(self, deadline: float | None) -> None:
+        """Raise ``Draining`` or ``Overloaded`` if a request arriving now cannot be admitted."""
+        if self.draining:
+            raise Draining("the server is shutting down")
+        free = self.running < self.max_concurrent and self._num_queued == 0
+        if not free and self._num_queued >= self.max_queued:
+            wait = self.estimated_wait_s()
+            raise Overloaded(f"server overloaded: {self.running} running and {self._num_queued} queued requests",
+                             retry_after_s=max(1.0, wait), reason="queue_full")
+        if not free and self.max_queue_wait_s is not None and self.estimated_wait_s() > self.max_queue_wait_s:
+            raise Overloaded(f"server overloaded: estimated wait {self.estimated_wait_s():.2f} s exceeds the "
+                             f"{self.max_queue_wait_s:g} s queueing limit",
+                             retry_after_s=max(1.0, self.estimated_wait_s()), reason="queue_wait")
+        if deadline is not None:
+            wait = self.estimated_wait_s()
+            needed = wait + (self.service_time_s or 0.0)
+            remaining = deadline - self._clock()
+            if needed > remaining:
+                raise Overloaded(
+                    f"the request cannot finish within its deadline ({remaining:.2f} s left; estimated wait "
+                    f"{wait:.2f} s + service {self.service_time_s or 0.0:.2f} s)",
+                    retry_after_s=max(1.0, wait), reason="deadline")
+
+    # -- admit / release -----------------------------------------------------------------------
+    async def acquire(self, adapter: str, cost: float, deadline: float | None = None) -> Ticket:
+        """Admit now, or queue fairly until a slot frees; raises Overloaded/Draining when refused
+        (also when the deadline passes while queued)."""
+        self.check(deadline)
+        now = self._clock()
+        if self.running < self.max_concurrent and self._num_queued == 0:
+            return self._grant(adapter, cost, now, now)
+        queue = self._queues.setdefault(adapter, deque())
+        if not queue:
+            self._lift(adapter)
+        waiter = _Waiter(adapter, cost, asyncio.get_running_loop().create_future(), now)
+        queue.append(waiter)
+        self._num_queued += 1
+        limits = [t for t in (None if deadline is None else deadline - now, self.max_queue_wait_s) if t is not None]
+        timeout = max(0.0, min(limits)) if limits else None
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.granted), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.granted.done() and not waiter.granted.cancelled():
+                ticket = waiter.granted.result()  # granted just as we gave up: hand the slot back
+                self.release(ticket, None)
+            else:
+                waiter.granted.cancel()
+                self._remove(waiter)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise Overloaded("the request's deadline or the queueing limit passed while it was queued",
+                                 retry_after_s=max(1.0, self.estimated_wait_s()), reason="deadline") from None
+            raise
+
+    def release(self, ticket: Ticket, service_time_s: float | None) -> None:
+        """The request finished (any outcome); ``service_time_s`` feeds the estimate when it ran."""
+        if ticket.released:
+            return
+        ticket.released = True
+        self.running -= 1
+        if service_time_s is not None and service_time_s > 0:
+            previous = self.service_time_s
+            self.service_time_s = service_time_s if previous is None else (
+                previous + self._smoothing * (service_time_s - previous))
+        self._grant_next()
+        if self.running == 0 and self._num_queued == 0:
+            self._idle.set()
+
+    def _grant(self, adapter: str, cost: float, enqueued_at: float, now: float) -> Ticket:
+        self.running += 1
+        self._idle.clear()
+        weight = self.adapter_weights.get(adapter, 1.0)
+        self._counters[adapter] = self._counters.get(adapter, self._min_active_counter()) + cost / weight
+        return Ticket(adapter, cost, now, now - enqueued_at)
+
+    def _grant_next(self) -> None:
+        while self.running < self.max_concurrent and self._num_queued:
+            adapter = min((a for a, q in self._queues.items() if q), key=lambda a: self._counters.get(a, 0.0))
+            waiter = self._queues[adapter].popleft()
+            self._num_queued -= 1
+            if waiter.granted.cancelled():
+                continue
+            waiter.granted.set_result(self._grant(adapter, waiter.cost, waiter.enqueued_at, self._clock()))
+
+    def _remove(self, waiter: _Waiter) -> None:
+        queue = self._queues.get(waiter.adapter)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            self._num_queued -= 1
+        if self.running == 0 and self._num_queued == 0:
+            self._idle.set()
+
+    def _min_active_counter(self) -> float:
+        active = [self._counters.get(a, 0.0) for a, q in self._queues.items() if q]
+        return min(active) if active else min(self._counters.values(), default=0.0)
+
+    def _lift(self, adapter: str) -> None:
+        """An adapter starting to queue again is lifted to the smallest active counter."""
+        active = [self._counters[a] for a, q in self._queues.items() if q and a in self._counters]
+        if active:
+            self._counters[adapter] = max(self._counters.get(adapter, 0.0), min(active))
+
+    # -- drain ---------------------------------------------------------------------------------
+    def start_draining(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing runs or queues; False if ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def stats(self) -> AdmissionStats:
+        return AdmissionStats(self.running, self._num_queued,
+                              {a: len(q) for a, q in self._queues.items() if q}, self.service_time_s)
+
+
+def retry_after_header(seconds: float) -> str:
+    return str(max(1, math.ceil(seconds)))

@@ -1,0 +1,109 @@
+"""Held-out evaluation: completion loss, and greedy generations scored against the references
+(exact match; per-field accuracy when the references are JSON objects)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .data import Example, Features, batches
+from .model import collate, completion_loss
+
+_JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    num_generated: int
+    exact_match: float
+    field_accuracy: float | None  # None when references are not JSON objects
+    parse_rate: float | None  # share of outputs holding a JSON object (JSON references only)
+    samples: list[dict]  # a few (reference, prediction) pairs to read
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def mean_loss(causal_lm, features: list[Features], batch_size: int, pad_id: int, device) -> float:
+    total, count = 0.0, 0
+    for batch in batches(features, batch_size, rng=None):
+        loss, n = completion_loss(causal_lm, collate(batch, pad_id, device))
+        total += float(loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int, device) -> list[str]:
+    """Greedy completions of the prompts (left-padded batches)."""
+    outputs: list[str] = []
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(examples), batch_size):
+            prompts = [e.prompt for e in examples[start:start + batch_size]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+            outputs.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = "right"
+    return outputs
+
+
+def parse_object(text: str) -> dict | None:
+    for match in _JSON_OBJECT.finditer(text):
+        try:
+            value = json.loads(match.group(0))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def _same(expected, actual) -> bool:
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        try:
+            return math.isclose(float(actual), float(expected), abs_tol=0.005)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(expected, str):
+        return isinstance(actual, str) and actual.strip() == expected.strip()
+    return actual == expected
+
+
+def score(references: list[str], predictions: list[str]) -> tuple[float, float | None, float | None]:
+    """(exact match, field accuracy, parse rate). JSON references are compared as objects."""
+    parsed_refs = [parse_object(r) if r.lstrip().startswith("{") else None for r in references]
+    if not references:
+        return 0.0, None, None
+    if all(parsed_refs):
+        fields = correct_fields = exact = parsed = 0
+        for ref, prediction in zip(parsed_refs, predictions):
+            got = parse_object(prediction) or {}
+            parsed += bool(got)
+            hits = sum(_same(value, got.get(key)) for key, value in ref.items())
+            fields += len(ref)
+            correct_fields += hits
+            exact += hits == len(ref) and set(got) == set(ref)
+        n = len(references)
+        return exact / n, correct_fields / fields, parsed / n
+    exact = sum(r.strip() == p.strip() for r, p in zip(references, predictions))
+    return exact / len(references), None, None
+
+
+def evaluate(model, tokenizer, examples: list[Example], features: list[Features], *, batch_size: int,
+             num_generate: int, max_new_tokens: int, device) -> EvalResult:
+    model.eval()
+    loss = mean_loss(model, features, batch_size, tokenizer.pad_token_id, device)
+    chosen = examples[:num_generate]
+    predictions = generate(model, tokenizer, chosen, max_new_tokens, batch_size, device) if chosen else []
+    exact, field_accuracy, parse_rate = score([e.reference for e in chosen], predictions)
+    samples = [{"reference": e.reference, "prediction": p} for e, p in zip(chosen[:5], predictions[:5])]
+    return EvalResult(loss, len(chosen), exact, field_accuracy, parse_rate, samples)

@@ -1,0 +1,55 @@
+"""`loraplex train` end to end: a tiny adapter trained on generated demo data (loss goes down),
+hot-loaded into the real server with --serve-url, then served through the OpenAI API; and
+--capture-dir turning served traffic into training data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from server.training import data
+from server.training.demo import write_demo_data
+
+from .conftest import ADMIN_TOKEN
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_train_a_tiny_adapter_and_serve_it(tmp_path, server, client, cache_dir):
+    train_path, eval_path = write_demo_data(tmp_path / "data", num_train=48, num_eval=4, seed=7)
+    out = tmp_path / "loan-extractor"
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "train", "--data", str(train_path), "--eval", str(eval_path),
+         "--out", str(out), "--cache-dir", str(cache_dir), "--preset", "demo", "--rank", "8",
+         "--batch-size", "8", "--max-steps", "6", "--eval-generate", "2", "--eval-max-new-tokens", "32",
+         "--quiet", "--serve-url", server.url, "--admin-token", ADMIN_TOKEN],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hot-loaded as 'loan-extractor'" in result.stdout
+
+    assert (out / "adapter_model.safetensors").is_file() and not list(out.glob("*.bin"))
+    report = json.loads((out / "training_report.json").read_text())
+    training = report["training"]
+    assert training["steps"] == 6
+    assert training["loss_last"] < training["loss_first"], training["losses"]
+    assert report["adapter"]["loss"] < report["base"]["loss"]
+
+    served = {m.id for m in client.models.list().data}
+    assert "loan-extractor" in served
+    prompt = data.read_records(eval_path)[0]["messages"][:-1]
+    reply = client.chat.completions.create(model="loan-extractor", messages=prompt, max_tokens=40, temperature=0)
+    assert reply.model == "loan-extractor"
+    assert reply.choices[0].message.content.strip()
+
+
+def test_capture_dir_records_served_chat_in_training_format(server, client, adapter_names, capture_dir):
+    adapter = adapter_names[2]
+    messages = [{"role": "user", "content": "Name a colour."}]
+    reply = client.chat.completions.create(model=adapter, messages=messages, max_tokens=8, temperature=0)
+    client.completions.create(model=adapter, prompt="The sky is", max_tokens=4, temperature=0)
+    records = data.read_records(capture_dir / f"{adapter}.jsonl")
+    chats = [r for r in records if "messages" in r]
+    assert {"messages": [*messages, {"role": "assistant", "content": reply.choices[0].message.content}]} in chats
+    assert any(r.get("prompt") == "The sky is" and r["completion"] for r in records)
