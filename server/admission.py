@@ -115,7 +115,9 @@ class AdmissionController:
             raise Overloaded(f"server overloaded: estimated wait {self.estimated_wait_s():.2f} s exceeds the "
                              f"{self.max_queue_wait_s:g} s queueing limit",
                              retry_after_s=max(1.0, self.estimated_wait_s()), reason="queue_wait")
-        if deadline is not None:
+        if deadline is not None and not free:
+            # Only a request that would queue is judged: with a slot free it starts at once, and
+            # how long it then runs depends on its own length, which the average does not know.
             wait = self.estimated_wait_s()
             needed = wait + (self.service_time_s or 0.0)
             remaining = deadline - self._clock()

@@ -214,9 +214,54 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
             await _abort(context, exc)
 
 
+_MALFORMED = object()  # what a request message that does not decode becomes
+
+
+class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
+    """A request message that does not decode gets INVALID_ARGUMENT from us, rather than grpc's
+    own UNKNOWN "Exception deserializing request" (unary requests; streams are left as they are)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def tolerant(data: bytes):
+            try:
+                return decode(data)
+            except Exception:  # noqa: BLE001 - any decoding failure is the caller's malformed message
+                return _MALFORMED
+
+        async def reject(context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request message could not be decoded")
+
+        if handler.response_streaming:
+            behaviour = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if request is _MALFORMED:
+                    await reject(context)
+                async for response in behaviour(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, request_deserializer=tolerant,
+                                                        response_serializer=handler.response_serializer)
+        behaviour = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if request is _MALFORMED:
+                await reject(context)
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, request_deserializer=tolerant,
+                                                   response_serializer=handler.response_serializer)
+
+
 def build_grpc_server(service: GenerationService, adapters: AdapterManager, config: ServerConfig,
                       host: str, port: int) -> tuple[grpc.aio.Server, health.HealthServicer]:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.limits.max_payload_bytes)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.limits.max_payload_bytes)],
+                             interceptors=[MalformedMessageInterceptor()])
     pb_grpc.add_GenerationServicer_to_server(GenerationServicer(service, config), server)
     pb_grpc.add_AdaptersServicer_to_server(AdaptersServicer(adapters, config, service.base_model_name), server)
     health_servicer = health.aio.HealthServicer()

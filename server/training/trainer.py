@@ -115,8 +115,12 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> dict:
     logger.info("trained %d steps in %.0f s: loss %.3f -> %.3f", total_steps, train_seconds,
                 report["training"]["loss_first"], report["training"]["loss_last"])
     if eval_examples:
-        report["adapter"] = _evaluate(causal_lm, tokenizer, config, eval_examples, eval_features, device,
-                                      "adapter").as_dict()
+        peft_model.merge_adapter()  # B @ A folded into the weights: generation at base-model speed
+        try:
+            report["adapter"] = _evaluate(causal_lm, tokenizer, config, eval_examples, eval_features, device,
+                                          "adapter").as_dict()
+        finally:
+            peft_model.unmerge_adapter()
     (config.out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
 

@@ -180,7 +180,7 @@ def test_request_id_is_echoed(server, base_model_name):
 def test_client_going_away_aborts_the_engine_request(server, base_model_name):
     from .conftest import wait_until_engine_idle
 
-    body = {"model": base_model_name, "prompt": PROMPT, "max_tokens": 900}
+    body = {"model": base_model_name, "prompt": PROMPT, "max_tokens": 900, "ignore_eos": True}
     # Non-streamed: the client gives up waiting for the whole answer.
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.url}/v1/completions", timeout=1.0, json=body)

@@ -1,0 +1,194 @@
+"""Robustness benchmarks against a running server (started with the admission flags you want):
+
+    python -m loadtest.scenarios overload --url http://127.0.0.1:8000 --capacity 1.0 --models M
+    python -m loadtest.scenarios fairness --url ... --capacity 1.0 --hot A0 --cold A1 ... A9
+    python -m loadtest.scenarios soak --url ... --capacity 1.0 --models M ... --minutes 5 \
+        --server-pid PID --churn-adapters DIR ... --admin-token T
+
+- overload: the same workload unloaded (0.25x capacity) and at 3x capacity: how much is shed
+  (429), how fast, and the p99 of the admitted requests against the unloaded p99.
+- fairness: nine "cold" adapters alone, then with one "hot" adapter sending 10x the traffic of
+  each: the cold adapters' p99 with the hot one against their p99 alone.
+- soak: 70% of capacity with adapter churn for N minutes: errors and the server's RSS growth
+  (the server process and its children, e.g. vLLM's engine core).
+
+Each prints its numbers and writes them as JSON (``--out``). ``--capacity`` comes from
+``loraplex loadtest --find-capacity``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .churn import ChurnConfig
+from .client import RequestResult
+from .runner import RunConfig, num_requests_for, report, run_with_churn
+from .stats import percentile
+from .workload import WorkloadConfig
+
+
+def _run(config: RunConfig) -> tuple[list[RequestResult], dict, list[dict]]:
+    results, churn_records = asyncio.run(run_with_churn(config))
+    return results, report(results, config), churn_records
+
+
+def _config(args, models: tuple[str, ...], rate: float, adapter_mix: str = "uniform",
+            churn: ChurnConfig | None = None, duration_s: float | None = None) -> RunConfig:
+    duration = duration_s or args.duration
+    workload = WorkloadConfig(models=models, rate=rate, num_requests=num_requests_for(rate, duration, args.warmup),
+                              seed=args.seed, adapter_mix=adapter_mix, prompt_len=(args.prompt_len, args.prompt_len),
+                              output_len=(args.output_len, args.output_len))
+    return RunConfig(url=args.url, workload=workload, duration_s=duration, warmup_s=args.warmup, churn=churn,
+                     timeout_s=args.timeout)
+
+
+def _p99_ms(results: list[RequestResult], attr: str, models: set[str] | None = None) -> float | None:
+    values = [getattr(r, attr) for r in results if r.ok and getattr(r, attr) is not None
+              and (models is None or r.model in models)]
+    return 1000 * percentile(values, 99) if values else None
+
+
+def overload(args) -> dict:
+    models = tuple(args.models)
+    out = {"capacity_rps": args.capacity}
+    for label, factor in (("unloaded", 0.25), ("overload_3x", 3.0)):
+        print(f"== {label}: {factor * args.capacity:.2f} req/s for {args.duration:.0f} s", file=sys.stderr)
+        results, summary, _ = _run(_config(args, models, factor * args.capacity))
+        measured = [r for r in results if r.sent_at >= args.warmup]
+        shed = [r for r in measured if r.error == "http_429"]
+        out[label] = {"rate_rps": factor * args.capacity, "sent": len(measured), "completed": summary["completed"],
+                      "shed_429": len(shed), "other_errors": summary["failed"] - len(shed),
+                      "p99_ttft_ms": _p99_ms(measured, "ttft_s"), "p99_e2e_ms": _p99_ms(measured, "e2e_s"),
+                      "p99_shed_response_ms": 1000 * percentile([r.e2e_s for r in shed if r.e2e_s], 99)
+                      if any(r.e2e_s for r in shed) else None}
+    base, loaded = out["unloaded"], out["overload_3x"]
+    out["admitted_p99_e2e_vs_unloaded"] = (loaded["p99_e2e_ms"] / base["p99_e2e_ms"]
+                                           if loaded["p99_e2e_ms"] and base["p99_e2e_ms"] else None)
+    out["shed_fraction"] = loaded["shed_429"] / max(1, loaded["sent"])
+    return out
+
+
+def fairness(args) -> dict:
+    cold = tuple(args.cold)
+    per_cold = args.capacity / 12  # cold alone: 0.75x capacity; with the hot adapter: ~1.6x
+    out = {"capacity_rps": args.capacity, "cold_rate_each_rps": per_cold, "hot_rate_rps": 10 * per_cold}
+    print(f"== cold adapters alone: {len(cold)} x {per_cold:.3f} req/s", file=sys.stderr)
+    alone, _, _ = _run(_config(args, cold, per_cold * len(cold)))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({args.hot: 10.0, **{name: 1.0 for name in cold}}, f)
+    models = (args.hot, *cold)
+    rate = per_cold * (10 + len(cold))
+    print(f"== with the hot adapter at 10x: {rate:.3f} req/s in all", file=sys.stderr)
+    mixed, _, _ = _run(_config(args, models, rate, adapter_mix=f"weights:{f.name}"))
+    Path(f.name).unlink()
+    cold_set = set(cold)
+    out["cold_alone"] = {"p99_ttft_ms": _p99_ms(alone, "ttft_s"), "p99_e2e_ms": _p99_ms(alone, "e2e_s"),
+                         "errors": sum(not r.ok for r in alone)}
+    cold_mixed = [r for r in mixed if r.model in cold_set]
+    hot_mixed = [r for r in mixed if r.model == args.hot]
+    out["cold_with_hot"] = {"p99_ttft_ms": _p99_ms(cold_mixed, "ttft_s"), "p99_e2e_ms": _p99_ms(cold_mixed, "e2e_s"),
+                            "errors": sum(not r.ok for r in cold_mixed)}
+    out["hot"] = {"sent": len(hot_mixed), "completed": sum(r.ok for r in hot_mixed),
+                  "shed_429": sum(r.error == "http_429" for r in hot_mixed), "p99_e2e_ms": _p99_ms(hot_mixed, "e2e_s")}
+    a, b = out["cold_alone"]["p99_e2e_ms"], out["cold_with_hot"]["p99_e2e_ms"]
+    out["cold_p99_e2e_with_hot_vs_alone"] = b / a if a and b else None
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            for children in Path(f"/proc/{current}/task").glob("*/children"):
+                todo.extend(int(c) for c in children.read_text().split())
+        except OSError:
+            continue
+    return total
+
+
+def soak(args) -> dict:
+    churn = None
+    if args.churn_adapters:
+        churn = ChurnConfig(tuple(p.resolve() for p in args.churn_adapters), args.admin_token, args.churn_interval)
+    rate = 0.7 * args.capacity
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        start = time.monotonic()
+        while not stop.is_set():
+            samples.append((time.monotonic() - start, rss_bytes(args.server_pid)))
+            stop.wait(5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    print(f"== soak: {rate:.2f} req/s for {args.minutes:g} min", file=sys.stderr)
+    try:
+        results, summary, churn_records = _run(_config(args, tuple(args.models), rate, churn=churn,
+                                                       duration_s=60 * args.minutes))
+    finally:
+        stop.set()
+        sampler.join()
+    after_warmup = [rss for t, rss in samples if t >= args.warmup] or [rss for _, rss in samples]
+    out = {"rate_rps": rate, "minutes": args.minutes, "sent": summary["num_prompts"],
+           "completed": summary["completed"], "errors": summary["errors"],
+           "adapter_loads": len(churn_records), "failed_adapter_loads": sum("error" in r for r in churn_records),
+           "p99_ttft_ms": summary["p99_ttft_ms"], "p99_e2e_ms": summary["p99_e2el_ms"],
+           "rss_start_mib": after_warmup[0] / 2**20, "rss_end_mib": after_warmup[-1] / 2**20,
+           "rss_max_mib": max(after_warmup) / 2**20}
+    out["rss_growth_mib"] = out["rss_end_mib"] - out["rss_start_mib"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", choices=("overload", "fairness", "soak"))
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--capacity", type=float, required=True, help="req/s the server sustains within its SLO")
+    parser.add_argument("--models", nargs="+", default=(), help="overload/soak: models to spread requests over")
+    parser.add_argument("--hot", help="fairness: the adapter sending 10x")
+    parser.add_argument("--cold", nargs="+", default=(), help="fairness: the other adapters")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per measured phase")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--prompt-len", type=int, default=64, help="words")
+    parser.add_argument("--output-len", type=int, default=16, help="tokens")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=5.0, help="soak length")
+    parser.add_argument("--server-pid", type=int, help="soak: the server's pid, for RSS")
+    parser.add_argument("--churn-adapters", type=Path, nargs="*", default=())
+    parser.add_argument("--churn-interval", type=float, default=5.0)
+    parser.add_argument("--admin-token", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers")
+    args = parser.parse_args(argv)
+    if args.scenario in ("overload", "soak") and not args.models:
+        parser.error(f"{args.scenario} needs --models")
+    if args.scenario == "fairness" and (not args.hot or not args.cold):
+        parser.error("fairness needs --hot and --cold")
+    if args.scenario == "soak" and args.server_pid is None:
+        parser.error("soak needs --server-pid")
+    if args.churn_adapters and not args.admin_token:
+        parser.error("--churn-adapters needs --admin-token")
+    result = {"overload": overload, "fairness": fairness, "soak": soak}[args.scenario](args)
+    result = {"scenario": args.scenario, **result}
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
