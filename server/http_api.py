@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +37,7 @@ from .service import (
 REQUEST_ID_HEADER = "x-request-id"
 TIMEOUT_HEADER = "x-request-timeout"  # seconds the client will wait; admission refuses what cannot make it
 MAX_REQUEST_TIMEOUT_S = 24 * 3600
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first" (never seen by it)
 
 
 def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
@@ -170,7 +173,7 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
                               f"{request_id}-{i}", source)
             for i, (ids, source) in enumerate(zip(prompts, _capture_sources(body.prompt, len(prompts))))
         ]
-        return await _respond(service, body, resolved, generations, request_id, _deadline(request),
+        return await _respond(service, request, body, resolved, generations, request_id, _deadline(request),
                               _completion_events,
                               "text_completion", lambda i, text, finish: {
                                   "index": i, "text": text, "logprobs": None, "finish_reason": finish})
@@ -183,7 +186,7 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
         request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("chatcmpl")
         generations = [GenerationRequest(body.model, ids, _options(service, body, len(ids), body.output_token_limit),
                                          request_id, {"messages": body.template_messages()})]
-        return await _respond(service, body, resolved, generations, request_id, _deadline(request),
+        return await _respond(service, request, body, resolved, generations, request_id, _deadline(request),
                               _chat_events,
                               "chat.completion", lambda i, text, finish: {
                                   "index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -270,8 +273,9 @@ def _deadline(request: Request) -> float | None:
     return time.monotonic() + seconds
 
 
-async def _respond(service: GenerationService, body, resolved, generations: list[GenerationRequest],
-                   request_id: str, deadline: float | None, events, object_name: str, make_choice):
+async def _respond(service: GenerationService, request: Request, body, resolved,
+                   generations: list[GenerationRequest], request_id: str, deadline: float | None, events,
+                   object_name: str, make_choice):
     """Run the generations; answer with an SSE stream or one JSON body (both APIs' shared tail)."""
     stream = service.stream_choices(generations, resolved, body.n, deadline)
     headers = {REQUEST_ID_HEADER: request_id}
@@ -279,12 +283,34 @@ async def _respond(service: GenerationService, body, resolved, generations: list
         first = await _prime(stream)
         return StreamingResponse(events(first, stream, request_id, body, generations), headers=headers,
                                  media_type="text/event-stream")
-    texts, _, finish, num_generated = await collect_choices(stream, len(generations) * body.n)
+    collected = await _unless_client_leaves(request, collect_choices(stream, len(generations) * body.n))
+    if collected is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    texts, _, finish, num_generated = collected
     return JSONResponse({
         "id": request_id, "object": object_name, "created": int(time.time()), "model": body.model,
         "choices": [make_choice(i, texts[i], finish[i]) for i in range(len(texts))],
         "usage": usage_counts(generations, num_generated),
     }, headers=headers)
+
+
+async def _unless_client_leaves(request: Request, work, poll_s: float = 0.25):
+    """Await ``work``; if the client disconnects first, cancel it (which aborts the engine
+    requests) and return None. Streams need no such watch: the server cancels them itself."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+    finally:
+        if not task.done():  # this handler itself was cancelled
+            task.cancel()
 
 
 async def _prime(stream: AsyncIterator):

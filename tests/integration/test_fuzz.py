@@ -78,16 +78,24 @@ def body_strategy(openapi: dict, path: str, models: list[str]) -> st.SearchStrat
             body.setdefault("max_tokens", 4)
         return body
 
+    components = openapi["components"]["schemas"]
+    properties = components[schema["$ref"].rsplit("/", 1)[-1]]["properties"]
+    valid = {"model": models[0], "max_tokens": 2}
+    valid.update({"messages": [{"role": "user", "content": "Hi"}]} if "messages" in properties else {"prompt": "Hi"})
+    # a valid body with one field set to a value drawn from that field's schema (or anything)
+    one_field = st.sampled_from(sorted(properties)).flatmap(
+        lambda name: st.builds(lambda value: {**valid, name: value},
+                               from_schema(properties[name], components) | ANY_JSON))
     with_model = st.builds(lambda b, m: {**b, "model": m} if isinstance(b, dict) else b, bodies,
                            st.sampled_from(models) | st.text(max_size=10))
-    return (with_model | bodies | ANY_JSON).map(bounded)
+    return (one_field | with_model | bodies | ANY_JSON).map(bounded)
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_http_fuzz_from_openapi_schema_never_gets_a_5xx(server, openapi, path, base_model_name, adapter_names):
     seen: list[int] = []
 
-    @settings(max_examples=60, deadline=None, database=None,
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(body=body_strategy(openapi, path, [base_model_name, *adapter_names[:2]]))
     def check(body):
@@ -132,7 +140,8 @@ def test_grpc_fuzz_malformed_messages_never_crash_the_server(server, base_model_
     valid = pb.GenerateRequest(model=base_model_name, text="Hi",
                                sampling=pb.SamplingParameters(max_tokens=2, temperature=0)).SerializeToString()
 
-    @settings(max_examples=80, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=80, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
     @given(payload=st.binary(max_size=64) | st.builds(lambda cut, junk: valid[:cut] + junk,
                                                      st.integers(0, len(valid)), st.binary(max_size=8)))
     def check(payload):
