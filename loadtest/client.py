@@ -20,6 +20,7 @@ class RequestResult:
     error: str | None = None       # "http_429", "http_5xx", "timeout", "connection" ...
     ttft_s: float | None = None
     e2e_s: float | None = None
+    error_after_s: float | None = None  # time to an error response (a 429's, say)
     itl_s: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -66,6 +67,7 @@ async def send(client: httpx.AsyncClient, url: str, spec: RequestSpec, sent_at: 
             if response.status_code != 200:
                 await response.aread()
                 result.error = _error_kind(response.status_code)
+                result.error_after_s = time.perf_counter() - start
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):

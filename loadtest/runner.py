@@ -256,3 +256,10 @@ def compare(first: dict, second: dict, stream=sys.stdout) -> dict[str, float | N
 
 def num_requests_for(rate: float, duration_s: float, warmup_s: float) -> int:
     return max(1, math.ceil(rate * (duration_s + warmup_s)) + 1)
+
+
+def closed_loop_requests(concurrency: int, duration_s: float, warmup_s: float,
+                         max_rate_per_worker: float = 100.0) -> int:
+    """Enough requests that closed-loop workers never run out before the time is up (the
+    arrival rate plays no part there)."""
+    return num_requests_for(concurrency * max_rate_per_worker, duration_s, warmup_s)

@@ -66,8 +66,11 @@ def overload(args) -> dict:
         out[label] = {"rate_rps": factor * args.capacity, "sent": len(measured), "completed": summary["completed"],
                       "shed_429": len(shed), "other_errors": summary["failed"] - len(shed),
                       "p99_ttft_ms": _p99_ms(measured, "ttft_s"), "p99_e2e_ms": _p99_ms(measured, "e2e_s"),
-                      "p99_shed_response_ms": 1000 * percentile([r.e2e_s for r in shed if r.e2e_s], 99)
-                      if any(r.e2e_s for r in shed) else None}
+                      "p50_shed_response_ms": 1000 * percentile([r.error_after_s for r in shed], 50)
+                      if shed else None,
+                      "p99_shed_response_ms": 1000 * percentile([r.error_after_s for r in shed], 99)
+                      if shed else None,
+                      "shed_after_queueing": sum(r.error_after_s > 0.5 for r in shed)}
     base, loaded = out["unloaded"], out["overload_3x"]
     out["admitted_p99_e2e_vs_unloaded"] = (loaded["p99_e2e_ms"] / base["p99_e2e_ms"]
                                            if loaded["p99_e2e_ms"] and base["p99_e2e_ms"] else None)
@@ -89,11 +92,14 @@ def fairness(args) -> dict:
     mixed, _, _ = _run(_config(args, models, rate, adapter_mix=f"weights:{f.name}"))
     Path(f.name).unlink()
     cold_set = set(cold)
-    out["cold_alone"] = {"p99_ttft_ms": _p99_ms(alone, "ttft_s"), "p99_e2e_ms": _p99_ms(alone, "e2e_s"),
-                         "errors": sum(not r.ok for r in alone)}
+    alone = [r for r in alone if r.sent_at >= args.warmup]
+    mixed = [r for r in mixed if r.sent_at >= args.warmup]
+    out["cold_alone"] = {"sent": len(alone), "p99_ttft_ms": _p99_ms(alone, "ttft_s"),
+                         "p99_e2e_ms": _p99_ms(alone, "e2e_s"), "errors": sum(not r.ok for r in alone)}
     cold_mixed = [r for r in mixed if r.model in cold_set]
     hot_mixed = [r for r in mixed if r.model == args.hot]
-    out["cold_with_hot"] = {"p99_ttft_ms": _p99_ms(cold_mixed, "ttft_s"), "p99_e2e_ms": _p99_ms(cold_mixed, "e2e_s"),
+    out["cold_with_hot"] = {"sent": len(cold_mixed), "p99_ttft_ms": _p99_ms(cold_mixed, "ttft_s"),
+                            "p99_e2e_ms": _p99_ms(cold_mixed, "e2e_s"),
                             "errors": sum(not r.ok for r in cold_mixed)}
     out["hot"] = {"sent": len(hot_mixed), "completed": sum(r.ok for r in hot_mixed),
                   "shed_429": sum(r.error == "http_429" for r in hot_mixed), "p99_e2e_ms": _p99_ms(hot_mixed, "e2e_s")}

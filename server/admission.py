@@ -13,8 +13,12 @@ rejection, and fair share across adapters. Pure bookkeeping (asyncio only; no en
 - Draining refuses new requests (``Draining``: 503 / UNAVAILABLE) while the admitted ones finish.
 
 Estimates: the service time is an exponentially weighted mean of observed request durations;
-with ``max_concurrent`` running, a request behind ``q`` queued ones waits about
-``(q // max_concurrent + 1) * service_time`` (one wave of completions per service time).
+with every slot busy one frees about every ``service_time / max_concurrent``, so a request with
+``q`` requests granted before it waits about ``(q + 1) * service_time / max_concurrent``, where
+``q`` counts what fair share puts ahead of it (its own adapter's queue, and from each other
+adapter at most as many), not the whole queue. A full queue refuses a newcomer only if its
+adapter already holds its share; otherwise the newest request of the longest queue gives up
+its place (429) — so the hot adapter is the one shed.
 """
 
 from __future__ import annotations
@@ -94,31 +98,40 @@ class AdmissionController:
         self._idle.set()
 
     # -- estimates -----------------------------------------------------------------------------
-    def estimated_wait_s(self) -> float:
-        """Expected queueing delay for a request arriving now (0 while a slot is free)."""
+    def queued_ahead(self, adapter: str) -> int:
+        """Queued requests that fair share would grant before a new one of ``adapter``: its own
+        queue, and from every other adapter at most as many (round robin, which is what the
+        virtual token counters amount to for requests of similar cost; an adapter that was not
+        queued is lifted to the others' counter and wins the tie with its shorter queue)."""
+        own = len(self._queues.get(adapter, ()))
+        return own + sum(min(len(q), own) for a, q in self._queues.items() if a != adapter)
+
+    def estimated_wait_s(self, adapter: str = BASE_MODEL_KEY) -> float:
+        """Expected queueing delay for a request of ``adapter`` arriving now: with every slot
+        busy a slot frees about every ``service_time / max_concurrent``; 0 while one is free."""
         if self.running < self.max_concurrent and self._num_queued == 0:
             return 0.0
         if self.service_time_s is None:
             return 0.0  # nothing observed yet: no basis to refuse on time
-        return (self._num_queued // self.max_concurrent + 1) * self.service_time_s
+        return (self.queued_ahead(adapter) + 1) * self.service_time_s / self.max_concurrent
 
-    def check(self, deadline: float | None) -> None:
-        """Raise ``Draining`` or ``Overloaded`` if a request arriving now cannot be admitted."""
+    def check(self, adapter: str, deadline: float | None) -> None:
+        """Raise ``Draining`` or ``Overloaded`` if a request arriving now cannot be admitted.
+        A full queue only refuses an adapter that holds at least its share of it (see
+        ``_make_room``)."""
         if self.draining:
             raise Draining("the server is shutting down")
-        free = self.running < self.max_concurrent and self._num_queued == 0
-        if not free and self._num_queued >= self.max_queued:
-            wait = self.estimated_wait_s()
+        if self.running < self.max_concurrent and self._num_queued == 0:
+            return  # a slot is free: it starts at once (how long it runs depends on its own length)
+        wait = self.estimated_wait_s(adapter)
+        if self._num_queued >= self.max_queued and self._longest_other_queue(adapter) is None:
             raise Overloaded(f"server overloaded: {self.running} running and {self._num_queued} queued requests",
                              retry_after_s=max(1.0, wait), reason="queue_full")
-        if not free and self.max_queue_wait_s is not None and self.estimated_wait_s() > self.max_queue_wait_s:
-            raise Overloaded(f"server overloaded: estimated wait {self.estimated_wait_s():.2f} s exceeds the "
+        if self.max_queue_wait_s is not None and wait > self.max_queue_wait_s:
+            raise Overloaded(f"server overloaded: estimated wait {wait:.2f} s exceeds the "
                              f"{self.max_queue_wait_s:g} s queueing limit",
-                             retry_after_s=max(1.0, self.estimated_wait_s()), reason="queue_wait")
-        if deadline is not None and not free:
-            # Only a request that would queue is judged: with a slot free it starts at once, and
-            # how long it then runs depends on its own length, which the average does not know.
-            wait = self.estimated_wait_s()
+                             retry_after_s=max(1.0, wait), reason="queue_wait")
+        if deadline is not None:
             needed = wait + (self.service_time_s or 0.0)
             remaining = deadline - self._clock()
             if needed > remaining:
@@ -127,14 +140,38 @@ class AdmissionController:
                     f"{wait:.2f} s + service {self.service_time_s or 0.0:.2f} s)",
                     retry_after_s=max(1.0, wait), reason="deadline")
 
+    def _longest_other_queue(self, adapter: str) -> str | None:
+        """The adapter whose queue is longest, if it holds more than ``adapter`` would with one
+        more request (it then gives up a place when the queue is full); else None."""
+        own = len(self._queues.get(adapter, ()))
+        longest = max((a for a, q in self._queues.items() if a != adapter and q),
+                      key=lambda a: len(self._queues[a]), default=None)
+        if longest is not None and len(self._queues[longest]) > own + 1:
+            return longest
+        return None
+
+    def _make_room(self, adapter: str) -> None:
+        """Full queue: the newest waiter of the longest queue is refused to make room."""
+        victim_adapter = self._longest_other_queue(adapter)
+        if victim_adapter is None:
+            return
+        victim = self._queues[victim_adapter].pop()
+        self._num_queued -= 1
+        if not victim.granted.done():
+            victim.granted.set_exception(Overloaded(
+                "server overloaded: this adapter holds more than its share of the queue",
+                retry_after_s=max(1.0, self.estimated_wait_s(victim_adapter)), reason="queue_full"))
+
     # -- admit / release -----------------------------------------------------------------------
     async def acquire(self, adapter: str, cost: float, deadline: float | None = None) -> Ticket:
         """Admit now, or queue fairly until a slot frees; raises Overloaded/Draining when refused
         (also when the deadline passes while queued)."""
-        self.check(deadline)
+        self.check(adapter, deadline)
         now = self._clock()
         if self.running < self.max_concurrent and self._num_queued == 0:
             return self._grant(adapter, cost, now, now)
+        if self._num_queued >= self.max_queued:
+            self._make_room(adapter)
         queue = self._queues.setdefault(adapter, deque())
         if not queue:
             self._lift(adapter)
@@ -154,7 +191,7 @@ class AdmissionController:
                 self._remove(waiter)
             if isinstance(exc, asyncio.TimeoutError):
                 raise Overloaded("the request's deadline or the queueing limit passed while it was queued",
-                                 retry_after_s=max(1.0, self.estimated_wait_s()), reason="deadline") from None
+                                 retry_after_s=max(1.0, self.estimated_wait_s(adapter)), reason="deadline") from None
             raise
 
     def release(self, ticket: Ticket, service_time_s: float | None) -> None:
@@ -180,7 +217,9 @@ class AdmissionController:
 
     def _grant_next(self) -> None:
         while self.running < self.max_concurrent and self._num_queued:
-            adapter = min((a for a, q in self._queues.items() if q), key=lambda a: self._counters.get(a, 0.0))
+            # smallest counter first; on a tie the shorter queue (the less demanding adapter)
+            adapter = min((a for a, q in self._queues.items() if q),
+                          key=lambda a: (self._counters.get(a, 0.0), len(self._queues[a])))
             waiter = self._queues[adapter].popleft()
             self._num_queued -= 1
             if waiter.granted.cancelled():

@@ -154,3 +154,42 @@ def test_drain_refuses_new_requests_and_waits_for_admitted_ones():
         assert await ctl.wait_idle(0.01)
 
     run(scenario())
+
+
+def test_full_queue_sheds_the_adapter_holding_more_than_its_share():
+    async def scenario():
+        ctl = AdmissionController(max_concurrent=1, max_queued=4)
+        held = await ctl.acquire("hot", 1)
+        hot = [asyncio.ensure_future(ctl.acquire("hot", 1)) for _ in range(4)]
+        await asyncio.sleep(0)
+        cold = asyncio.ensure_future(ctl.acquire("cold", 1))  # queue full, but hot holds all of it
+        await asyncio.sleep(0)
+        assert ctl.stats().queued_per_adapter == {"hot": 3, "cold": 1}
+        with pytest.raises(Overloaded, match="more than its share"):
+            await hot[-1]
+        with pytest.raises(Overloaded, match="overloaded"):  # hot itself cannot push anyone out
+            await ctl.acquire("hot", 1)
+        ctl.release(held, 1.0)
+        assert (await cold).adapter == "cold"  # and it is granted first
+        for task in hot[:-1]:
+            task.cancel()
+
+    run(scenario())
+
+
+def test_wait_estimate_counts_only_what_fair_share_puts_ahead():
+    async def scenario():
+        ctl = AdmissionController(max_concurrent=2, max_queued=100)
+        first = await ctl.acquire("hot", 1)
+        ctl.release(first, 4.0)  # service time 4 s: with 2 slots busy one frees every 2 s
+        held = [await ctl.acquire("hot", 1) for _ in range(2)]
+        waiting = [asyncio.ensure_future(ctl.acquire("hot", 1)) for _ in range(6)]
+        await asyncio.sleep(0)
+        assert ctl.queued_ahead("hot") == 6 and ctl.estimated_wait_s("hot") == pytest.approx(14.0)
+        assert ctl.queued_ahead("cold") == 0 and ctl.estimated_wait_s("cold") == pytest.approx(2.0)
+        for task in waiting:
+            task.cancel()
+        for ticket in held:
+            ctl.release(ticket, 4.0)
+
+    run(scenario())

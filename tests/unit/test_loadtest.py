@@ -105,3 +105,10 @@ def test_plot_is_a_png_with_the_slo_line(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
         assert image.size == (700, 450)
+
+
+def test_closed_loop_gets_enough_requests_whatever_the_rate():
+    from loadtest.runner import closed_loop_requests
+
+    # 4 workers for 35 s never exhaust the sequence, even at 100 requests/s each
+    assert closed_loop_requests(4, 30, 5) >= 4 * 100 * 35
