@@ -53,3 +53,22 @@ def test_capture_dir_records_served_chat_in_training_format(server, client, adap
     chats = [r for r in records if "messages" in r]
     assert {"messages": [*messages, {"role": "assistant", "content": reply.choices[0].message.content}]} in chats
     assert any(r.get("prompt") == "The sky is" and r["completion"] for r in records)
+
+
+def test_same_seed_same_adapter(tmp_path, base_model_dir):
+    from safetensors.torch import load_file
+
+    from server.config import TrainConfig
+    from server.training.trainer import train
+
+    train_path, _ = write_demo_data(tmp_path / "data", num_train=8, num_eval=1, seed=3)
+    weights = []
+    for run in ("a", "b"):
+        config = TrainConfig(train_path=train_path, out_dir=tmp_path / run, rank=4, alpha=8, batch_size=4,
+                             max_length=192, max_steps=2, learning_rate=1e-3, seed=11, target_modules=("q_proj",))
+        train(config, base_model_dir, progress=False)
+        weights.append(load_file(tmp_path / run / "adapter_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    for name, tensor in weights[0].items():
+        assert tensor.equal(weights[1][name]), name
+    assert any(t.abs().sum() > 0 for name, t in weights[0].items() if "lora_B" in name)  # it did train
