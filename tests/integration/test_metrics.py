@@ -125,6 +125,9 @@ def test_stats_summary(server, client, base_model_name):
 
 def test_every_dashboard_metric_exists_in_a_real_scrape(server, client, base_model_name):
     client.completions.create(model=base_model_name, prompt="Hi", max_tokens=2)
+    # a streamed answer of several tokens, so inter-token latency has an observation of its own
+    list(client.completions.create(model=base_model_name, prompt="Hi", max_tokens=4, stream=True,
+                                   extra_body={"ignore_eos": True}))
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     wanted = {m for e in exprs for m in re.findall(r"(?:loraplex|vllm):[a-z0-9_]+", e)}
