@@ -102,30 +102,30 @@ def _to_plan_rows(plan: LoraPlan, t: torch.Tensor) -> torch.Tensor:
     return t if plan.perm is None else t.index_select(0, plan.perm)
 
 
-def _shrink_rows(plan: LoraPlan, xs: torch.Tensor, lora_a: torch.Tensor, ys: torch.Tensor, scale: float) -> None:
-    """ys[row] = scale * xs[row] @ A[slot(row)].T for every plan row; xs/ys in plan rows."""
+def _rows_times_slot_weights(plan: LoraPlan, rows: torch.Tensor, weights: torch.Tensor,
+                             out: torch.Tensor) -> None:
+    """out[row] = rows[row] @ W[slot(row)].T for every plan row (others untouched); ``rows`` [P, K],
+    ``weights`` [S, M, K], ``out`` [P, M]. One matmul per segment, one padded bmm for the small ones."""
     for start, end, slot in plan.segments:
-        torch.mm(xs[start:end], lora_a[slot].t(), out=ys[start:end])
+        torch.mm(rows[start:end], weights[slot].t(), out=out[start:end])
     if plan.batch_slots is not None:
         groups = plan.batch_slots.shape[0]
-        x_pad = xs.index_select(0, plan.batch_gather).view(groups, plan.batch_rows, xs.shape[1])  # [G, L, H]
-        a_sel = lora_a.index_select(0, plan.batch_slots)                                          # [G, R, H]
-        y_pad = torch.bmm(x_pad, a_sel.transpose(1, 2)).view(-1, lora_a.shape[1])                # [G*L, R]
-        ys.index_copy_(0, plan.batch_valid_rows, y_pad.index_select(0, plan.batch_valid_pos))
+        padded = rows.index_select(0, plan.batch_gather).view(groups, plan.batch_rows, rows.shape[1])  # [G, L, K]
+        w_sel = weights.index_select(0, plan.batch_slots)                                              # [G, M, K]
+        result = torch.bmm(padded, w_sel.transpose(1, 2)).view(-1, weights.shape[1])                  # [G*L, M]
+        out.index_copy_(0, plan.batch_valid_rows, result.index_select(0, plan.batch_valid_pos))
+
+
+def _shrink_rows(plan: LoraPlan, xs: torch.Tensor, lora_a: torch.Tensor, ys: torch.Tensor, scale: float) -> None:
+    """ys[row] = scale * xs[row] @ A[slot(row)].T for every plan row; xs/ys in plan rows."""
+    _rows_times_slot_weights(plan, xs, lora_a, ys)
     if scale != 1.0:
         ys.mul_(scale)
 
 
 def _expand_rows(plan: LoraPlan, ys: torch.Tensor, lora_b: torch.Tensor, delta: torch.Tensor) -> None:
     """delta[row] = ys[row] @ B[slot(row)].T for every plan row (other rows stay zero)."""
-    for start, end, slot in plan.segments:
-        torch.mm(ys[start:end], lora_b[slot].t(), out=delta[start:end])
-    if plan.batch_slots is not None:
-        groups = plan.batch_slots.shape[0]
-        y_pad = ys.index_select(0, plan.batch_gather).view(groups, plan.batch_rows, ys.shape[1])  # [G, L, R]
-        b_sel = lora_b.index_select(0, plan.batch_slots)                                          # [G, N, R]
-        pad_delta = torch.bmm(y_pad, b_sel.transpose(1, 2)).view(-1, lora_b.shape[1])            # [G*L, N]
-        delta.index_copy_(0, plan.batch_valid_rows, pad_delta.index_select(0, plan.batch_valid_pos))
+    _rows_times_slot_weights(plan, ys, lora_b, delta)
 
 
 def _apply_delta(plan: LoraPlan, delta: torch.Tensor, target: torch.Tensor, add_inputs: bool,
