@@ -61,7 +61,6 @@ class Ticket:
 
     adapter: str
     cost: float
-    admitted_at: float
     queue_wait_s: float
     released: bool = False
 
@@ -205,15 +204,17 @@ class AdmissionController:
             self.service_time_s = service_time_s if previous is None else (
                 previous + self._smoothing * (service_time_s - previous))
         self._grant_next()
-        if self.running == 0 and self._num_queued == 0:
-            self._idle.set()
+        self._set_idle_if_empty()
 
     def _grant(self, adapter: str, cost: float, enqueued_at: float, now: float) -> Ticket:
         self.running += 1
         self._idle.clear()
         weight = self.adapter_weights.get(adapter, 1.0)
-        self._counters[adapter] = self._counters.get(adapter, self._min_active_counter()) + cost / weight
-        return Ticket(adapter, cost, now, now - enqueued_at)
+        counter = self._counters.get(adapter)
+        if counter is None:  # an adapter's first grant starts at the others' level
+            counter = self._min_active_counter()
+        self._counters[adapter] = counter + cost / weight
+        return Ticket(adapter, cost, now - enqueued_at)
 
     def _grant_next(self) -> None:
         while self.running < self.max_concurrent and self._num_queued:
@@ -231,6 +232,9 @@ class AdmissionController:
         if queue is not None and waiter in queue:
             queue.remove(waiter)
             self._num_queued -= 1
+        self._set_idle_if_empty()
+
+    def _set_idle_if_empty(self) -> None:
         if self.running == 0 and self._num_queued == 0:
             self._idle.set()
 
@@ -255,6 +259,11 @@ class AdmissionController:
             return True
         except asyncio.TimeoutError:
             return False
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for admission."""
+        return self._num_queued
 
     def stats(self) -> AdmissionStats:
         return AdmissionStats(self.running, self._num_queued,

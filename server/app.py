@@ -56,7 +56,7 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
     limits = server_config.admission
     admission = AdmissionController(limits.max_concurrent, limits.max_queued, dict(limits.adapter_weights),
                                     limits.max_queue_wait_s)
-    metrics.track_admission(lambda: admission.running, lambda: admission.stats().queued)
+    metrics.track_admission(lambda: admission.running, lambda: admission.queued)
     service = GenerationService(engine, registry, server_config.limits, metrics, base_model_name,
                                 engine_config.max_model_len, admission, capture)
     return Server(engine, registry, adapters, service)
