@@ -72,7 +72,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, metrics=None
     await context.abort(status_code(status), message)
 
 
-def _capture_source(request) -> dict | None:
+def _prompt_source(request) -> dict | None:
+    """The prompt as the client wrote it, ``{"prompt": text}`` or ``{"messages": [...]}`` (what
+    --capture-dir records too); None for token ids or no prompt."""
     which = request.WhichOneof("prompt")
     if which == "text":
         return {"prompt": request.text}
@@ -89,13 +91,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _check_api_key(self, context) -> None:
         require_api_key(_authorization(context), self.config.api_key)
 
-    def _prompt_ids(self, request) -> list[int]:
-        which = request.WhichOneof("prompt")
-        if which == "text":
-            return self.service.tokenize(request.text)
-        if which == "chat":
-            return self.service.render_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
-        if which == "token_ids":
+    def _prompt_ids(self, request, source: dict | None) -> list[int]:
+        if source is not None and "prompt" in source:
+            return self.service.tokenize(source["prompt"])
+        if source is not None:
+            return self.service.render_chat(source["messages"])
+        if request.WhichOneof("prompt") == "token_ids":
             return list(request.token_ids.ids)
         raise InvalidRequest("a prompt is required: text, chat or token_ids", param="prompt")
 
@@ -104,7 +105,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if not request.model:
             raise InvalidRequest("model is required", param="model")
         resolved = self.service.resolve(request.model)
-        ids = self._prompt_ids(request)
+        source = _prompt_source(request)
+        ids = self._prompt_ids(request, source)
         s = request.sampling
         options = self.service.sampling_options(
             prompt_len=len(ids),
@@ -116,7 +118,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             frequency_penalty=_bounded(s, "frequency_penalty", -2.0, 2.0),
             stream=stream)
         request_id = request.request_id or new_request_id("grpc")
-        return resolved, GenerationRequest(request.model, ids, options, request_id, _capture_source(request))
+        return resolved, GenerationRequest(request.model, ids, options, request_id, source)
 
     async def Generate(self, request, context):
         try:
@@ -152,7 +154,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             self._check_api_key(context)
             self.service.resolve(request.model)
-            return pb.TokenizeResponse(token_ids=self._prompt_ids(request))
+            return pb.TokenizeResponse(token_ids=self._prompt_ids(request, _prompt_source(request)))
         except (RequestError, AdapterError) as exc:
             await _abort(context, exc)
 
@@ -221,9 +223,22 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
     """A request message that does not decode gets INVALID_ARGUMENT from us, rather than grpc's
     own UNKNOWN "Exception deserializing request" (unary requests; streams are left as they are)."""
 
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # per method, built on its first call
+
     async def intercept_service(self, continuation, handler_call_details):
+        wrapped = self._wrapped.get(handler_call_details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None:  # unknown method: not cached, so random names cannot grow the table
+            return None
+        wrapped = self._wrapped[handler_call_details.method] = self._tolerant(handler)
+        return wrapped
+
+    @staticmethod
+    def _tolerant(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_streaming or handler.request_deserializer is None:
             return handler
         decode = handler.request_deserializer
 
