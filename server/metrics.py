@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from loadtest.stats import percentile
+
 PREFIX = "loraplex"
 BASE_ADAPTER_LABEL = ""  # the `adapter` label value for requests to the base model
 OTHER_ADAPTERS_LABEL = "other"
@@ -87,13 +89,8 @@ class StatsWindow:
 
 
 def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """The load tester's percentile (same interpolation), None instead of NaN when empty (JSON)."""
+    return percentile(values, q) if values else None
 
 
 def _summarise(items: list[FinishedRequest], window_s: float) -> dict:

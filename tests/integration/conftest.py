@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.adapters import load_base_model, make_adapter
-from tests.support.server import RunningServer, alive, start_server
+from tests.support.server import RunningServer, alive, scrape, start_server
 
 NUM_ADAPTERS = 9
 ADAPTER_RANK = 8
@@ -85,13 +85,9 @@ def client(server: RunningServer):
 
 def engine_unfinished_requests(server: RunningServer) -> float:
     """The engine's own count of requests it still holds, from a real /metrics scrape."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
-        if family.name == "loraplex:engine_unfinished_requests":
-            return sum(s.value for s in family.samples)
-    raise AssertionError("loraplex:engine_unfinished_requests missing from /metrics")
+    samples = [s for s in scrape(server) if s.name == "loraplex:engine_unfinished_requests"]
+    assert samples, "loraplex:engine_unfinished_requests missing from /metrics"
+    return sum(s.value for s in samples)
 
 
 def wait_until_engine_idle(server: RunningServer, timeout: float = 30) -> float:

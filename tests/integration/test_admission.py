@@ -16,11 +16,10 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.grpc_gen import loraplex_pb2 as pb
 from server.grpc_gen import loraplex_pb2_grpc as pb_grpc
-from tests.support.server import RunningServer, alive, start_server
+from tests.support.server import RunningServer, alive, scrape, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +46,9 @@ def complete(server: RunningServer, model: str, max_tokens: int = 24, headers: d
 
 def outcome_counts(server: RunningServer) -> dict[str, float]:
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text):
-        if family.name == "loraplex:requests":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    outcome = sample.labels["outcome"]
-                    counts[outcome] = counts.get(outcome, 0) + sample.value
+    for sample in scrape(server):
+        if sample.name == "loraplex:requests_total":
+            counts[sample.labels["outcome"]] = counts.get(sample.labels["outcome"], 0) + sample.value
     return counts
 
 

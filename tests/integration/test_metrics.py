@@ -10,19 +10,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.server import scrape
 
 from .conftest import ADMIN_TOKEN, METRICS_MAX_ADAPTERS
 
 pytestmark = pytest.mark.integration
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "loraplex-dashboard.json"
-
-
-def scrape(server) -> list:
-    response = httpx.get(f"{server.url}/metrics")
-    assert response.status_code == 200
-    return [s for family in text_string_to_metric_families(response.text) for s in family.samples]
 
 
 def values(samples, name: str, **labels) -> float:

@@ -96,3 +96,12 @@ def alive(pids: list[int]) -> list[int]:
         if "zombie" not in status.lower():
             running.append(pid)
     return running
+
+
+def scrape(server: RunningServer) -> list:
+    """Every sample of a real ``/metrics`` scrape, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{server.url}/metrics")
+    assert response.status_code == 200
+    return [s for family in text_string_to_metric_families(response.text) for s in family.samples]
