@@ -8,7 +8,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -93,7 +93,7 @@ async def run_with_churn(config: RunConfig, progress=None) -> tuple[list[Request
 async def _send_all(config: RunConfig, progress) -> list[RequestResult]:
     """Open or closed loop over HTTP (OpenAI API) or gRPC, by the target's scheme."""
     check_target(config.url, config.allow_remote)
-    specs = build_requests(config.workload)
+    specs = request_specs(config)
     headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     loop = _closed_loop if config.concurrency else _open_loop
     if config.url.startswith("grpc://"):
@@ -215,7 +215,7 @@ def print_table(result: dict, stream=sys.stdout) -> None:
 
 
 def run_and_report(config: RunConfig, out_dir: Path | None, plot: bool = True) -> dict:
-    num_expected = len([s for s in build_requests(config.workload)
+    num_expected = len([s for s in request_specs(config)
                         if config.concurrency or s.send_at <= config.warmup_s + config.duration_s])
 
     def progress(sent: int, done: int) -> None:
@@ -263,3 +263,13 @@ def closed_loop_requests(concurrency: int, duration_s: float, warmup_s: float,
     """Enough requests that closed-loop workers never run out before the time is up (the
     arrival rate plays no part there)."""
     return num_requests_for(concurrency * max_rate_per_worker, duration_s, warmup_s)
+
+
+def request_specs(config: RunConfig) -> list:
+    """The run's request sequence; a closed loop gets as many as its workers could ever send,
+    whatever ``num_requests`` the workload was sized with for its arrival rate."""
+    workload = config.workload
+    if config.concurrency:
+        workload = replace(workload, num_requests=closed_loop_requests(config.concurrency, config.duration_s,
+                                                                       config.warmup_s))
+    return build_requests(workload)

@@ -209,7 +209,6 @@ def loadtest(args: argparse.Namespace) -> int:
         SLO,
         RunConfig,
         check_target,
-        closed_loop_requests,
         compare,
         num_requests_for,
         run_and_report,
@@ -230,8 +229,7 @@ def loadtest(args: argparse.Namespace) -> int:
         headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         models = tuple(m["id"] for m in httpx.get(f"{args.url}/v1/models", headers=headers).json()["data"])
     workload = WorkloadConfig(
-        models=models, rate=args.rate, num_requests=num_requests_for(args.rate, args.duration, args.warmup)
-        if not args.concurrency else closed_loop_requests(args.concurrency, args.duration, args.warmup),
+        models=models, rate=args.rate, num_requests=num_requests_for(args.rate, args.duration, args.warmup),
         seed=args.seed, burstiness=args.burstiness, adapter_mix=args.adapter_mix, prompt_len=args.prompt_len,
         output_len=args.output_len, prompts_file=args.prompts_file, api=args.api)
     churn = None

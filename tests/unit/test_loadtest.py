@@ -112,3 +112,13 @@ def test_closed_loop_gets_enough_requests_whatever_the_rate():
 
     # 4 workers for 35 s never exhaust the sequence, even at 100 requests/s each
     assert closed_loop_requests(4, 30, 5) >= 4 * 100 * 35
+
+
+def test_closed_loop_specs_ignore_the_rate_sized_request_count():
+    from loadtest.runner import RunConfig, request_specs
+    from loadtest.workload import WorkloadConfig
+
+    workload = WorkloadConfig(models=("m",), rate=0.1, num_requests=2, prompt_len=(1, 1))
+    assert len(request_specs(RunConfig(url="http://127.0.0.1:1", workload=workload, duration_s=1))) == 2
+    closed = RunConfig(url="http://127.0.0.1:1", workload=workload, duration_s=1, concurrency=2)
+    assert len(request_specs(closed)) >= 2 * 100 * 1
