@@ -43,16 +43,13 @@ def mean_loss(causal_lm, features: list[Features], batch_size: int, pad_id: int,
 def generate(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int, device) -> list[str]:
     """Greedy completions of the prompts (left-padded batches)."""
     outputs: list[str] = []
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(examples), batch_size):
-            prompts = [e.prompt for e in examples[start:start + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-            outputs.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = "right"
+    for start in range(0, len(examples), batch_size):
+        prompts = [e.prompt for e in examples[start:start + batch_size]]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        outputs.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     return outputs
 
 
