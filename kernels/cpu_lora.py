@@ -2,16 +2,18 @@
 
 Tokens are grouped by adapter slot once per engine step (:func:`build_plan`); every layer then
 reuses that plan. No per-token weight gathering: each adapter's A/B is used in place by one
-matmul per slot. The plan works in one of two index spaces:
+matmul per segment of tokens. Two kinds of segment:
 
-* contiguous -- every slot's tokens already form one run (prefills, or one adapter): segments are
-                views of the layer's own tensors, nothing is copied;
-* sorted     -- otherwise the tokens that use an adapter are gathered once per call in slot order
-                (``perm``), so each slot is again one contiguous segment, and results are scattered
-                back once.
+* direct   -- a run of at least ``min_group`` consecutive tokens on one slot (a prefill, a long
+              chunk): the matmuls read the layer's own rows and the expand adds straight into
+              the output rows (``addmm_``), nothing is copied;
+* gathered -- tokens of short runs (decode steps) are gathered once per call in slot order; a
+              slot with at least ``min_group`` of them is one matmul, the rest are padded into
+              one ``bmm`` (G slots x L rows); the results go back with one ``index_add_``.
 
-Segments shorter than ``min_group`` (decode tokens of many adapters) are padded into one ``bmm``
-against the gathered per-slot weights (S_small x R x H weights copied, never T x R x H).
+Multi-slice projections (q/k/v, gate/up) shrink once against the slices' A matrices
+concatenated along the rank (``fuse_slices``; the vLLM wrapper caches that per layer), and add
+all slices' deltas in one pass.
 
 The ops compute in the dtype of the weights they are given; :class:`ComputeWeights` keeps float32
 copies of bf16/fp16 adapter weights for CPUs without native bf16 matmuls (3x faster there).
@@ -21,6 +23,7 @@ Tokens on slot -1 are never touched ("no adapter"; vLLM's stock CPU ops index th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +31,7 @@ import torch
 from .reference import NO_ADAPTER, as_3d
 
 DEFAULT_MIN_GROUP = 8
+DEFAULT_MIN_DIRECT_RUN = 32
 
 
 @dataclass
@@ -35,115 +39,238 @@ class LoraPlan:
     """How the tokens of one step map to adapter segments. Built once per step."""
 
     num_tokens: int
-    # Rows of the plan's index space: T (contiguous) or the number of tokens with an adapter.
-    num_rows: int = 0
-    # Token index of each plan row (sorted space); None in contiguous space (row = token).
-    perm: torch.Tensor | None = None
-    # (start, end, slot) over plan rows, one matmul each
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
-    # small segments padded into one bmm: gather index [G*L] into plan rows, valid positions and
-    # the plan rows they fill, and the slot of each padded group [G]
-    batch_gather: torch.Tensor | None = None
-    batch_valid_pos: torch.Tensor | None = None
-    batch_valid_rows: torch.Tensor | None = None
-    batch_slots: torch.Tensor | None = None
-    batch_rows: int = 0  # L, rows per padded group
+    # (start, end, slot) over token rows: long runs, used in place
+    direct_segments: list[tuple[int, int, int]] = field(default_factory=list)
+    # Token of each gathered row [W] (short runs, slot-sorted), None when there are none. Padding
+    # rows of a group repeat one of its tokens; their shrink result is zeroed, so they add nothing.
+    gather: torch.Tensor | None = None
+    # (start, end, slot) over gathered rows: slots with >= min_group short-run tokens
+    gathered_segments: list[tuple[int, int, int]] = field(default_factory=list)
+    # Gathered rows [group_start, group_start + G*L) are G padded groups of L rows, one slot each.
+    group_start: int = 0
+    group_rows: int = 0                           # L
+    group_slots: torch.Tensor | None = None       # [G]
+    group_slots_are_prefix: bool = False          # group_slots == arange(G): weights[:G], no copy
+    padding_rows: torch.Tensor | None = None      # gathered rows that only pad a group
+    real_rows: torch.Tensor | None = None         # gathered rows holding a token (None: all of them)
+    real_tokens: torch.Tensor | None = None       # their tokens (None: ``gather``)
 
     @property
     def has_lora(self) -> bool:
-        return bool(self.segments or self.batch_slots is not None)
+        return bool(self.direct_segments) or self.gather is not None
+
+    @property
+    def num_gathered(self) -> int:
+        return 0 if self.gather is None else int(self.gather.shape[0])
 
 
-def build_plan(token_slots: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP) -> LoraPlan:
-    """Group the tokens of one step by adapter slot (``token_slots`` [T], -1 = no adapter)."""
+def build_plan(token_slots: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP,
+               min_direct_run: int = DEFAULT_MIN_DIRECT_RUN) -> LoraPlan:
+    """Group the tokens of one step by adapter slot (``token_slots`` [T], -1 = no adapter).
+    Runs of at least ``min_direct_run`` tokens are used in place; the rest are gathered, and a
+    slot with at least ``min_group`` gathered tokens gets its own matmul."""
     num_tokens = int(token_slots.shape[0])
-    plan = LoraPlan(num_tokens=num_tokens, num_rows=num_tokens)
+    plan = LoraPlan(num_tokens=num_tokens)
     if num_tokens == 0:
         return plan
-    slots_cpu = token_slots.cpu()
-    values, counts = torch.unique_consecutive(slots_cpu, return_counts=True)
-    runs, start = [], 0
+    values, counts = torch.unique_consecutive(token_slots.cpu(), return_counts=True)
+    short_tokens_per_slot: dict[int, list[int]] = {}
+    start = 0
     for slot, count in zip(values.tolist(), counts.tolist()):
-        if slot != NO_ADAPTER:
-            runs.append((start, start + count, slot))
+        if slot == NO_ADAPTER:
+            pass
+        elif count >= min_direct_run:
+            plan.direct_segments.append((start, start + count, slot))
+        else:
+            short_tokens_per_slot.setdefault(slot, []).extend(range(start, start + count))
         start += count
-    if len({slot for _, _, slot in runs}) < len(runs):
-        # Some slot is split over several runs: work in slot-sorted order.
-        lora_tokens = torch.nonzero(slots_cpu != NO_ADAPTER, as_tuple=False).flatten()
-        order = torch.argsort(slots_cpu[lora_tokens], stable=True)
-        plan.perm = lora_tokens[order]
-        plan.num_rows = int(plan.perm.shape[0])
-        sorted_values, sorted_counts = torch.unique_consecutive(slots_cpu[plan.perm], return_counts=True)
-        runs, start = [], 0
-        for slot, count in zip(sorted_values.tolist(), sorted_counts.tolist()):
-            runs.append((start, start + count, slot))
-            start += count
-    small = []
-    for start, end, slot in runs:
-        (plan.segments if end - start >= min_group else small).append((start, end, slot))
+    if not short_tokens_per_slot:
+        return plan
+
+    gather: list[int] = []
+    small: list[tuple[int, list[int]]] = []
+    for slot in sorted(short_tokens_per_slot):
+        tokens = short_tokens_per_slot[slot]
+        if len(tokens) >= min_group:
+            plan.gathered_segments.append((len(gather), len(gather) + len(tokens), slot))
+            gather.extend(tokens)
+        else:
+            small.append((slot, tokens))
     if small:
-        rows = max(end - start for start, end, _ in small)
-        gather, valid_pos, valid_rows = [], [], []
-        for g, (start, end, _) in enumerate(small):
-            members = list(range(start, end))
-            gather.extend(members + [start] * (rows - len(members)))
-            valid_pos.extend(range(g * rows, g * rows + len(members)))
-            valid_rows.extend(members)
-        plan.batch_gather = torch.tensor(gather, dtype=torch.long)
-        plan.batch_valid_pos = torch.tensor(valid_pos, dtype=torch.long)
-        plan.batch_valid_rows = torch.tensor(valid_rows, dtype=torch.long)
-        plan.batch_slots = torch.tensor([slot for _, _, slot in small], dtype=torch.long)
-        plan.batch_rows = rows
+        small = _pad_to_slot_prefix(small)
+        plan.group_start, plan.group_rows = len(gather), max(len(tokens) for _, tokens in small)
+        padding: list[int] = []
+        filler = next(tokens[0] for _, tokens in small if tokens)  # any token: padding rows add 0
+        for slot, tokens in small:
+            padding.extend(range(len(gather) + len(tokens), len(gather) + plan.group_rows))
+            gather.extend(tokens + [filler] * (plan.group_rows - len(tokens)))
+        group_slots = [slot for slot, _ in small]
+        plan.group_slots = torch.tensor(group_slots, dtype=torch.long)
+        plan.group_slots_are_prefix = group_slots == list(range(len(group_slots)))
+        if padding:
+            plan.padding_rows = torch.tensor(padding, dtype=torch.long)
+            is_real = torch.ones(len(gather), dtype=torch.bool)
+            is_real[plan.padding_rows] = False
+            plan.real_rows = torch.nonzero(is_real).flatten()
+    plan.gather = torch.tensor(gather, dtype=torch.long)
+    if plan.real_rows is not None:
+        plan.real_tokens = plan.gather[plan.real_rows]
     return plan
 
 
-def _to_plan_rows(plan: LoraPlan, t: torch.Tensor) -> torch.Tensor:
-    """Token-indexed rows -> plan rows (a gather in sorted space, a view otherwise)."""
-    return t if plan.perm is None else t.index_select(0, plan.perm)
+def _pad_to_slot_prefix(small: list[tuple[int, list[int]]]) -> list[tuple[int, list[int]]]:
+    """Groups for slots 0..max_slot (empty ones for absent slots) when that at most doubles their
+    number: the batched matmuls then take the weights ``[:G]`` as a view instead of copying them."""
+    num_slots = max(slot for slot, _ in small) + 1
+    if num_slots == len(small) or num_slots > 2 * len(small):
+        return small
+    tokens_of = dict(small)
+    return [(slot, tokens_of.get(slot, [])) for slot in range(num_slots)]
 
 
-def _rows_times_slot_weights(plan: LoraPlan, rows: torch.Tensor, weights: torch.Tensor,
-                             out: torch.Tensor) -> None:
-    """out[row] = rows[row] @ W[slot(row)].T for every plan row (others untouched); ``rows`` [P, K],
-    ``weights`` [S, M, K], ``out`` [P, M]. One matmul per segment, one padded bmm for the small ones."""
-    for start, end, slot in plan.segments:
-        torch.mm(rows[start:end], weights[slot].t(), out=out[start:end])
-    if plan.batch_slots is not None:
-        groups = plan.batch_slots.shape[0]
-        padded = rows.index_select(0, plan.batch_gather).view(groups, plan.batch_rows, rows.shape[1])  # [G, L, K]
-        w_sel = weights.index_select(0, plan.batch_slots)                                              # [G, M, K]
-        result = torch.bmm(padded, w_sel.transpose(1, 2)).view(-1, weights.shape[1])                  # [G*L, M]
-        out.index_copy_(0, plan.batch_valid_rows, result.index_select(0, plan.batch_valid_pos))
+class Workspace:
+    """Growing scratch buffers by (purpose, dtype), reused call after call (no allocation once warm).
+    Contents are left as they were: every op writes the rows it reads."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def empty(self, rows: int, cols: int, dtype: torch.dtype, key: str) -> torch.Tensor:
+        numel = rows * cols
+        buffer = self._buffers.get((key, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype)
+            self._buffers[(key, dtype)] = buffer
+        return buffer[:numel].view(rows, cols)
 
 
-def _shrink_rows(plan: LoraPlan, xs: torch.Tensor, lora_a: torch.Tensor, ys: torch.Tensor, scale: float) -> None:
-    """ys[row] = scale * xs[row] @ A[slot(row)].T for every plan row; xs/ys in plan rows."""
-    _rows_times_slot_weights(plan, xs, lora_a, ys)
+def _group_weights(plan: LoraPlan, weights: torch.Tensor) -> torch.Tensor:
+    """The groups' slot weights [G, M, K]: a view when the groups are slots 0..G-1."""
+    if plan.group_slots_are_prefix:
+        return weights[: plan.group_slots.shape[0]]
+    return weights.index_select(0, plan.group_slots)
+
+
+def _shrink(plan: LoraPlan, x: torch.Tensor, lora_a: torch.Tensor, scale: float,
+            workspace: Workspace) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Semantics: y[t] = scale * x[t] @ lora_a[slot[t]].T, returned as (direct rows [T, R] valid on
+    the direct segments, gathered rows [W, R]; padding rows 0). x [T, H]; lora_a [S, R, H]."""
+    rank = lora_a.shape[1]
+    lora_a_t = lora_a.transpose(1, 2)                                                                 # [S, H, R]
+    y_direct = y_gathered = None
+    if plan.direct_segments:
+        y_direct = workspace.empty(plan.num_tokens, rank, lora_a.dtype, key="shrink-direct")
+        for start, end, slot in plan.direct_segments:
+            torch.mm(x[start:end], lora_a_t[slot], out=y_direct[start:end])
+    if plan.gather is not None:
+        x_gathered = torch.index_select(x, 0, plan.gather,
+                                        out=workspace.empty(plan.num_gathered, x.shape[1], x.dtype, key="gather"))
+        y_gathered = workspace.empty(plan.num_gathered, rank, lora_a.dtype, key="shrink-gathered")
+        for start, end, slot in plan.gathered_segments:
+            torch.mm(x_gathered[start:end], lora_a_t[slot], out=y_gathered[start:end])
+        if plan.group_slots is not None:
+            groups = plan.group_slots.shape[0]
+            rows = x_gathered[plan.group_start:].view(groups, plan.group_rows, x.shape[1])           # [G, L, H]
+            torch.bmm(rows, _group_weights(plan, lora_a_t),
+                      out=y_gathered[plan.group_start:].view(groups, plan.group_rows, rank))          # [G, L, R]
+            if plan.padding_rows is not None:
+                y_gathered.index_fill_(0, plan.padding_rows, 0)
     if scale != 1.0:
-        ys.mul_(scale)
+        for y in (y_direct, y_gathered):
+            if y is not None:
+                y.mul_(scale)
+    return y_direct, y_gathered
 
 
-def _expand_rows(plan: LoraPlan, ys: torch.Tensor, lora_b: torch.Tensor, delta: torch.Tensor) -> None:
-    """delta[row] = ys[row] @ B[slot(row)].T for every plan row (other rows stay zero)."""
-    _rows_times_slot_weights(plan, ys, lora_b, delta)
+def _expand(plan: LoraPlan, y_direct: torch.Tensor | None, y_gathered: torch.Tensor | None,
+            lora_b_slices: Sequence[torch.Tensor], rank_offsets: Sequence[int], target: torch.Tensor,
+            workspace: Workspace) -> None:
+    """Semantics, for every slice i (columns ``col_i:col_i+N_i`` of ``target`` [T, sum N_i]):
+        target[t, col_i:col_i+N_i] += y[t, r_i:r_i+R_i] @ lora_b_i[slot[t]].T   for tokens with an adapter
+    y_direct / y_gathered as :func:`_shrink` returns them; lora_b_i [S, N_i, R_i]."""
+    same_dtype = target.dtype == lora_b_slices[0].dtype
+    one_slice = len(lora_b_slices) == 1
+    col = 0
+    for lora_b, rank_start in zip(lora_b_slices, rank_offsets):
+        width, rank = lora_b.shape[1], lora_b.shape[2]
+        if plan.direct_segments:
+            # Column views made once per slice, not per segment (each view costs a dispatch).
+            target_cols = target if one_slice else target[:, col:col + width]
+            y_cols = y_direct if one_slice else y_direct[:, rank_start:rank_start + rank]
+            lora_b_t = lora_b.transpose(1, 2)                                                       # [S, R, N]
+            for start, end, slot in plan.direct_segments:
+                if same_dtype:
+                    target_cols[start:end].addmm_(y_cols[start:end], lora_b_t[slot])
+                else:
+                    target_cols[start:end] += torch.mm(y_cols[start:end], lora_b_t[slot])
+        col += width
+    if plan.gather is None:
+        return
+    delta = workspace.empty(plan.num_gathered, target.shape[1], lora_b_slices[0].dtype, key="delta")  # [W, sum N]
+    col = 0
+    for lora_b, rank_start in zip(lora_b_slices, rank_offsets):
+        width, rank = lora_b.shape[1], lora_b.shape[2]
+        y = y_gathered if one_slice else y_gathered[:, rank_start:rank_start + rank]
+        delta_cols = delta if one_slice else delta[:, col:col + width]
+        lora_b_t = lora_b.transpose(1, 2)                                                           # [S, R, N]
+        for start, end, slot in plan.gathered_segments:
+            torch.mm(y[start:end], lora_b_t[slot], out=delta_cols[start:end])
+        if plan.group_slots is not None:
+            groups = plan.group_slots.shape[0]
+            y_groups = y[plan.group_start:].view(groups, plan.group_rows, rank)                      # [G, L, R]
+            delta_groups = delta[plan.group_start:].view(groups, plan.group_rows, -1)                # [G, L, sum N]
+            if one_slice:
+                torch.bmm(y_groups, _group_weights(plan, lora_b_t), out=delta_groups)                 # [G, L, N]
+            else:  # a strided bmm output is slow: multiply, then copy into the slice's columns
+                delta_groups[..., col:col + width].copy_(torch.bmm(y_groups, _group_weights(plan, lora_b_t)))
+        col += width
+    target.index_add_(0, plan.gather, delta if same_dtype else delta.to(target.dtype))
 
 
-def _apply_delta(plan: LoraPlan, delta: torch.Tensor, target: torch.Tensor, add_inputs: bool,
-                 workspace: "Workspace") -> None:
-    """target[t] (+)= delta of t's plan row; one dtype conversion for the whole call."""
-    if plan.perm is not None:
-        full = workspace.zeros(plan.num_tokens, delta.shape[1], delta.dtype, key="scatter")
-        full.index_copy_(0, plan.perm, delta)
-        delta = full
-    rows = target[: plan.num_tokens]
-    if add_inputs:
-        rows += delta
-    else:
-        rows.copy_(delta)
+def fuse_slices(lora_a_slices: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The slices' A matrices concatenated along the rank: [S, sum R_i, H] (one shrink for all
+    slices). A single slice is returned as it is (no copy) when already in ``dtype``."""
+    slices = [as_3d(a) for a in lora_a_slices]
+    dtype = dtype or slices[0].dtype
+    if len(slices) == 1:
+        return slices[0].to(dtype)
+    return torch.cat([a.to(dtype) for a in slices], dim=1)
+
+
+def _token_rows(plan: LoraPlan, t: torch.Tensor) -> torch.Tensor:
+    """The step's token rows of ``t`` (vLLM may hand over buffers with spare rows)."""
+    return t if t.shape[0] == plan.num_tokens else t[: plan.num_tokens]
+
+
+def add_lora_linear(plan: LoraPlan, out: torch.Tensor, x: torch.Tensor, lora_a_slices, lora_b_slices,
+                    scale: float, output_slices, offset_start: int = 0, workspace: Workspace | None = None,
+                    fused_lora_a: torch.Tensor | None = None) -> None:
+    """Multi-slice form; same semantics as ``reference.add_lora_linear``:
+        out[t, off_i:off_i+N_i] += scale * x[t] @ A_i[slot[t]].T @ B_i[slot[t]].T   (slot[t] >= 0)
+    x [T, H]; A_i [S, R, H]; B_i [S, N_i, R]; ``fused_lora_a`` = ``fuse_slices(lora_a_slices)`` if
+    the caller keeps it. Computed in the dtype of the weights.
+    """
+    if not plan.has_lora:
+        return
+    workspace = workspace or Workspace()
+    lora_a = fused_lora_a if fused_lora_a is not None else fuse_slices(lora_a_slices)
+    lora_b_slices = [as_3d(b) for b in lora_b_slices]
+    rank_offsets, rank_start = [], 0
+    for lora_b in lora_b_slices:
+        rank_offsets.append(rank_start)
+        rank_start += lora_b.shape[2]
+    widths = sum(output_slices)
+    if widths != sum(b.shape[1] for b in lora_b_slices):
+        raise ValueError(f"output_slices {tuple(output_slices)} do not match the B widths")
+    y_direct, y_gathered = _shrink(plan, _token_rows(plan, x).to(lora_a.dtype), lora_a, scale, workspace)
+    target = _token_rows(plan, out)
+    if offset_start or widths != target.shape[1]:
+        target = target[:, offset_start:offset_start + widths]
+    _expand(plan, y_direct, y_gathered, lora_b_slices, rank_offsets, target, workspace)
 
 
 def lora_shrink(plan: LoraPlan, x: torch.Tensor, lora_a: torch.Tensor, y: torch.Tensor, scale: float,
-                workspace: "Workspace | None" = None) -> None:
+                workspace: Workspace | None = None) -> None:
     """Semantics (in place on ``y`` [T, R], rows of no-adapter tokens left as they are):
         y[t] = scale * x[t] @ lora_a[slot[t]].T     for every token with slot[t] >= 0
     x [T, H_in]; lora_a [S, R, H_in] (or [S, 1, R, H_in]); computed in lora_a's dtype.
@@ -151,71 +278,57 @@ def lora_shrink(plan: LoraPlan, x: torch.Tensor, lora_a: torch.Tensor, y: torch.
     if not plan.has_lora:
         return
     lora_a = as_3d(lora_a)
-    xs = _to_plan_rows(plan, x.to(lora_a.dtype))
-    if plan.perm is None and y.dtype == lora_a.dtype and y.is_contiguous():
-        _shrink_rows(plan, xs, lora_a, y, scale)
-        return
-    ys = (workspace or Workspace()).zeros(plan.num_rows, lora_a.shape[1], lora_a.dtype, key="shrink")
-    _shrink_rows(plan, xs, lora_a, ys, scale)
-    if plan.perm is None:
-        rows = torch.cat([torch.arange(s, e) for s, e, _ in plan.segments]
-                         + ([plan.batch_valid_rows] if plan.batch_slots is not None else []))
-        y.index_copy_(0, rows, ys.index_select(0, rows).to(y.dtype))
-    else:
-        y.index_copy_(0, plan.perm, ys.to(y.dtype))
+    y_direct, y_gathered = _shrink(plan, _token_rows(plan, x).to(lora_a.dtype), lora_a, scale,
+                                   workspace or Workspace())
+    for start, end, _ in plan.direct_segments:
+        y[start:end].copy_(y_direct[start:end])
+    if y_gathered is not None:
+        if plan.real_rows is not None:
+            y.index_copy_(0, plan.real_tokens, y_gathered.index_select(0, plan.real_rows).to(y.dtype))
+        else:
+            y.index_copy_(0, plan.gather, y_gathered.to(y.dtype))
 
 
 def lora_expand(plan: LoraPlan, y: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, offset: int,
-                add_inputs: bool = True, workspace: "Workspace | None" = None) -> None:
+                add_inputs: bool = True, workspace: Workspace | None = None) -> None:
     """Semantics (in place on ``out`` [T, >= offset + N]):
         out[t, offset:offset+N] (+)= y[t] @ lora_b[slot[t]].T   for every token with slot[t] >= 0
     y [T, R] (any float dtype); lora_b [S, N, R] (or [S, 1, N, R]); computed in lora_b's dtype.
     ``add_inputs=False`` overwrites the slice (zero for no-adapter tokens).
     """
     lora_b = as_3d(lora_b)
-    width = lora_b.shape[1]
-    target = out[:, offset:offset + width]
+    target = _token_rows(plan, out)[:, offset:offset + lora_b.shape[1]]
+    if not add_inputs:
+        target.zero_()
     if not plan.has_lora:
-        if not add_inputs:
-            target.zero_()
         return
-    workspace = workspace or Workspace()
-    ys = _to_plan_rows(plan, y.to(lora_b.dtype))
-    delta = workspace.zeros(plan.num_rows, width, lora_b.dtype, key="delta")                   # [rows, N]
-    _expand_rows(plan, ys, lora_b, delta)
-    _apply_delta(plan, delta, target, add_inputs, workspace)
-
-
-class Workspace:
-    """Growing scratch buffers by (purpose, dtype), reused call after call (no allocation once warm)."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-    def zeros(self, rows: int, cols: int, dtype: torch.dtype, key: str) -> torch.Tensor:
-        numel = rows * cols
-        buffer = self._buffers.get((key, dtype))
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype)
-            self._buffers[(key, dtype)] = buffer
-        return buffer[:numel].view(rows, cols).zero_()
+    y = _token_rows(plan, y).to(lora_b.dtype)
+    y_gathered = None
+    if plan.gather is not None:
+        y_gathered = y.index_select(0, plan.gather)
+        if plan.padding_rows is not None:
+            y_gathered.index_fill_(0, plan.padding_rows, 0)
+    _expand(plan, y, y_gathered, [lora_b], [0], target, workspace or Workspace())
 
 
 class PerTensorCache:
-    """``fn(tensor)`` computed once per tensor and reused until the tensor is written in place
-    (its version counter changes), as vLLM does when it loads new weights into a slot buffer.
-    Holding the tensor keeps its ``id`` from being reused by another one."""
+    """``fn(tensors)`` computed once per tensor (or tuple of tensors) and reused until one of them
+    is written in place (its version counter changes), as vLLM does when it loads new weights
+    into a slot buffer. Holding the tensors keeps their ``id`` from being reused by others."""
 
     def __init__(self, fn) -> None:
         self._fn = fn
-        self._cache: dict[int, tuple[int, torch.Tensor, object]] = {}
+        self._cache: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[torch.Tensor, ...], object]] = {}
 
-    def __call__(self, tensor: torch.Tensor):
-        hit = self._cache.get(id(tensor))
-        if hit is not None and hit[0] == tensor._version and hit[1] is tensor:
+    def __call__(self, tensors):
+        group = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        key = tuple(id(t) for t in group)
+        versions = tuple(t._version for t in group)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == versions and all(a is b for a, b in zip(hit[1], group)):
             return hit[2]
-        value = self._fn(tensor)
-        self._cache[id(tensor)] = (tensor._version, tensor, value)
+        value = self._fn(tensors)
+        self._cache[key] = (versions, group, value)
         return value
 
 
@@ -227,6 +340,11 @@ class ComputeWeights:
         self.enabled = enabled
         self._copies = PerTensorCache(lambda weights: weights.float())
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype every weight is computed in (None: each weight's own)."""
+        return torch.float32 if self.enabled else None
+
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
         if not self.enabled or weights.dtype == torch.float32:
             return weights
@@ -236,26 +354,3 @@ class ComputeWeights:
 def native_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 / AMX); otherwise fp32 is faster."""
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-
-
-def add_lora_linear(plan: LoraPlan, out: torch.Tensor, x: torch.Tensor, lora_a_slices, lora_b_slices,
-                    scale: float, output_slices, offset_start: int = 0, workspace: Workspace | None = None) -> None:
-    """Multi-slice form; same semantics as ``reference.add_lora_linear``.
-
-    The activations are moved into plan rows once for all slices; each slice's shrink feeds its
-    expand directly in plan rows.
-    """
-    if not plan.has_lora:
-        return
-    workspace = workspace or Workspace()
-    dtype = lora_a_slices[0].dtype
-    xs = _to_plan_rows(plan, x.to(dtype))
-    rank = as_3d(lora_a_slices[0]).shape[1]
-    offset = offset_start
-    for lora_a, lora_b, width in zip(lora_a_slices, lora_b_slices, output_slices, strict=True):
-        ys = workspace.zeros(plan.num_rows, rank, dtype, key="shrink")
-        _shrink_rows(plan, xs, as_3d(lora_a), ys, scale)
-        delta = workspace.zeros(plan.num_rows, width, dtype, key="delta")
-        _expand_rows(plan, ys, as_3d(lora_b), delta)
-        _apply_delta(plan, delta, out[:, offset:offset + width], True, workspace)
-        offset += width

@@ -64,7 +64,10 @@ def _wrapper_classes():
             self._plan = cpu_lora.build_plan(torch.empty(0, dtype=torch.long))
             self._compute = cpu_lora.ComputeWeights(enabled=not cpu_lora.native_bf16_matmul())
             self._workspace = cpu_lora.Workspace()
-            # Slots whose lm_head B is not all zero, per stacked B buffer.
+            # Each layer's A slices concatenated along the rank (one shrink for q/k/v or gate/up).
+            self._fused_lora_a = cpu_lora.PerTensorCache(
+                lambda slices: cpu_lora.fuse_slices(slices, self._compute.dtype))
+            # Slots whose B is not all zero, per stacked B buffer (lm_head and embedding LoRA).
             self._slots_with_weights = cpu_lora.PerTensorCache(
                 lambda b: torch.nonzero(b.reshape(b.shape[0], -1).abs().amax(dim=1) > 0).flatten().tolist())
 
@@ -90,26 +93,42 @@ def _wrapper_classes():
 
         def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                             **kwargs):
-            cpu_lora.add_lora_linear(self._plan, y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]),
-                                     [self._compute(a) for a in lora_a_stacked],
+            cpu_lora.add_lora_linear(self._plan, y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), lora_a_stacked,
                                      [self._compute(b) for b in lora_b_stacked], scale, output_slices,
-                                     workspace=self._workspace)
+                                     workspace=self._workspace, fused_lora_a=self._fused_lora_a(lora_a_stacked))
+            return y
+
+        def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
+            """Embedding LoRA (``x`` holds each token's row of its adapter's embedding A). Skipped for
+            slots whose B is all zero: adapters without embedding weights, the common case."""
+            plan = self._plan_for_slots_with_weights(self.token_lora_indices, lora_b_stacked)
+            if plan is not None:
+                cpu_lora.lora_expand(plan, x.view(-1, x.shape[-1]), self._compute(lora_b_stacked),
+                                     y.view(-1, y.shape[-1]), 0, add_inputs, workspace=self._workspace)
+            elif not add_inputs:
+                y.zero_()
             return y
 
         def add_lora_logits(self, y, x, lora_a_stacked, lora_b_stacked, scale, *, buffer=None, **kwargs):
             """lm_head LoRA over the sampled tokens. Slots whose lm_head B is all zero (adapters
             that do not target lm_head: the common case) are skipped, so it usually costs nothing."""
-            active = self._slots_with_weights(lora_b_stacked)
-            if not active:
+            plan = self._plan_for_slots_with_weights(self.sampler_indices, lora_b_stacked)
+            if plan is None:
                 return y
-            slots = self.sampler_indices
-            slots = torch.where(torch.isin(slots, torch.tensor(active, dtype=slots.dtype)), slots, -1)
             y2 = y.view(-1, y.shape[-1])
             width = min(lora_b_stacked.shape[-2], y2.shape[-1])
-            cpu_lora.add_lora_linear(cpu_lora.build_plan(slots), y2, x.view(-1, x.shape[-1]),
+            cpu_lora.add_lora_linear(plan, y2, x.view(-1, x.shape[-1]),
                                      [self._compute(lora_a_stacked)], [self._compute(lora_b_stacked)[..., :width, :]],
                                      scale, [width], workspace=self._workspace)
             return y
+
+        def _plan_for_slots_with_weights(self, slots, lora_b_stacked):
+            """A plan over the tokens whose slot has a non-zero B in ``lora_b_stacked`` (None: no such token)."""
+            active = self._slots_with_weights(lora_b_stacked)
+            if not active:
+                return None
+            with_weights = torch.isin(slots, torch.tensor(active, dtype=slots.dtype))
+            return cpu_lora.build_plan(torch.where(with_weights, slots, -1))
 
     return {"LoraplexPunicaWrapperCPU": LoraplexPunicaWrapperCPU}
 

@@ -12,6 +12,9 @@ pytestmark = pytest.mark.integration
 
 PROMPT = "The capital of France is"
 NUM_TOKENS = 8
+LONG_PROMPT = ("Paris is the capital and largest city of France. It is known for the Eiffel Tower, the Louvre "
+               "museum, its cafes and its long history as a centre of art, fashion and science. The river that "
+               "flows through the city is called the")
 
 
 def complete(client, model: str, prompt: str = PROMPT, max_tokens: int = NUM_TOKENS, **kwargs) -> str:
@@ -81,6 +84,10 @@ def test_adapters_change_output_and_match_hf_peft(client, base_model_name, adapt
         assert texts[name] != base_text, f"{name} gave the base model's output: adapter not applied"
     first, second = adapter_names[:2]
     assert texts[first] != texts[second]
+    # A prompt long enough for the kernels' in-place path (a long run of one slot), not the gathered one.
+    assert len(hf_tokenizer(LONG_PROMPT).input_ids) >= 48
+    expected = greedy_with_adapter(hf_base_model, hf_tokenizer, adapter_dir / first, LONG_PROMPT, NUM_TOKENS)
+    assert complete(client, first, LONG_PROMPT) == hf_tokenizer.decode(expected)
 
 
 def test_concurrent_requests_across_adapters_all_succeed(server, client, base_model_name, adapter_names):

@@ -29,6 +29,23 @@ def test_add_lora_linear_matches_reference(rank, num_tokens, num_adapters, popul
 
 
 @pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("num_tokens", (7, 600))
+def test_float32_compute_on_bfloat16_activations(num_tokens, popularity):
+    """What the vLLM wrapper does on CPUs without native bf16: bf16 activations and output,
+    float32 copies of the weights (A fused over the slices)."""
+    slots = token_slots(num_tokens, 4, popularity, seed=num_tokens)
+    lora_a, lora_b = make_weights(4, 16, torch.bfloat16, seed=num_tokens)
+    x = torch.randn(num_tokens, HIDDEN_IN).to(torch.bfloat16)
+    base = torch.randn(num_tokens, sum(SLICE_WIDTHS)).to(torch.bfloat16)
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 1.0, SLICE_WIDTHS)
+    actual = base.clone()
+    cpu_lora.add_lora_linear(cpu_lora.build_plan(slots), actual, x, lora_a, [b.float() for b in lora_b], 1.0,
+                             SLICE_WIDTHS, fused_lora_a=cpu_lora.fuse_slices(lora_a, torch.float32))
+    torch.testing.assert_close(actual, expected, **tolerances(torch.bfloat16))
+    assert torch.equal(actual[slots == -1], base[slots == -1])
+
+
+@pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("num_tokens", (7, 128))
 def test_shrink_and_expand_separately(num_tokens, popularity, dtype):
     """The split form vLLM's row/column-parallel layers use (shrink into a buffer, then expand)."""
@@ -46,16 +63,28 @@ def test_shrink_and_expand_separately(num_tokens, popularity, dtype):
 
 
 def test_plan_kinds():
-    prefill = torch.tensor([2] * 20 + [-1] * 5 + [0] * 9)
-    plan = cpu_lora.build_plan(prefill)
-    assert plan.perm is None  # every slot is one run: views, no gather
-    assert plan.segments == [(0, 20, 2), (25, 34, 0)] and plan.batch_slots is None
+    prefill = torch.tensor([2] * 20 + [-1] * 5 + [0] * 9 + [2] * 8)
+    plan = cpu_lora.build_plan(prefill, min_direct_run=8)
+    # long runs are used in place, even when a slot has two of them; nothing is gathered
+    assert plan.direct_segments == [(0, 20, 2), (25, 34, 0), (34, 42, 2)] and plan.gather is None
     decode = torch.tensor([0, 1, 0, 1, 2, -1, 0, 1] * 2)
     plan = cpu_lora.build_plan(decode, min_group=4)
-    assert plan.perm is not None and plan.num_rows == 14  # slot-sorted, the -1 tokens left out
-    assert plan.perm.tolist() == [0, 2, 6, 8, 10, 14, 1, 3, 7, 9, 11, 15, 4, 12]
-    assert plan.segments == [(0, 6, 0), (6, 12, 1)]
-    assert plan.batch_slots.tolist() == [2] and plan.batch_rows == 2
+    assert not plan.direct_segments and plan.num_gathered == 14  # slot-sorted, the -1 tokens left out
+    assert plan.gather.tolist() == [0, 2, 6, 8, 10, 14, 1, 3, 7, 9, 11, 15, 4, 12]
+    assert plan.gathered_segments == [(0, 6, 0), (6, 12, 1)]
+    assert plan.group_slots.tolist() == [2] and plan.group_rows == 2 and plan.padding_rows is None
+    mixed = torch.tensor([3] * 10 + [1, 0, 1, 1, 0, 2])  # a prefill chunk, then decode tokens
+    plan = cpu_lora.build_plan(mixed, min_direct_run=8)
+    assert plan.direct_segments == [(0, 10, 3)] and plan.group_rows == 3
+    assert plan.group_slots.tolist() == [0, 1, 2] and plan.group_slots_are_prefix
+    # groups padded to 3 rows (padding repeats some token: its shrink result is zeroed)
+    assert plan.gather.tolist() == [11, 14, 11, 10, 12, 13, 15, 11, 11]
+    assert plan.padding_rows.tolist() == [2, 7, 8] and plan.real_tokens.tolist() == [11, 14, 10, 12, 13, 15]
+    # slots 0 and 3 only: empty groups for 1 and 2 make the weights a view [:4] (not a copy)
+    plan = cpu_lora.build_plan(torch.tensor([3, 0, 3]))
+    assert plan.group_slots.tolist() == [0, 1, 2, 3] and plan.group_slots_are_prefix
+    assert plan.real_tokens.tolist() == [1, 0, 2] and plan.num_gathered == 8
+    assert cpu_lora.build_plan(torch.tensor([9, 0])).group_slots.tolist() == [0, 9]  # too sparse to pad
     assert not cpu_lora.build_plan(torch.full((5,), -1)).has_lora
 
 

@@ -31,6 +31,8 @@ def test_wrapper_api_has_not_moved():
         "add_expand": ["self", "y", "x", "lora_b_stacked", "output_slices", "offset_start", "add_inputs", "kwargs"],
         "add_lora_linear": ["self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "output_slices",
                             "buffer", "kwargs"],
+        "add_lora_embedding": ["self", "y", "x", "lora_b_stacked", "add_inputs", "kwargs"],
+        "add_lora_logits": ["self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "buffer", "kwargs"],
     }
     for method, params in expected.items():
         assert list(inspect.signature(getattr(PunicaWrapperCPU, method)).parameters) == params, method
@@ -153,3 +155,19 @@ def test_lm_head_lora_matches_stock_and_skips_zero_slots():
     torch.testing.assert_close(actual[[0, 1, 3]], from_stock[[0, 1, 3]], atol=1e-4, rtol=1e-4)
     lora_b.zero_()  # in place: the version counter changes, the cache must notice
     assert torch.equal(ours.add_lora_logits(logits.clone(), x, lora_a, lora_b, 1.0), logits)
+
+
+@pytest.mark.parametrize("is_prefill", [True, False])
+def test_embedding_lora_matches_stock_and_skips_zero_slots(is_prefill):
+    index_mapping = (5, 5, 6, 0, 6, 5)
+    stock, ours = _both_wrappers(index_mapping, [5, 6], is_prefill)
+    lora_b = torch.randn(2, 1, 32, 8)  # [S, 1, hidden, R]
+    x = torch.randn(6, 8)  # each token's row of its adapter's embedding A
+    embeddings = torch.randn(6, 32)
+    from_stock = embeddings.clone()
+    stock.add_lora_embedding(from_stock, x, lora_b, add_inputs=True)
+    actual = ours.add_lora_embedding(embeddings.clone(), x, lora_b, add_inputs=True)
+    torch.testing.assert_close(actual[[0, 1, 2, 4, 5]], from_stock[[0, 1, 2, 4, 5]], atol=1e-4, rtol=1e-4)
+    assert torch.equal(actual[3], embeddings[3])  # no adapter: untouched
+    lora_b.zero_()  # adapters without embedding weights: nothing to add
+    assert torch.equal(ours.add_lora_embedding(embeddings.clone(), x, lora_b), embeddings)
