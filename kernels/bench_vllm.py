@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ("base", "vllm", "loraplex")
+CONFIGS = ("base", "loraplex", "vllm")  # base and ours side by side in time
 
 
 def make_prompts(num_requests: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -156,10 +156,15 @@ def main(argv: list[str] | None = None) -> int:
             runs.setdefault(config, []).append(run)
             print(f"{config:>9} (run {repeat + 1}/{args.repeats}): {run['output_throughput']:8.1f} output tok/s  "
                   f"{run['request_throughput']:6.2f} req/s  mean TTFT {run['mean_ttft_ms']:8.1f} ms", flush=True)
-    # Each configuration's median run by throughput (the configurations alternate, so a slow
-    # spell of a shared machine does not land on one of them only).
+    # Each configuration's median run by throughput; ratios are the median of each repeat's ratio
+    # (the configurations alternate, so a slow spell of a shared machine lands on one repeat's
+    # pair, not on one configuration).
     results = {config: sorted(config_runs, key=lambda r: r["output_throughput"])[len(config_runs) // 2]
                for config, config_runs in runs.items()}
+
+    def median_ratio(numerator: str, denominator: str) -> float:
+        return statistics.median(a["output_throughput"] / b["output_throughput"]
+                                 for a, b in zip(runs[numerator], runs[denominator]))
 
     summary = {k: {m: v for m, v in r.items() if m != "greedy_tokens"} for k, r in results.items()}
     for config, config_runs in runs.items():
@@ -167,11 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     if "base" in results:
         for config in ("vllm", "loraplex"):
             if config in results:
-                summary[config]["throughput_vs_base"] = (
-                    results[config]["output_throughput"] / results["base"]["output_throughput"])
+                summary[config]["throughput_vs_base"] = median_ratio(config, "base")
     if "vllm" in results and "loraplex" in results:
-        summary["loraplex"]["throughput_vs_stock_lora"] = (
-            results["loraplex"]["output_throughput"] / results["vllm"]["output_throughput"])
+        summary["loraplex"]["throughput_vs_stock_lora"] = median_ratio("loraplex", "vllm")
         same = sum(a == b for a, b in zip(results["vllm"]["greedy_tokens"], results["loraplex"]["greedy_tokens"]))
         summary["greedy_agreement"] = {"identical_requests": same, "requests": args.num_requests}
     summary["workload"] = {k: getattr(args, k) for k in ("num_adapters", "rank", "num_requests", "prompt_len",
