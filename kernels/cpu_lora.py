@@ -144,11 +144,14 @@ class Workspace:
         return buffer[:numel].view(rows, cols)
 
 
-def _group_weights(plan: LoraPlan, weights: torch.Tensor) -> torch.Tensor:
-    """The groups' slot weights [G, M, K]: a view when the groups are slots 0..G-1."""
+def _group_weights(plan: LoraPlan, weights: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+    """The groups' slot weights [G, M, K]: a view when the groups are slots 0..G-1, else a copy
+    into scratch space."""
+    groups = plan.group_slots.shape[0]
     if plan.group_slots_are_prefix:
-        return weights[: plan.group_slots.shape[0]]
-    return weights.index_select(0, plan.group_slots)
+        return weights[:groups]
+    copy = workspace.empty(groups, weights.shape[1] * weights.shape[2], weights.dtype, key="group-weights")
+    return torch.index_select(weights, 0, plan.group_slots, out=copy.view(groups, weights.shape[1], weights.shape[2]))
 
 
 def _shrink(plan: LoraPlan, x: torch.Tensor, lora_a: torch.Tensor, scale: float,
@@ -171,7 +174,7 @@ def _shrink(plan: LoraPlan, x: torch.Tensor, lora_a: torch.Tensor, scale: float,
         if plan.group_slots is not None:
             groups = plan.group_slots.shape[0]
             rows = x_gathered[plan.group_start:].view(groups, plan.group_rows, x.shape[1])           # [G, L, H]
-            torch.bmm(rows, _group_weights(plan, lora_a_t),
+            torch.bmm(rows, _group_weights(plan, lora_a_t, workspace),
                       out=y_gathered[plan.group_start:].view(groups, plan.group_rows, rank))          # [G, L, R]
             if plan.padding_rows is not None:
                 y_gathered.index_fill_(0, plan.padding_rows, 0)
@@ -219,10 +222,13 @@ def _expand(plan: LoraPlan, y_direct: torch.Tensor | None, y_gathered: torch.Ten
             groups = plan.group_slots.shape[0]
             y_groups = y[plan.group_start:].view(groups, plan.group_rows, rank)                      # [G, L, R]
             delta_groups = delta[plan.group_start:].view(groups, plan.group_rows, -1)                # [G, L, sum N]
+            weights = _group_weights(plan, lora_b_t, workspace)                                     # [G, R, N]
             if one_slice:
-                torch.bmm(y_groups, _group_weights(plan, lora_b_t), out=delta_groups)                 # [G, L, N]
-            else:  # a strided bmm output is slow: multiply, then copy into the slice's columns
-                delta_groups[..., col:col + width].copy_(torch.bmm(y_groups, _group_weights(plan, lora_b_t)))
+                torch.bmm(y_groups, weights, out=delta_groups)                                       # [G, L, N]
+            else:  # a strided bmm output is slow: multiply into scratch, then copy into the columns
+                products = workspace.empty(groups * plan.group_rows, width, delta.dtype, key="products")
+                torch.bmm(y_groups, weights, out=products.view(groups, plan.group_rows, width))
+                delta_groups[..., col:col + width].copy_(products.view(groups, plan.group_rows, width))
         col += width
     target.index_add_(0, plan.gather, delta if same_dtype else delta.to(target.dtype))
 
