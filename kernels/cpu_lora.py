@@ -4,9 +4,9 @@ Tokens are grouped by adapter slot once per engine step (:func:`build_plan`); ev
 reuses that plan. No per-token weight gathering: each adapter's A/B is used in place by one
 matmul per segment of tokens. Two kinds of segment:
 
-* direct   -- a run of at least ``min_group`` consecutive tokens on one slot (a prefill, a long
-              chunk): the matmuls read the layer's own rows and the expand adds straight into
-              the output rows (``addmm_``), nothing is copied;
+* direct   -- a run of at least ``min_direct_run`` consecutive tokens on one slot (a prefill, a
+              long chunk): the matmuls read the layer's own rows and the expand adds straight
+              into the output rows (``addmm_``), nothing is copied;
 * gathered -- tokens of short runs (decode steps) are gathered once per call in slot order; a
               slot with at least ``min_group`` of them is one matmul, the rest are padded into
               one ``bmm`` (G slots x L rows); the results go back with one ``index_add_``.
@@ -42,7 +42,7 @@ class LoraPlan:
     # (start, end, slot) over token rows: long runs, used in place
     direct_segments: list[tuple[int, int, int]] = field(default_factory=list)
     # Token of each gathered row [W] (short runs, slot-sorted), None when there are none. Padding
-    # rows of a group repeat one of its tokens; their shrink result is zeroed, so they add nothing.
+    # rows of a group repeat some gathered token; their shrink result is zeroed, so they add nothing.
     gather: torch.Tensor | None = None
     # (start, end, slot) over gathered rows: slots with >= min_group short-run tokens
     gathered_segments: list[tuple[int, int, int]] = field(default_factory=list)
