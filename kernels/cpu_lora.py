@@ -193,44 +193,41 @@ def _expand(plan: LoraPlan, y_direct: torch.Tensor | None, y_gathered: torch.Ten
     y_direct / y_gathered as :func:`_shrink` returns them; lora_b_i [S, N_i, R_i]."""
     same_dtype = target.dtype == lora_b_slices[0].dtype
     one_slice = len(lora_b_slices) == 1
+    delta = None  # gathered rows' products [W, sum N], added back with one index_add_ at the end
+    if plan.gather is not None:
+        delta = workspace.empty(plan.num_gathered, target.shape[1], lora_b_slices[0].dtype, key="delta")
     col = 0
     for lora_b, rank_start in zip(lora_b_slices, rank_offsets):
         width, rank = lora_b.shape[1], lora_b.shape[2]
+        lora_b_t = lora_b.transpose(1, 2)                                                           # [S, R, N]
         if plan.direct_segments:
             # Column views made once per slice, not per segment (each view costs a dispatch).
             target_cols = target if one_slice else target[:, col:col + width]
             y_cols = y_direct if one_slice else y_direct[:, rank_start:rank_start + rank]
-            lora_b_t = lora_b.transpose(1, 2)                                                       # [S, R, N]
             for start, end, slot in plan.direct_segments:
                 if same_dtype:
                     target_cols[start:end].addmm_(y_cols[start:end], lora_b_t[slot])
                 else:
                     target_cols[start:end] += torch.mm(y_cols[start:end], lora_b_t[slot])
+        if delta is not None:
+            y = y_gathered if one_slice else y_gathered[:, rank_start:rank_start + rank]
+            delta_cols = delta if one_slice else delta[:, col:col + width]
+            for start, end, slot in plan.gathered_segments:
+                torch.mm(y[start:end], lora_b_t[slot], out=delta_cols[start:end])
+            if plan.group_slots is not None:
+                groups = plan.group_slots.shape[0]
+                y_groups = y[plan.group_start:].view(groups, plan.group_rows, rank)                  # [G, L, R]
+                delta_groups = delta[plan.group_start:].view(groups, plan.group_rows, -1)            # [G, L, sum N]
+                weights = _group_weights(plan, lora_b_t, workspace)                                 # [G, R, N]
+                if one_slice:
+                    torch.bmm(y_groups, weights, out=delta_groups)                                   # [G, L, N]
+                else:  # a strided bmm output is slow: multiply into scratch, then copy into the columns
+                    products = workspace.empty(groups * plan.group_rows, width, delta.dtype, key="products")
+                    torch.bmm(y_groups, weights, out=products.view(groups, plan.group_rows, width))
+                    delta_groups[..., col:col + width].copy_(products.view(groups, plan.group_rows, width))
         col += width
-    if plan.gather is None:
-        return
-    delta = workspace.empty(plan.num_gathered, target.shape[1], lora_b_slices[0].dtype, key="delta")  # [W, sum N]
-    col = 0
-    for lora_b, rank_start in zip(lora_b_slices, rank_offsets):
-        width, rank = lora_b.shape[1], lora_b.shape[2]
-        y = y_gathered if one_slice else y_gathered[:, rank_start:rank_start + rank]
-        delta_cols = delta if one_slice else delta[:, col:col + width]
-        lora_b_t = lora_b.transpose(1, 2)                                                           # [S, R, N]
-        for start, end, slot in plan.gathered_segments:
-            torch.mm(y[start:end], lora_b_t[slot], out=delta_cols[start:end])
-        if plan.group_slots is not None:
-            groups = plan.group_slots.shape[0]
-            y_groups = y[plan.group_start:].view(groups, plan.group_rows, rank)                      # [G, L, R]
-            delta_groups = delta[plan.group_start:].view(groups, plan.group_rows, -1)                # [G, L, sum N]
-            weights = _group_weights(plan, lora_b_t, workspace)                                     # [G, R, N]
-            if one_slice:
-                torch.bmm(y_groups, weights, out=delta_groups)                                       # [G, L, N]
-            else:  # a strided bmm output is slow: multiply into scratch, then copy into the columns
-                products = workspace.empty(groups * plan.group_rows, width, delta.dtype, key="products")
-                torch.bmm(y_groups, weights, out=products.view(groups, plan.group_rows, width))
-                delta_groups[..., col:col + width].copy_(products.view(groups, plan.group_rows, width))
-        col += width
-    target.index_add_(0, plan.gather, delta if same_dtype else delta.to(target.dtype))
+    if delta is not None:
+        target.index_add_(0, plan.gather, delta if same_dtype else delta.to(target.dtype))
 
 
 def fuse_slices(lora_a_slices: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:

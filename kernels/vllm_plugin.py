@@ -123,7 +123,7 @@ def _wrapper_classes():
             return y
 
         def _plan_for_slots_with_weights(self, slots, lora_b_stacked):
-            """A plan over the tokens whose slot has a non-zero B in ``lora_b_stacked`` (None: no such token)."""
+            """A plan over the tokens whose slot has a non-zero B in ``lora_b_stacked`` (None: no slot has one)."""
             active = self._slots_with_weights(lora_b_stacked)
             if not active:
                 return None
