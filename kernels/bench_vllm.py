@@ -52,6 +52,7 @@ def run_config(config: str, args: dict, result_queue) -> None:
         if config != "base":
             for path in args["adapters"]:
                 entry = registry.begin_load(Path(path).name, Path(path))
+                entry.snapshot_path = Path(path)  # the benchmark's own adapters, read in place
                 registry.commit_load(entry)
                 await engine.add_adapter(entry)
                 adapters.append(entry)

@@ -42,7 +42,9 @@ class LoraPlan:
     # (start, end, slot) over token rows: long runs, used in place
     direct_segments: list[tuple[int, int, int]] = field(default_factory=list)
     # Token of each gathered row [W] (short runs, slot-sorted), None when there are none. Padding
-    # rows of a group repeat some gathered token; their shrink result is zeroed, so they add nothing.
+    # rows of a group repeat some gathered token; their shrink result and their delta are
+    # overwritten with zeros (not multiplied: 0 x NaN is NaN), so another slot's weights never
+    # reach a real token.
     gather: torch.Tensor | None = None
     # (start, end, slot) over gathered rows: slots with >= min_group short-run tokens
     gathered_segments: list[tuple[int, int, int]] = field(default_factory=list)
@@ -227,6 +229,10 @@ def _expand(plan: LoraPlan, y_direct: torch.Tensor | None, y_gathered: torch.Ten
                     delta_groups[..., col:col + width].copy_(products.view(groups, plan.group_rows, width))
         col += width
     if delta is not None:
+        if plan.padding_rows is not None:
+            # A padding row multiplied its group slot's B by zeros; 0 x NaN (a bad adapter in that
+            # slot) is NaN, and the row is added to a real token of another slot: overwrite it.
+            delta.index_fill_(0, plan.padding_rows, 0)
         target.index_add_(0, plan.gather, delta if same_dtype else delta.to(target.dtype))
 
 

@@ -11,6 +11,12 @@
   each: the cold adapters' p99 with the hot one against their p99 alone.
 - soak: 70% of capacity with adapter churn for N minutes: errors and the server's RSS growth
   (the server process and its children, e.g. vLLM's engine core).
+- chaos: 50% of capacity over good adapters while bad adapters are loaded, adapter files are
+  rewritten and deleted, and adapters are replaced and unloaded under queued requests
+  (``loadtest/chaos.py``): failed good requests and engine deaths must both be zero.
+
+    python -m loadtest.scenarios chaos --url ... --capacity 1.0 --models M ... \
+        --good-adapter DIR --admin-token T
 
 Each prints its numbers and writes them as JSON (``--out``). ``--capacity`` comes from
 ``loraplex loadtest --find-capacity``.
@@ -158,9 +164,34 @@ def soak(args) -> dict:
     return out
 
 
+def chaos(args) -> dict:
+    from .chaos import ChaosConfig, run_chaos
+
+    rate = 0.5 * args.capacity
+    config = _config(args, tuple(args.models), rate)
+    print(f"== chaos: {rate:.2f} req/s of good traffic for {args.duration:.0f} s", file=sys.stderr)
+
+    async def both():
+        stop = asyncio.Event()
+        actions = asyncio.ensure_future(run_chaos(args.url, ChaosConfig(args.good_adapter.resolve(), args.admin_token,
+                                                                         args.chaos_interval), stop))
+        try:
+            results, _ = await run_with_churn(config)
+        finally:
+            stop.set()
+        return results, await actions
+
+    results, chaos_summary = asyncio.run(both())
+    summary = report(results, config)
+    return {"rate_rps": rate, "good_sent": summary["num_prompts"], "good_completed": summary["completed"],
+            "good_failed": summary["failed"], "good_errors": summary["errors"],
+            "p99_ttft_ms": summary["p99_ttft_ms"], "p99_e2e_ms": summary["p99_e2el_ms"],
+            "engine_deaths": int(chaos_summary["health_failures"] > 0), **chaos_summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=("overload", "fairness", "soak"))
+    parser.add_argument("scenario", choices=("overload", "fairness", "soak", "chaos"))
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--capacity", type=float, required=True, help="req/s the server sustains within its SLO")
     parser.add_argument("--models", nargs="+", default=(), help="overload/soak: models to spread requests over")
@@ -177,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-adapters", type=Path, nargs="*", default=())
     parser.add_argument("--churn-interval", type=float, default=5.0)
     parser.add_argument("--admin-token", default=None)
+    parser.add_argument("--good-adapter", type=Path, default=None, help="chaos: a valid adapter the bad ones copy")
+    parser.add_argument("--chaos-interval", type=float, default=3.0, help="chaos: seconds between actions")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers")
     args = parser.parse_args(argv)
+    if args.scenario == "chaos" and (not args.good_adapter or not args.admin_token or not args.models):
+        parser.error("chaos needs --models, --good-adapter and --admin-token")
     if args.scenario in ("overload", "soak") and not args.models:
         parser.error(f"{args.scenario} needs --models")
     if args.scenario == "fairness" and (not args.hot or not args.cold):
@@ -187,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("soak needs --server-pid")
     if args.churn_adapters and not args.admin_token:
         parser.error("--churn-adapters needs --admin-token")
-    result = {"overload": overload, "fairness": fairness, "soak": soak}[args.scenario](args)
+    result = {"overload": overload, "fairness": fairness, "soak": soak, "chaos": chaos}[args.scenario](args)
     result = {"scenario": args.scenario, **result}
     print(json.dumps(result, indent=2))
     if args.out is not None:

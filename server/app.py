@@ -6,17 +6,21 @@ import asyncio
 import contextlib
 import logging
 import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters.manager import AdapterManager
+from .adapters.manager import AdapterLimits, AdapterManager
 from .adapters.registry import AdapterError, AdapterRegistry
+from .adapters.store import SnapshotStore
 from .adapters.validation import BaseModelShapes
 from .admission import AdmissionController
 from .config import AdapterConfig, EngineConfig, ServerConfig
 from .engine import Engine
 from .http_api import build_app
+from .http_protocol import bounded_h11_protocol
 from .metrics import Metrics
+from .prompts import PromptBuilder
 from .service import GenerationService
 
 logger = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ class Server:
     registry: AdapterRegistry
     adapters: AdapterManager
     service: GenerationService
+    temporary_store: bool  # the snapshot store is removed at exit
 
 
 async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfig, server_config: ServerConfig,
@@ -36,9 +41,13 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
                       max_loras=engine_config.max_loras)
     engine = Engine.start(engine_config, on_stats=metrics.engine_step)
     registry = AdapterRegistry(base_model_name)
-    adapters = AdapterManager(registry, engine, engine_config.max_lora_rank, engine_config.max_cpu_loras,
-                              adapter_config.adapter_dir, adapter_config.allowed_roots,
-                              BaseModelShapes.from_model_dir(Path(engine_config.model_path)), metrics)
+    limits = AdapterLimits(max_lora_rank=engine_config.max_lora_rank, max_cpu_loras=engine_config.max_cpu_loras,
+                           served_dtype=engine.served_dtype,
+                           base_shapes=BaseModelShapes.from_model_dir(Path(engine_config.model_path)))
+    store_dir = adapter_config.store_dir or Path(tempfile.mkdtemp(prefix="loraplex-adapters-"))
+    adapters = AdapterManager(registry=registry, engine=engine, store=SnapshotStore(store_dir, limits.max_bytes),
+                              limits=limits, adapter_dir=adapter_config.adapter_dir,
+                              allowed_roots=adapter_config.allowed_roots, metrics=metrics)
     if adapter_config.adapter_dir is not None:
         await adapters.load_directory(adapter_config.adapter_dir, adapter_config.preload)
     for name in adapter_config.pinned:
@@ -53,13 +62,15 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
 
         capture = CaptureWriter(server_config.capture_dir)
         logger.warning("capturing prompts and completions to %s (sensitive data)", server_config.capture_dir)
-    limits = server_config.admission
-    admission = AdmissionController(limits.max_concurrent, limits.max_queued, dict(limits.adapter_weights),
-                                    limits.max_queue_wait_s)
+    admission_config = server_config.admission
+    admission = AdmissionController(admission_config.max_concurrent, admission_config.max_queued,
+                                    dict(admission_config.adapter_weights), admission_config.max_queue_wait_s)
     metrics.track_admission(lambda: admission.running, lambda: admission.queued)
-    service = GenerationService(engine, registry, server_config.limits, metrics, base_model_name,
-                                engine_config.max_model_len, admission, capture)
-    return Server(engine, registry, adapters, service)
+    service = GenerationService(
+        engine=engine, adapters=adapters, prompts=PromptBuilder(engine.tokenizer, server_config.limits.max_chat_messages),
+        limits=server_config.limits, metrics=metrics, admission=admission, base_model_name=base_model_name,
+        max_model_len=engine_config.max_model_len, capture=capture)
+    return Server(engine, registry, adapters, service, temporary_store=adapter_config.store_dir is None)
 
 
 def _http_server(config, on_signal):
@@ -162,8 +173,9 @@ async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server
 
     http = _http_server(uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-        lifespan="off", timeout_graceful_shutdown=5), Drain(server.service, server_config.drain_timeout_s,
-                                                             not_serving))
+        lifespan="off", timeout_graceful_shutdown=5, http=bounded_h11_protocol(server_config.header_timeout_s),
+        h11_max_incomplete_event_size=server_config.max_header_bytes),
+        Drain(server.service, server_config.drain_timeout_s, not_serving))
     background = [asyncio.ensure_future(_adapter_housekeeping(server.adapters, interval_s=1.0)),
                   asyncio.ensure_future(_watch_engine(server.service, not_serving))]
     if adapter_config.adapter_dir is not None and adapter_config.watch_interval_s > 0:
@@ -184,3 +196,6 @@ async def run(engine_config: EngineConfig, adapter_config: AdapterConfig, server
             await set_serving(health, False)
             await grpc_server.stop(grace=5)
         server.engine.shutdown()
+        server.service.prompts.close()
+        if server.temporary_store:
+            server.adapters.store.remove_all()

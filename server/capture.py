@@ -4,25 +4,42 @@ Each successful generation appends one line to ``DIR/<model>.jsonl`` in ``lorapl
 format: ``{"prompt", "completion"}`` for text completions, ``{"messages": [..., assistant]}`` for
 chat. Prompts given as token ids are not captured. The files hold users' prompts and the model's
 answers verbatim: treat them as sensitive data (access control, retention, consent).
+
+One file per model name, never shared: the name is percent-encoded (injective, so ``x``, ``x.``
+and ``x_`` get three files), and files are opened relative to the directory opened once at
+start, without following symlinks (a link planted in the directory is refused, not written through).
 """
 
 from __future__ import annotations
 
 import json
-import re
+import logging
+import os
+import stat
 from pathlib import Path
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+logger = logging.getLogger(__name__)
+
+_KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def capture_file_name(model: str) -> str:
+    """``<model>.jsonl`` with every other character (and a leading '.') percent-encoded as UTF-8."""
+    encoded = "".join(c if c in _KEPT else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+                      for c in model)
+    if encoded.startswith("."):
+        encoded = "%2E" + encoded[1:]
+    return f"{encoded}.jsonl"
 
 
 class CaptureWriter:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
 
     def path_for(self, model: str) -> Path:
-        name = _UNSAFE.sub("_", model).strip("._") or "model"
-        return self.directory / f"{name}.jsonl"
+        return self.directory / capture_file_name(model)
 
     def record(self, model: str, source: dict, completion: str) -> None:
         """``source`` is ``{"prompt": str}`` or ``{"messages": [...]}`` as the client sent it."""
@@ -30,6 +47,17 @@ class CaptureWriter:
             entry = {"messages": [*source["messages"], {"role": "assistant", "content": completion}]}
         else:
             entry = {"prompt": source["prompt"], "completion": completion}
-        line = json.dumps(entry, ensure_ascii=False) + "\n"
-        with self.path_for(model).open("a", encoding="utf-8") as f:
-            f.write(line)  # one write per line: concurrent appends do not interleave
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(capture_file_name(model), flags, 0o600, dir_fd=self._dir_fd)
+        except OSError as exc:  # a symlink (ELOOP), a FIFO without reader, ...: never written through
+            logger.error("capture for %r skipped: %s", model, exc)
+            return
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                logger.error("capture for %r skipped: not a regular file", model)
+                return
+            os.write(fd, line)  # one write per line: concurrent appends do not interleave
+        finally:
+            os.close(fd)

@@ -76,6 +76,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                           help="seconds between scans of --adapter-dir for new/changed/removed adapters (0: off)")
     adapters.add_argument("--preload", nargs="*", default=(), help="adapters loaded into the engine first at start")
     adapters.add_argument("--pin", nargs="*", default=(), help="adapters kept resident (never evicted)")
+    adapters.add_argument("--adapter-store", type=Path, default=None,
+                          help="where read-only snapshots of registered adapter versions are kept (the engine "
+                               "reads only these; default: a temporary directory removed at exit)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default=ServerConfig.host)
     server.add_argument("--port", type=int, default=ServerConfig.port)
@@ -96,6 +99,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                              "the training format (holds users' data verbatim: treat as sensitive)")
     server.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="longest prompt accepted, in tokens (default: the model's context)")
+    server.add_argument("--stream-send-timeout", type=float, default=ServerConfig.stream_send_timeout_s,
+                        help="seconds a streaming client may read nothing before it is cut off (request aborted)")
+    server.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout_s,
+                        help="seconds a client may take to send its HTTP request headers")
+    server.add_argument("--max-header-bytes", type=int, default=ServerConfig.max_header_bytes,
+                        help="largest HTTP request header block accepted")
     server.add_argument("--drain-timeout", type=float, default=ServerConfig.drain_timeout_s,
                         help="on SIGTERM: seconds admitted requests may take to finish before exit")
     admission = p.add_argument_group("admission control")
@@ -373,14 +382,15 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         api_key=args.api_key, admin_token=args.admin_token, log_level=args.log_level,
         metrics_max_adapters=args.metrics_max_adapters, capture_dir=args.capture_dir,
-        drain_timeout_s=args.drain_timeout,
+        drain_timeout_s=args.drain_timeout, stream_send_timeout_s=args.stream_send_timeout,
+        header_timeout_s=args.header_timeout, max_header_bytes=args.max_header_bytes,
         limits=LimitsConfig(max_n=args.max_n, max_tokens=args.max_tokens_limit,
                             max_prompt_tokens=args.max_prompt_tokens),
         admission=AdmissionConfig(max_concurrent=args.max_concurrent, max_queued=args.max_queued,
                                   max_queue_wait_s=args.max_queue_wait, adapter_weights=tuple(args.adapter_weight)))
     adapter_config = AdapterConfig(adapter_dir=args.adapter_dir, allowed_roots=tuple(args.allowed_adapter_roots),
                                    watch_interval_s=args.watch_interval, preload=tuple(args.preload),
-                                   pinned=tuple(args.pin))
+                                   pinned=tuple(args.pin), store_dir=args.adapter_store)
 
     from kernels.vllm_plugin import select_lora_kernels
 
@@ -409,10 +419,23 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextLogFormatter(logging.Formatter):
+    """One line per record: control characters in the message (a client's path, a name) are
+    escaped, so no request can forge a log line."""
+
+    _escapes = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(self._escapes)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter() if log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else TextLogFormatter())
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
 
 

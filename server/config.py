@@ -75,6 +75,9 @@ class AdapterConfig:
     # once --max-cpu-loras are resident), and pinned ones never leave the engine's cache.
     preload: tuple[str, ...] = ()
     pinned: tuple[str, ...] = ()
+    # The server-owned snapshot store the engine reads adapters from (read-only copies, by
+    # content hash); None = a fresh temporary directory, removed at exit.
+    store_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,11 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     # Opt-in: append served prompt/completion pairs per model to JSONL here (sensitive data).
     capture_dir: Path | None = None
+    # A streaming client that reads nothing for this long is cut off (its request aborted).
+    stream_send_timeout_s: float = 30.0
+    # HTTP: request headers must arrive within this many seconds, and fit in this many bytes.
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 32 << 10
     log_level: str = "info"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)

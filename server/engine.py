@@ -6,9 +6,11 @@ child process it spawns itself). Nothing else in the server imports vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from .adapters.registry import AdapterVersion
 from .config import EngineConfig
@@ -42,7 +44,6 @@ class GenerationChunk:
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    num_prompt_tokens: int
 
 
 class EngineUnavailable(RuntimeError):
@@ -134,6 +135,10 @@ def build_engine_args(config: EngineConfig):
     )
 
 
+class AdapterRejected(RuntimeError):
+    """The engine's own LoRA loader refused an adapter (the engine itself lives on)."""
+
+
 class Engine:
     """Owns the ``AsyncLLM``. Create with :meth:`start` inside the running event loop."""
 
@@ -141,8 +146,14 @@ class Engine:
         self.config = config
         self._llm = llm
         self.tokenizer = llm.get_tokenizer()
-        # Slots this server removed itself (so that other disappearances count as LRU evictions).
-        self.removed_slots: set[int] = set()
+        model_config = llm.model_config
+        self.served_dtype = str(model_config.dtype).removeprefix("torch.")
+        self._max_position_embeddings = getattr(model_config.hf_text_config, "max_position_embeddings", None)
+        self._vocab_size = model_config.get_vocab_size()
+        # Adapter slots in the engine's CPU-side cache as last seen (our adds and removals, and
+        # every refresh); the slots this server removed itself since the last refresh.
+        self._resident: set[int] = set()
+        self._removed_since_refresh: set[int] = set()
 
     @classmethod
     def start(cls, config: EngineConfig, on_stats=None) -> "Engine":
@@ -169,12 +180,35 @@ class Engine:
     ) -> AsyncIterator[GenerationChunk]:
         """Yield new text per choice as the engine produces it (deltas when streaming,
         one final chunk per choice otherwise). Cancelling the iteration aborts the request."""
+        if self._llm.errored:
+            raise EngineUnavailable("the engine is not running")
+        params = self._sampling_params(options)
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        outputs = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id,
+                                     lora_request=self._lora_request(adapter))
+        try:
+            async with contextlib.aclosing(outputs):  # our close aborts the engine request at once
+                async for output in outputs:
+                    for completion in output.outputs:
+                        yield GenerationChunk(
+                            index=completion.index,
+                            text=completion.text,
+                            token_ids=list(completion.token_ids),
+                            finish_reason=completion.finish_reason,
+                        )
+        except EngineDeadError as exc:
+            raise EngineUnavailable("the engine has failed; this request was not completed") from exc
+        except VLLMClientError as exc:  # the engine's input validation: the request's own fault
+            raise ValueError(str(exc)) from exc
+
+    @staticmethod
+    def _sampling_params(options: SamplingOptions):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        if self._llm.errored:
-            raise EngineUnavailable("the engine is not running")
-        params = SamplingParams(
+        return SamplingParams(
             n=options.n,
             temperature=options.temperature,
             top_p=options.top_p,
@@ -186,26 +220,15 @@ class Engine:
             ignore_eos=options.ignore_eos,
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )
-        from vllm.v1.engine.exceptions import EngineDeadError
 
-        outputs = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id,
-                                     lora_request=self._lora_request(adapter))
+    def check_options(self, options: SamplingOptions) -> None:
+        """The engine's own sampling checks, before any work: raises ValueError with its message."""
+        from vllm.exceptions import VLLMClientError
+
         try:
-            async for output in outputs:
-                num_prompt_tokens = len(output.prompt_token_ids or prompt_token_ids)
-                for completion in output.outputs:
-                    yield GenerationChunk(
-                        index=completion.index,
-                        text=completion.text,
-                        token_ids=list(completion.token_ids),
-                        finish_reason=completion.finish_reason,
-                        num_prompt_tokens=num_prompt_tokens,
-                    )
-        except EngineDeadError as exc:
-            raise EngineUnavailable("the engine has failed; this request was not completed") from exc
-
-    async def abort(self, request_id: str) -> None:
-        await self._llm.abort(request_id)
+            self._sampling_params(options)
+        except (TypeError, ValueError, VLLMClientError) as exc:
+            raise ValueError(str(exc)) from None
 
     def num_unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()
@@ -217,22 +240,65 @@ class Engine:
             return None
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest(
-            lora_name=f"{adapter.name}@v{adapter.version}",
-            lora_int_id=adapter.adapter_slot,
-            lora_path=str(adapter.path),
-        )
+        if adapter.snapshot_path is None:
+            raise ValueError(f"adapter {adapter.name} v{adapter.version} has no snapshot")
+        return LoRARequest(lora_name=f"{adapter.name}@v{adapter.version}", lora_int_id=adapter.adapter_slot,
+                           lora_path=str(adapter.snapshot_path))
+
+    def check_adapter(self, path: Path, expected_modules: frozenset[str]) -> None:
+        """Run vLLM's worker-side LoRA loading (its PEFT helper, its legality checks and
+        ``LoRAModel.from_local_checkpoint``, on CPU, in the served dtype) on ``path``: what it
+        refuses would otherwise be refused inside an engine step, which kills the engine. Blocking:
+        call from a worker thread. Raises :class:`AdapterRejected`."""
+        import torch
+        from vllm.config.lora import LoRAConfig
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        try:
+            lora_config = LoRAConfig(max_lora_rank=self.config.max_lora_rank, max_loras=self.config.max_loras,
+                                     max_cpu_loras=self.config.max_cpu_loras)
+            helper = PEFTHelper.from_local_dir(str(path), self._max_position_embeddings)
+            helper.validate_legal(lora_config)
+            LoRAModel.from_local_checkpoint(str(path), set(expected_modules), peft_helper=helper, lora_model_id=1,
+                                            device="cpu", dtype=getattr(torch, self.served_dtype),
+                                            model_vocab_size=self._vocab_size)
+        except Exception as exc:  # noqa: BLE001 - whatever the loader raises is a refusal
+            raise AdapterRejected(f"{type(exc).__name__}: {exc}") from exc
 
     async def add_adapter(self, adapter: AdapterVersion) -> None:
-        """Load ``adapter`` into the engine's CPU cache, so its first request does not pay for it."""
-        await self._llm.add_lora(self._lora_request(adapter))
+        """Load ``adapter`` into the engine's CPU cache (or refresh its LRU position), awaited
+        and checked: a refusal raises :class:`AdapterRejected` and the engine lives."""
+        try:
+            await self._llm.add_lora(self._lora_request(adapter))
+        except Exception as exc:  # vLLM returns the worker's failure as an exception
+            from vllm.v1.engine.exceptions import EngineDeadError
 
-    async def resident_adapter_slots(self) -> set[int]:
-        """Adapter slots loaded in the engine's CPU-side cache."""
-        return set(await self._llm.list_loras())
+            if isinstance(exc, EngineDeadError):
+                raise EngineUnavailable("the engine has failed") from exc
+            raise AdapterRejected(str(exc)) from exc
+        self._resident.add(adapter.adapter_slot)
+
+    async def ensure_adapter(self, adapter: AdapterVersion) -> None:
+        """Before a request is scheduled: load its adapter explicitly unless it is resident, so a
+        load never happens for the first time inside an engine step. (If the engine's LRU evicts
+        it in between, the worker reloads the same validated, read-only snapshot.)"""
+        if adapter.adapter_slot not in self._resident:
+            await self.add_adapter(adapter)
+
+    async def refresh_residency(self) -> tuple[int, int]:
+        """Ask the engine which adapters are resident: (how many, how many left the cache since
+        the last refresh without this server removing them, i.e. LRU evictions)."""
+        resident = set(await self._llm.list_loras())
+        gone = self._resident - resident
+        evicted = len(gone - self._removed_since_refresh)
+        self._resident = resident
+        self._removed_since_refresh.clear()
+        return len(resident), evicted
 
     async def remove_adapter(self, adapter: AdapterVersion) -> None:
-        self.removed_slots.add(adapter.adapter_slot)
+        self._resident.discard(adapter.adapter_slot)
+        self._removed_since_refresh.add(adapter.adapter_slot)
         await self._llm.remove_lora(adapter.adapter_slot)
 
     def shutdown(self) -> None:

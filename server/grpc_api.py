@@ -1,12 +1,17 @@
-"""gRPC front door (``proto/loraplex/v1``). Thin, like the HTTP one: the same service calls,
-the same validation, adapter resolution and metrics; only the wire format differs.
+"""gRPC front door (``proto/loraplex/v1``): translates messages into the service's
+:class:`~server.service.InferenceRequest` and its events back; errors are mapped to gRPC status
+codes in one place (:func:`_grpc_errors`). The rules live in the service, as for HTTP.
 
 Cancellation and deadlines: grpc.aio cancels the handler when the client cancels or the
 deadline passes; the cancellation reaches the engine's generate loop, which aborts the request.
+A streaming client that stops reading is cut off after ``--stream-send-timeout``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import logging
 import time
 
@@ -17,22 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from .adapters.manager import AdapterManager
 from .adapters.registry import AdapterError
 from .admission import retry_after_header
+from .auth import require_admin, require_api_key, require_reader
 from .config import ServerConfig
+from .errors import InvalidRequest, RequestError, TooManyRequests, from_adapter_error
 from .grpc_gen import loraplex_pb2 as pb
 from .grpc_gen import loraplex_pb2_grpc as pb_grpc
-from .service import (
-    GenerationRequest,
-    GenerationService,
-    InvalidRequest,
-    RequestError,
-    TooManyRequests,
-    collect_choices,
-    new_request_id,
-    refusal_outcome,
-    require_admin,
-    require_api_key,
-    usage_counts,
-)
+from .service import GenerationService, InferenceRequest, Prepared, SamplingInput, collect_choices
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +36,7 @@ STATUS_CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ABORTED,
     413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -62,25 +58,56 @@ def status_code(http_status: int) -> grpc.StatusCode:
     return STATUS_CODES.get(http_status, grpc.StatusCode.INTERNAL)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, metrics=None):
-    status = getattr(exc, "status", 500)
-    message = exc.message if isinstance(exc, RequestError) else str(exc)
-    if metrics is not None:
-        metrics.record_outcome(None, refusal_outcome(status))
-    if isinstance(exc, TooManyRequests):
-        context.set_trailing_metadata((("retry-after", retry_after_header(exc.retry_after_s)),))
-    await context.abort(status_code(status), message)
+def _grpc_errors(count_refusals: bool = False):
+    """Decorator: RequestError / AdapterError -> the call's status (with Retry-After when shed).
+    ``count_refusals``: authentication refusals of inference calls are counted (the service
+    counts the rest)."""
+
+    def wrap(method):
+        async def abort(self, context, exc):
+            error = exc if isinstance(exc, RequestError) else from_adapter_error(exc)
+            if count_refusals and error.status in (401, 403):
+                self.service.count_refusal(error.status)
+            if isinstance(error, TooManyRequests):
+                context.set_trailing_metadata((("retry-after", retry_after_header(error.retry_after_s)),))
+            await context.abort(status_code(error.status), error.message)
+
+        @functools.wraps(method)
+        async def unary(self, request, context):
+            try:
+                return await method(self, request, context)
+            except (RequestError, AdapterError) as exc:
+                await abort(self, context, exc)
+        return unary
+
+    return wrap
 
 
-def _prompt_source(request) -> dict | None:
-    """The prompt as the client wrote it, ``{"prompt": text}`` or ``{"messages": [...]}`` (what
-    --capture-dir records too); None for token ids or no prompt."""
+def _sampling(s: pb.SamplingParameters) -> SamplingInput:
+    def optional(name: str):
+        return getattr(s, name) if s.HasField(name) else None
+
+    return SamplingInput(max_tokens=optional("max_tokens"), temperature=optional("temperature"),
+                         top_p=optional("top_p"), n=s.n or 1, stop=tuple(s.stop), seed=optional("seed"),
+                         presence_penalty=optional("presence_penalty"),
+                         frequency_penalty=optional("frequency_penalty"), ignore_eos=s.ignore_eos)
+
+
+def _inference_request(request, context, *, stream: bool) -> InferenceRequest:
     which = request.WhichOneof("prompt")
-    if which == "text":
-        return {"prompt": request.text}
+    if which is None:
+        raise InvalidRequest("a prompt is required: text, chat or token_ids", param="prompt")
+    sampling = _sampling(request.sampling) if hasattr(request, "sampling") else SamplingInput()
+    wire = InferenceRequest(model=request.model, sampling=sampling, stream=stream,
+                            request_id=getattr(request, "request_id", "") or None, deadline=_deadline(context),
+                            id_prefix="grpc")
     if which == "chat":
-        return {"messages": [{"role": m.role, "content": m.content} for m in request.chat.messages]}
-    return None
+        wire.messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    elif which == "text":
+        wire.prompts = [request.text]
+    else:
+        wire.prompts = [list(request.token_ids.ids)]
+    return wire
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -88,85 +115,53 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.service = service
         self.config = config
 
-    def _check_api_key(self, context) -> None:
-        require_api_key(_authorization(context), self.config.api_key)
-
-    def _prompt_ids(self, request, source: dict | None) -> list[int]:
-        if source is not None and "prompt" in source:
-            return self.service.tokenize(source["prompt"])
-        if source is not None:
-            return self.service.render_chat(source["messages"])
-        if request.WhichOneof("prompt") == "token_ids":
-            return list(request.token_ids.ids)
-        raise InvalidRequest("a prompt is required: text, chat or token_ids", param="prompt")
-
-    def _prepare(self, request, context, stream: bool):
-        self._check_api_key(context)
-        if not request.model:
-            raise InvalidRequest("model is required", param="model")
-        resolved = self.service.resolve(request.model)
-        source = _prompt_source(request)
-        ids = self._prompt_ids(request, source)
-        s = request.sampling
-        options = self.service.sampling_options(
-            prompt_len=len(ids),
-            max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
-            temperature=_bounded(s, "temperature", 0.0, 2.0),
-            top_p=_bounded(s, "top_p", 0.0, 1.0, low_open=True),
-            n=s.n or 1, stop=list(s.stop), seed=s.seed if s.HasField("seed") else None,
-            presence_penalty=_bounded(s, "presence_penalty", -2.0, 2.0),
-            frequency_penalty=_bounded(s, "frequency_penalty", -2.0, 2.0),
-            stream=stream)
-        request_id = request.request_id or new_request_id("grpc")
-        return resolved, GenerationRequest(request.model, ids, options, request_id, source)
-
+    @_grpc_errors(count_refusals=True)
     async def Generate(self, request, context):
+        require_api_key(_authorization(context), self.config.api_key)
+        events = self.service.run(_inference_request(request, context, stream=False))
         try:
-            resolved, generation = self._prepare(request, context, stream=False)
-            n = generation.options.n
-            texts, token_ids, finish, num_generated = await collect_choices(
-                self.service.stream_choices([generation], resolved, n, _deadline(context)), n)
-        except (RequestError, AdapterError) as exc:
-            await _abort(context, exc, self.service.metrics)
+            prepared: Prepared = await events.__anext__()
+            texts, token_ids, finish, num_generated = await collect_choices(events, prepared)
+        finally:
+            await events.aclose()
         return pb.GenerateResponse(
-            request_id=generation.request_id, model=request.model,
+            request_id=prepared.request_id, model=request.model,
             choices=[pb.Choice(index=i, text=texts[i], token_ids=token_ids[i], finish_reason=finish[i] or "")
-                     for i in range(n)],
-            usage=pb.Usage(**usage_counts([generation], num_generated)))
+                     for i in range(prepared.num_choices)],
+            usage=pb.Usage(**prepared.usage(num_generated)))
 
+    @_grpc_errors(count_refusals=True)
     async def GenerateStream(self, request, context):
+        """Server streaming through ``context.write`` (so each send can be bounded in time)."""
+        require_api_key(_authorization(context), self.config.api_key)
+        events = self.service.run(_inference_request(request, context, stream=True))
         try:
-            resolved, generation = self._prepare(request, context, stream=True)
+            prepared: Prepared = await events.__anext__()
             num_generated = 0
-            stream = self.service.stream_choices([generation], resolved, generation.options.n, _deadline(context))
-            async for index, chunk in stream:
+            async for index, chunk in events:
                 num_generated += len(chunk.token_ids)
-                yield pb.GenerateStreamResponse(
-                    request_id=generation.request_id, index=index, text=chunk.text, token_ids=chunk.token_ids,
-                    finish_reason=chunk.finish_reason or "")
-        except (RequestError, AdapterError) as exc:
-            await _abort(context, exc, self.service.metrics)
-            return
-        yield pb.GenerateStreamResponse(request_id=generation.request_id,
-                                        usage=pb.Usage(**usage_counts([generation], num_generated)))
+                await self._send(context, pb.GenerateStreamResponse(
+                    request_id=prepared.request_id, index=index, text=chunk.text, token_ids=chunk.token_ids,
+                    finish_reason=chunk.finish_reason or ""))
+            await self._send(context, pb.GenerateStreamResponse(request_id=prepared.request_id,
+                                                                usage=pb.Usage(**prepared.usage(num_generated))))
+        finally:
+            await events.aclose()
 
-    async def Tokenize(self, request, context):
+    async def _send(self, context, message) -> None:
+        """One message, within the send timeout: a client that stops reading is cut off."""
         try:
-            self._check_api_key(context)
-            self.service.resolve(request.model)
-            return pb.TokenizeResponse(token_ids=self._prompt_ids(request, _prompt_source(request)))
-        except (RequestError, AdapterError) as exc:
-            await _abort(context, exc)
+            await asyncio.wait_for(context.write(message), self.config.stream_send_timeout_s)
+        except asyncio.TimeoutError:
+            self.service.metrics.stalled_streams.inc()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the client read nothing for {self.config.stream_send_timeout_s:g} s")
 
-
-def _bounded(message, field: str, low: float, high: float, low_open: bool = False) -> float | None:
-    if not message.HasField(field):
-        return None
-    value = getattr(message, field)
-    if not (low < value <= high if low_open else low <= value <= high):
-        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise InvalidRequest(f"{field} must be in {interval}", param=field)
-    return value
+    @_grpc_errors()
+    async def Tokenize(self, request, context):
+        require_api_key(_authorization(context), self.config.api_key)
+        return pb.TokenizeResponse(token_ids=await self.service.tokenize(
+            _inference_request(request, context, stream=False)))
 
 
 class AdaptersServicer(pb_grpc.AdaptersServicer):
@@ -178,42 +173,37 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     def _check_admin(self, context) -> None:
         require_admin(_authorization(context), self.config.admin_token)
 
+    def _reader_is_admin(self, context) -> bool:
+        return require_reader(_authorization(context), self.config.api_key, self.config.admin_token)
+
     @staticmethod
-    def _info(entry) -> pb.AdapterInfo:
-        d = entry.describe()
+    def _info(entry, admin: bool) -> pb.AdapterInfo:
+        d = entry.describe(admin=admin)
         return pb.AdapterInfo(name=d["name"], version=d["version"], status=d["status"], error=d["error"] or "",
-                              rank=d["rank"] or 0, target_modules=d["target_modules"], path=d["path"],
-                              loaded_at_unix=d["loaded_at_unix"], running_requests=d["running_requests"])
+                              rank=d["rank"] or 0, target_modules=d["target_modules"], path=d.get("path") or "",
+                              loaded_at_unix=d["loaded_at_unix"], running_requests=d["running_requests"],
+                              sha256=d["sha256"] or "", pinned=d["pinned"])
 
+    @_grpc_errors()
     async def ListAdapters(self, request, context):
-        try:
-            self._check_admin(context)
-        except RequestError as exc:
-            await _abort(context, exc)
+        admin = self._reader_is_admin(context)
         return pb.ListAdaptersResponse(base_model=self.base_model,
-                                       adapters=[self._info(e) for e in self.adapters.registry.adapters()])
+                                       adapters=[self._info(e, admin) for e in self.adapters.registry.adapters()])
 
+    @_grpc_errors()
     async def GetAdapter(self, request, context):
-        try:
-            self._check_admin(context)
-            return self._info(self.adapters.registry.get(request.name))
-        except (RequestError, AdapterError) as exc:
-            await _abort(context, exc)
+        admin = self._reader_is_admin(context)
+        return self._info(self.adapters.registry.get(request.name), admin)
 
+    @_grpc_errors()
     async def LoadAdapter(self, request, context):
-        try:
-            self._check_admin(context)
-            entry = await self.adapters.load(request.name, self.adapters.resolve_path(request.path))
-            return self._info(entry)
-        except (RequestError, AdapterError) as exc:
-            await _abort(context, exc)
+        self._check_admin(context)
+        return self._info(await self.adapters.load(request.name, self.adapters.resolve_path(request.path)), True)
 
+    @_grpc_errors()
     async def UnloadAdapter(self, request, context):
-        try:
-            self._check_admin(context)
-            return pb.UnloadAdapterResponse(adapter=self._info(await self.adapters.unload(request.name)))
-        except (RequestError, AdapterError) as exc:
-            await _abort(context, exc)
+        self._check_admin(context)
+        return pb.UnloadAdapterResponse(adapter=self._info(await self.adapters.unload(request.name), True))
 
 
 _MALFORMED = object()  # what a request message that does not decode becomes
@@ -257,8 +247,12 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request, context):
                 if request is _MALFORMED:
                     await reject(context)
-                async for response in behaviour(request, context):
-                    yield response
+                result = behaviour(request, context)
+                if inspect.isasyncgen(result):
+                    async for response in result:
+                        await context.write(response)
+                else:
+                    await result
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, request_deserializer=tolerant,
                                                         response_serializer=handler.response_serializer)

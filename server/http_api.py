@@ -1,43 +1,46 @@
-"""OpenAI-compatible HTTP front door. Thin: validate -> service -> (stream) response."""
+"""OpenAI-compatible HTTP front door: translates JSON bodies and headers into the service's
+:class:`~server.service.InferenceRequest`, and its events back into OpenAI responses (JSON or
+SSE). The rules live in the service; only wire format, and the client's connection, are here."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .adapters.manager import AdapterManager
-from .adapters.registry import AdapterError
+from .adapters.registry import AdapterError, AdapterState
 from .admission import retry_after_header
+from .auth import require_admin, require_api_key, require_reader
 from .config import ServerConfig
-from .engine import GenerationChunk
+from .errors import RequestError, TooManyRequests, from_adapter_error
 from .openai_protocol import ChatCompletionRequest, CompletionRequest
-from .service import (
-    GenerationRequest,
-    GenerationService,
-    InvalidRequest,
-    RequestError,
-    TooManyRequests,
-    collect_choices,
-    new_request_id,
-    refusal_outcome,
-    require_admin,
-    require_api_key,
-    usage_counts,
-)
+from .service import GenerationService, InferenceRequest, Prepared, SamplingInput, collect_choices
+
+logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 TIMEOUT_HEADER = "x-request-timeout"  # seconds the client will wait; admission refuses what cannot make it
 MAX_REQUEST_TIMEOUT_S = 24 * 3600
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first" (never seen by it)
+INFERENCE_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: any text a client sent (a lone surrogate included) can be echoed."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
@@ -45,11 +48,12 @@ def error_body(message: str, kind: str, status: int, param: str | None = None) -
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, kind, status, param), status_code=status)
+    return AsciiJSONResponse(error_body(message, kind, status, param), status_code=status)
 
 
 class PayloadLimit:
-    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed)."""
+    """ASGI middleware: 413 for request bodies over ``max_bytes``, declared or streamed (chunked).
+    The body is read here, up to the limit, and handed on whole."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
@@ -62,25 +66,55 @@ class PayloadLimit:
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 return await too_large(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge()
-            return message
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class StalledClient(Exception):
+    """A streaming client stopped reading for longer than the send timeout."""
+
+
+class BoundedStreamingResponse(StreamingResponse):
+    """SSE whose every send must complete within ``send_timeout_s``: a client that stops reading
+    (its socket buffers full) is cut off, which aborts its engine request and frees its slot."""
+
+    def __init__(self, content, *, send_timeout_s: float, on_stall: Callable[[], None], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.send_timeout_s = send_timeout_s
+        self.on_stall = on_stall
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await too_large(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+            async for chunk in self.body_iterator:
+                message = {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+                await asyncio.wait_for(send(message), self.send_timeout_s)
+            await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
+                                   self.send_timeout_s)
+        except asyncio.TimeoutError:
+            self.on_stall()
+            raise StalledClient(f"the client read nothing for {self.send_timeout_s:g} s") from None
+        finally:
+            await self.body_iterator.aclose()
 
 
 class LoadAdapterBody(BaseModel):
@@ -92,170 +126,180 @@ class UnloadAdapterBody(BaseModel):
     lora_name: str = Field(min_length=1, max_length=256)
 
 
+@dataclass
+class HttpDoor:
+    """What the routes need, kept on ``app.state.door``."""
+
+    service: GenerationService
+    adapters: AdapterManager
+    config: ServerConfig
+    is_ready: Callable[[], bool]
+
+
+def _door(request: Request) -> HttpDoor:
+    return request.app.state.door
+
+
+async def inference_auth(request: Request) -> None:
+    require_api_key(request.headers.get("authorization"), _door(request).config.api_key)
+
+
+async def admin_auth(request: Request) -> None:
+    require_admin(request.headers.get("authorization"), _door(request).config.admin_token)
+
+
+def _reader_is_admin(request: Request) -> bool:
+    config = _door(request).config
+    return require_reader(request.headers.get("authorization"), config.api_key, config.admin_token)
+
+
+router = APIRouter()
+inference = [Depends(inference_auth)]
+admin = [Depends(admin_auth)]
+
+
+@router.get("/health")
+async def health(request: Request):
+    door = _door(request)
+    if not door.service.engine.healthy:
+        return error_response(503, "the engine has failed", "service_unavailable")
+    if door.service.admission.draining:
+        return error_response(503, "draining: the server is shutting down", "service_unavailable")
+    if door.is_ready():
+        return {"status": "ok"}
+    return error_response(503, "not ready", "service_unavailable")
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    metrics = _door(request).service.metrics
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    _reader_is_admin(request)
+    service = _door(request).service
+    base = service.base_model_name
+    data = [{"id": base, "object": "model", "created": int(time.time()), "owned_by": "loraplex", "root": base,
+             "parent": None}]
+    for entry in service.adapters.registry.adapters():
+        if entry.state is AdapterState.READY:
+            data.append({"id": entry.name, "object": "model", "created": int(entry.registered_at),
+                         "owned_by": "loraplex", "root": entry.name, "parent": base})
+    return {"object": "list", "data": data}
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request):
+    as_admin = _reader_is_admin(request)
+    service = _door(request).service
+    return {"object": "list", "base_model": service.base_model_name,
+            "data": [entry.describe(admin=as_admin) for entry in service.adapters.registry.adapters()]}
+
+
+@router.get("/v1/stats", dependencies=inference)
+async def stats(request: Request):
+    """Throughput and latency over the last minute, overall and per adapter (no PromQL needed)."""
+    return _door(request).service.metrics.window.summary()
+
+
+@router.post("/v1/completions", dependencies=inference)
+async def completions(body: CompletionRequest, request: Request):
+    body.reject_unsupported()
+    prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_ids(body.prompt) else list(body.prompt)
+    return await _respond(request, CompletionFormat(body), InferenceRequest(
+        model=body.model, sampling=_sampling(body, body.max_tokens), prompts=prompts, stream=body.stream,
+        request_id=request.headers.get(REQUEST_ID_HEADER), deadline=_deadline(request), id_prefix="cmpl"))
+
+
+@router.post("/v1/chat/completions", dependencies=inference)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    body.reject_unsupported()
+    return await _respond(request, ChatFormat(body), InferenceRequest(
+        model=body.model, sampling=_sampling(body, body.output_token_limit), messages=body.plain_messages(),
+        stream=body.stream, request_id=request.headers.get(REQUEST_ID_HEADER), deadline=_deadline(request),
+        id_prefix="chatcmpl"))
+
+
+@router.post("/v1/load_lora_adapter", dependencies=admin)
+async def load_lora_adapter(body: LoadAdapterBody, request: Request):
+    adapters = _door(request).adapters
+    entry = await adapters.load(body.lora_name, adapters.resolve_path(body.lora_path))
+    return AsciiJSONResponse({"message": f"Success: LoRA adapter '{entry.name}' added successfully.",
+                              "adapter": entry.describe(admin=True)})
+
+
+@router.post("/v1/adapters/{name}/pin", dependencies=admin)
+async def pin_adapter(name: str, request: Request):
+    return AsciiJSONResponse({"adapter": (await _door(request).adapters.pin(name)).describe(admin=True)})
+
+
+@router.post("/v1/unload_lora_adapter", dependencies=admin)
+async def unload_lora_adapter(body: UnloadAdapterBody, request: Request):
+    entry = await _door(request).adapters.unload(body.lora_name)
+    return AsciiJSONResponse({"message": f"Success: LoRA adapter '{entry.name}' removed successfully.",
+                              "adapter": entry.describe(admin=True)})
+
+
 def build_app(service: GenerationService, adapters: AdapterManager, config: ServerConfig, *,
               is_ready: Callable[[], bool]) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0", docs_url=None, redoc_url=None)
-    base_model = service.base_model_name
-
-    def rejected(request: Request, status: int) -> None:
-        if request.url.path.startswith(("/v1/completions", "/v1/chat/completions")):
-            service.metrics.record_outcome(None, refusal_outcome(status))
-
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, exc: RequestError):
-        rejected(request, exc.status)
-        response = error_response(exc.status, exc.message, exc.kind, exc.param)
-        if isinstance(exc, TooManyRequests):
-            response.headers["retry-after"] = retry_after_header(exc.retry_after_s)
-        return response
-
-    @app.exception_handler(AdapterError)
-    async def _adapter_error(request: Request, exc: AdapterError):
-        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        return error_response(exc.status, str(exc), kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        rejected(request, 400)
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-        return error_response(400, message, "invalid_request_error", param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
-
-    async def inference_auth(request: Request) -> None:
-        require_api_key(request.headers.get("authorization"), config.api_key)
-
-    async def admin_auth(request: Request) -> None:
-        require_admin(request.headers.get("authorization"), config.admin_token)
-
-    inference = [Depends(inference_auth)]
-    admin = [Depends(admin_auth)]
-
-    @app.get("/health")
-    async def health():
-        if not service.engine.healthy:
-            return error_response(503, "the engine has failed", "service_unavailable")
-        if service.admission.draining:
-            return error_response(503, "draining: the server is shutting down", "service_unavailable")
-        if is_ready():
-            return {"status": "ok"}
-        return error_response(503, "not ready", "service_unavailable")
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(service.metrics.render(), media_type=service.metrics.content_type)
-
-    @app.get("/v1/models", dependencies=inference)
-    async def list_models():
-        created = int(time.time())
-        data = [{"id": base_model, "object": "model", "created": created, "owned_by": "loraplex",
-                 "root": base_model, "parent": None}]
-        for entry in service.registry.adapters():
-            if entry.state.value == "ready":
-                data.append({"id": entry.name, "object": "model", "created": int(entry.registered_at),
-                             "owned_by": "loraplex", "root": str(entry.path), "parent": base_model})
-        return {"object": "list", "data": data}
-
-    @app.post("/v1/completions", dependencies=inference)
-    async def completions(body: CompletionRequest, request: Request):
-        _reject_unsupported(body.unsupported())
-        resolved = service.resolve(body.model)
-        prompts = _completion_prompts(service, body.prompt)
-        request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("cmpl")
-        generations = [
-            GenerationRequest(body.model, ids, _options(service, body, len(ids), body.max_tokens),
-                              f"{request_id}-{i}", source)
-            for i, (ids, source) in enumerate(zip(prompts, _capture_sources(body.prompt, len(prompts))))
-        ]
-        return await _respond(service, request, body, resolved, generations, request_id, _deadline(request),
-                              _completion_events,
-                              "text_completion", lambda i, text, finish: {
-                                  "index": i, "text": text, "logprobs": None, "finish_reason": finish})
-
-    @app.post("/v1/chat/completions", dependencies=inference)
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _reject_unsupported(body.unsupported())
-        resolved = service.resolve(body.model)
-        ids = service.render_chat(body.template_messages())
-        request_id = request.headers.get(REQUEST_ID_HEADER) or new_request_id("chatcmpl")
-        generations = [GenerationRequest(body.model, ids, _options(service, body, len(ids), body.output_token_limit),
-                                         request_id, {"messages": body.template_messages()})]
-        return await _respond(service, request, body, resolved, generations, request_id, _deadline(request),
-                              _chat_events,
-                              "chat.completion", lambda i, text, finish: {
-                                  "index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                                  "finish_reason": finish})
-
-    @app.get("/v1/stats", dependencies=inference)
-    async def stats():
-        """Throughput and latency over the last minute, overall and per adapter (no PromQL needed)."""
-        return service.metrics.window.summary()
-
-    @app.get("/v1/adapters", dependencies=inference)
-    async def list_adapters():
-        return {"object": "list", "base_model": base_model,
-                "data": [entry.describe() for entry in service.registry.adapters()]}
-
-    @app.post("/v1/load_lora_adapter", dependencies=admin)
-    async def load_lora_adapter(body: LoadAdapterBody):
-        entry = await adapters.load(body.lora_name, adapters.resolve_path(body.lora_path))
-        return {"message": f"Success: LoRA adapter '{entry.name}' added successfully.", "adapter": entry.describe()}
-
-    @app.post("/v1/adapters/{name}/pin", dependencies=admin)
-    async def pin_adapter(name: str):
-        return {"adapter": (await adapters.pin(name)).describe()}
-
-    @app.post("/v1/unload_lora_adapter", dependencies=admin)
-    async def unload_lora_adapter(body: UnloadAdapterBody):
-        entry = await adapters.unload(body.lora_name)
-        return {"message": f"Success: LoRA adapter '{entry.name}' removed successfully.", "adapter": entry.describe()}
-
+    app.state.door = HttpDoor(service, adapters, config, is_ready)
+    app.include_router(router)
+    app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(AdapterError, _adapter_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     return PayloadLimit(app, config.limits.max_payload_bytes)  # type: ignore[return-value]
 
 
-# -- helpers ------------------------------------------------------------------------------------
+# -- errors -------------------------------------------------------------------------------------
 
-def _reject_unsupported(field: str | None) -> None:
-    if field is not None:
-        raise InvalidRequest(f"'{field}' is not supported by this server", param=field)
-
-
-def _completion_prompts(service: GenerationService, prompt) -> list[list[int]]:
-    if isinstance(prompt, str):
-        return [service.tokenize(prompt)]
-    if not prompt:
-        raise InvalidRequest("the prompt is empty", param="prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    if all(isinstance(p, str) for p in prompt):
-        prompts = [service.tokenize(p) for p in prompt]
-    else:
-        prompts = [list(p) for p in prompt]
-    if len(prompts) > service.limits.max_n:
-        raise InvalidRequest(f"at most {service.limits.max_n} prompts per request", param="prompt")
-    return prompts
+def _count_if_inference(request: Request, status: int) -> None:
+    """Refusals the service did not see (authentication, undecodable bodies) are counted here."""
+    if request.url.path.startswith(INFERENCE_PATHS):
+        _door(request).service.count_refusal(status)
 
 
-def _capture_sources(prompt, num_prompts: int) -> list[dict | None]:
-    """What --capture-dir records per prompt: the text, or None for token-id prompts."""
-    if isinstance(prompt, str):
-        return [{"prompt": prompt}]
-    if all(isinstance(p, str) for p in prompt):
-        return [{"prompt": p} for p in prompt]
-    return [None] * num_prompts
+async def _request_error(request: Request, exc: RequestError):
+    if exc.status in (401, 403):
+        _count_if_inference(request, exc.status)
+    response = error_response(exc.status, exc.message, exc.kind, exc.param)
+    if isinstance(exc, TooManyRequests):
+        response.headers["retry-after"] = retry_after_header(exc.retry_after_s)
+    return response
 
 
-def _options(service: GenerationService, body, prompt_len: int, max_tokens: int | None):
-    return service.sampling_options(
-        prompt_len=prompt_len, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-        n=body.n, stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, stream=body.stream, ignore_eos=body.ignore_eos)
+async def _adapter_error(request: Request, exc: AdapterError):
+    error = from_adapter_error(exc)
+    return error_response(error.status, error.message, error.kind)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    _count_if_inference(request, 400)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+    return error_response(400, message, "invalid_request_error", param)
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException):
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+def _is_token_ids(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(p, int) for p in prompt)
+
+
+def _sampling(body, max_tokens: int | None) -> SamplingInput:
+    return SamplingInput(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
+                         stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
+                         frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos)
 
 
 def _deadline(request: Request) -> float | None:
@@ -268,35 +312,55 @@ def _deadline(request: Request) -> float | None:
     except ValueError:
         seconds = float("nan")
     if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
+        from .errors import InvalidRequest
+
         raise InvalidRequest(f"{TIMEOUT_HEADER} must be a number of seconds in (0, {MAX_REQUEST_TIMEOUT_S}]",
                              param=TIMEOUT_HEADER)
     return time.monotonic() + seconds
 
 
-async def _respond(service: GenerationService, request: Request, body, resolved,
-                   generations: list[GenerationRequest], request_id: str, deadline: float | None, events,
-                   object_name: str, make_choice):
-    """Run the generations; answer with an SSE stream or one JSON body (both APIs' shared tail)."""
-    stream = service.stream_choices(generations, resolved, body.n, deadline)
-    headers = {REQUEST_ID_HEADER: request_id}
-    if body.stream:
-        first = await _prime(stream)
-        return StreamingResponse(events(first, stream, request_id, body, generations), headers=headers,
-                                 media_type="text/event-stream")
-    collected = await _unless_client_leaves(request, collect_choices(stream, len(generations) * body.n))
+# -- responses ----------------------------------------------------------------------------------
+
+async def _respond(request: Request, fmt: "CompletionFormat | ChatFormat", inference_request: InferenceRequest):
+    """Run the request; answer with an SSE stream or one JSON body. Until the first token, a
+    client that disconnects (while queued, say) is noticed and its request cancelled."""
+    door = _door(request)
+    events = door.service.run(inference_request)
+    try:
+        prepared: Prepared = await events.__anext__()
+        if fmt.body.stream:
+            started = await _unless_client_leaves(request, _first_chunk(events))
+            if started is None:
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return BoundedStreamingResponse(
+                _sse_events(fmt, prepared, started[0], events), media_type="text/event-stream",
+                headers={REQUEST_ID_HEADER: prepared.request_id}, send_timeout_s=door.config.stream_send_timeout_s,
+                on_stall=door.service.metrics.stalled_streams.inc)
+        collected = await _unless_client_leaves(request, collect_choices(events, prepared))
+    except BaseException:
+        await events.aclose()
+        raise
     if collected is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     texts, _, finish, num_generated = collected
-    return JSONResponse({
-        "id": request_id, "object": object_name, "created": int(time.time()), "model": body.model,
-        "choices": [make_choice(i, texts[i], finish[i]) for i in range(len(texts))],
-        "usage": usage_counts(generations, num_generated),
-    }, headers=headers)
+    return AsciiJSONResponse({
+        "id": prepared.request_id, "object": fmt.object_name, "created": int(time.time()), "model": fmt.body.model,
+        "choices": [fmt.choice(i, texts[i], finish[i]) for i in range(len(texts))],
+        "usage": prepared.usage(num_generated)}, headers={REQUEST_ID_HEADER: prepared.request_id})
+
+
+async def _first_chunk(events: AsyncIterator) -> tuple:
+    """The first (choice, chunk) pair, so that errors before it get a real HTTP status; (None,)
+    when the run ends without any."""
+    try:
+        return (await events.__anext__(),)
+    except StopAsyncIteration:
+        return (None,)
 
 
 async def _unless_client_leaves(request: Request, work, poll_s: float = 0.25):
     """Await ``work``; if the client disconnects first, cancel it (which aborts the engine
-    requests) and return None. Streams need no such watch: the server cancels them itself."""
+    requests, or leaves the admission queue) and return None."""
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -313,91 +377,96 @@ async def _unless_client_leaves(request: Request, work, poll_s: float = 0.25):
             task.cancel()
 
 
-async def _prime(stream: AsyncIterator):
-    """Wait for the first chunk before answering, so early errors get a real HTTP status."""
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
 def _sse(payload: dict | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
 
 
-async def _chunks_with_first(first, stream: AsyncIterator):
-    if first is not None:
-        yield first
-        async for item in stream:
-            yield item
-
-
-async def _event_stream(first, stream, make_chunk, final_extra, body, generations, request_id):
-    """Shared SSE loop: one event per chunk, optional usage event, then [DONE]."""
-    include_usage = body.include_usage
+async def _sse_events(fmt, prepared: Prepared, first, events: AsyncIterator) -> AsyncIterator[str]:
+    """One event per chunk (after the API's opening events), an optional usage event, [DONE]."""
+    include_usage = fmt.body.include_usage
     num_generated = 0
+
+    def with_usage(event: dict) -> dict:
+        if include_usage:
+            event["usage"] = None
+        return event
+
+    for event in fmt.opening_events(prepared):
+        yield _sse(with_usage(event))
     try:
-        async for item in final_extra(_chunks_with_first(first, stream)):
-            if isinstance(item, dict):
-                if include_usage:
-                    item["usage"] = None
-                yield _sse(item)
-                continue
-            index, chunk = item
+        async for index, chunk in _chain([] if first is None else [first], events):
             num_generated += len(chunk.token_ids)
-            event = make_chunk(index, chunk)
+            event = fmt.chunk(prepared, index, chunk)
             if event is not None:
-                if include_usage:
-                    event["usage"] = None
-                yield _sse(event)
+                yield _sse(with_usage(event))
     except RequestError as exc:
         yield _sse(error_body(exc.message, exc.kind, exc.status, exc.param))
+    finally:
+        await events.aclose()  # a client cut off mid-stream: the engine request is aborted now
     if include_usage:
-        yield _sse({"id": request_id, "object": make_chunk.object_name, "created": int(time.time()),
-                    "model": body.model, "choices": [], "usage": usage_counts(generations, num_generated)})
+        yield _sse({"id": prepared.request_id, "object": fmt.chunk_object_name, "created": fmt.created,
+                    "model": fmt.body.model, "choices": [], "usage": prepared.usage(num_generated)})
     yield _sse("[DONE]")
 
 
-def _completion_events(first, stream, request_id, body: CompletionRequest, generations):
-    created = int(time.time())
-
-    def make_chunk(index: int, chunk: GenerationChunk):
-        return {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": index, "text": chunk.text, "logprobs": None,
-                             "finish_reason": chunk.finish_reason}]}
-
-    make_chunk.object_name = "text_completion"
-
-    async def passthrough(items):
-        async for item in items:
-            yield item
-
-    return _event_stream(first, stream, make_chunk, passthrough, body, generations, request_id)
+async def _chain(items: list, rest: AsyncIterator) -> AsyncIterator:
+    for item in items:
+        yield item
+    async for item in rest:
+        yield item
 
 
-def _chat_events(first, stream, request_id, body: ChatCompletionRequest, generations):
-    created = int(time.time())
+class CompletionFormat:
+    """``/v1/completions`` shapes."""
 
-    def envelope(choices: list[dict]) -> dict:
-        return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                "choices": choices}
+    object_name = "text_completion"
+    chunk_object_name = "text_completion"
 
-    def make_chunk(index: int, chunk: GenerationChunk):
+    def __init__(self, body: CompletionRequest) -> None:
+        self.body = body
+        self.created = int(time.time())
+
+    @staticmethod
+    def choice(index: int, text: str, finish: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    @staticmethod
+    def opening_events(prepared: Prepared) -> list[dict]:
+        return []
+
+    def chunk(self, prepared: Prepared, index: int, chunk) -> dict:
+        return {"id": prepared.request_id, "object": self.chunk_object_name, "created": self.created,
+                "model": self.body.model, "choices": [self.choice(index, chunk.text, chunk.finish_reason)]}
+
+
+class ChatFormat:
+    """``/v1/chat/completions`` shapes: the assistant role opens each choice's stream."""
+
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def __init__(self, body: ChatCompletionRequest) -> None:
+        self.body = body
+        self.created = int(time.time())
+
+    @staticmethod
+    def choice(index: int, text: str, finish: str | None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def _envelope(self, prepared: Prepared, choice: dict) -> dict:
+        return {"id": prepared.request_id, "object": self.chunk_object_name, "created": self.created,
+                "model": self.body.model, "choices": [choice]}
+
+    def opening_events(self, prepared: Prepared) -> list[dict]:
+        return [self._envelope(prepared, {"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None})
+                for i in range(prepared.num_choices)]
+
+    def chunk(self, prepared: Prepared, index: int, chunk) -> dict | None:
         if not chunk.text and chunk.finish_reason is None:
             return None
         delta = {"content": chunk.text} if chunk.text else {}
-        return envelope([{"index": index, "delta": delta, "logprobs": None,
-                          "finish_reason": chunk.finish_reason}])
-
-    make_chunk.object_name = "chat.completion.chunk"
-
-    async def with_role(items):
-        # OpenAI sends the assistant role first, once per choice.
-        for index in range(body.n):
-            yield envelope([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}])
-        async for item in items:
-            yield item
-
-    return _event_stream(first, stream, make_chunk, with_role, body, generations, request_id)
+        return self._envelope(prepared, {"index": index, "delta": delta, "logprobs": None,
+                                         "finish_reason": chunk.finish_reason})

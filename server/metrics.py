@@ -157,6 +157,8 @@ class Metrics:
                                               "adapter into the engine.", buckets=LATENCY_BUCKETS, registry=r)
         self.adapter_evictions = Counter(f"{PREFIX}:adapter_evictions", "Adapters the engine's LRU cache "
                                          "dropped (they reload from disk on their next request).", registry=r)
+        self.stalled_streams = Counter(f"{PREFIX}:stalled_streams", "Streams cut off because the client read "
+                                       "nothing for --stream-send-timeout (its engine request aborted).", registry=r)
         self.adapter_unloads = Counter(f"{PREFIX}:adapter_unloads", "Adapters unloaded or replaced.", registry=r)
         self.adapters = Gauge(f"{PREFIX}:adapters", "Registered adapters by state.", ("state",), registry=r)
         self.adapters_resident = Gauge(f"{PREFIX}:adapters_resident", "Adapters loaded in the engine, by tier "

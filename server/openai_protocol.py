@@ -1,14 +1,17 @@
-"""Request models of the OpenAI-compatible API (the subset loraplex serves).
+"""Request models of the OpenAI-compatible API (the subset loraplex serves): types only.
 
 Unknown fields are ignored, as OpenAI-compatible servers do; fields we do not implement are
-rejected with a 400 that names them rather than silently ignored.
+rejected with a 400 that names them rather than silently ignored. Value bounds (n, max_tokens,
+temperature ...) are checked once, for both front doors, by the service.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
+
+from .errors import InvalidRequest
 
 
 class _Request(BaseModel):
@@ -20,16 +23,16 @@ class StreamOptions(_Request):
 
 
 class _SamplingFields(_Request):
-    model: str = Field(min_length=1, max_length=256)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: keep generating past end-of-sequence (load tests)
 
@@ -37,10 +40,18 @@ class _SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def unsupported(self) -> str | None:
+        return None
+
+    def reject_unsupported(self) -> None:
+        field = self.unsupported()
+        if field is not None:
+            raise InvalidRequest(f"'{field}' is not supported by this server", param=field)
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -61,7 +72,7 @@ class TextContentPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: str  # checked by the service (system, developer, user, assistant)
     content: str | list[TextContentPart] | None = None
     name: str | None = None
 
@@ -74,9 +85,9 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict] | None = None
@@ -95,9 +106,5 @@ class ChatCompletionRequest(_SamplingFields):
     def output_token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def template_messages(self) -> list[dict]:
-        messages = []
-        for message in self.messages:
-            role = "system" if message.role == "developer" else message.role
-            messages.append({"role": role, "content": message.text()})
-        return messages
+    def plain_messages(self) -> list[dict]:
+        return [{"role": message.role, "content": message.text()} for message in self.messages]

@@ -1,87 +1,77 @@
-"""What both front doors (HTTP, gRPC) share: model resolution, request limits, prompt
-rendering, and one generation path that records metrics and adapter usage.
+"""The one request path both front doors share.
 
-Front doors translate their wire format into :class:`GenerationRequest` and the
-:class:`RequestError` subclasses back into their own status codes.
+A door translates its wire format into an :class:`InferenceRequest` and iterates
+:meth:`GenerationService.run`: lease the adapter version (resolution and lease in one step),
+check every bound and tokenize (large inputs off the event loop), admit, make sure the adapter is
+in the engine, generate; the lease and the admission ticket are released in one ``finally``.
+The first event is a :class:`Prepared` (what usage counts need), then ``(choice, chunk)`` pairs.
+Errors are :class:`~server.errors.RequestError`; each door maps their ``status`` once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .adapters.registry import AdapterError, AdapterRegistry, AdapterVersion
+from .adapters.manager import AdapterManager, Lease
+from .adapters.registry import AdapterError
 from .admission import BASE_MODEL_KEY, AdmissionController, Draining, Overloaded, Ticket
 from .capture import CaptureWriter
 from .config import LimitsConfig
 from .engine import Engine, EngineUnavailable, GenerationChunk, SamplingOptions
+from .errors import InvalidRequest, RequestError, ServiceUnavailable, TooManyRequests, from_adapter_error, refusal_outcome
 from .metrics import Metrics
+from .prompts import PromptBuilder, check_text
 
 logger = logging.getLogger(__name__)
 
-
-class RequestError(Exception):
-    """A request the server refuses; ``status`` is the HTTP status, ``kind`` the OpenAI error type."""
-
-    status = 400
-    kind = "invalid_request_error"
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
+# A client's own request id: 1-128 printable ASCII characters without spaces (it is echoed in
+# every event and logged, so nothing that could forge a log line or bloat a stream).
+REQUEST_ID_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
+MAX_MODEL_NAME_CHARS = 256
 
 
-class InvalidRequest(RequestError):
-    pass
+@dataclass(frozen=True)
+class SamplingInput:
+    """Sampling parameters as the client sent them (None: not given); bounds are checked here."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | Sequence[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    ignore_eos: bool = False
 
 
-class ModelNotFound(RequestError):
-    status = 404
-    kind = "not_found_error"
+@dataclass
+class InferenceRequest:
+    """One request, whatever door it came through. Exactly one of ``prompts`` (completions: texts
+    or token-id lists) and ``messages`` (chat: ``{"role", "content"}`` dicts) is given."""
 
-
-class ServiceUnavailable(RequestError):
-    status = 503
-    kind = "service_unavailable"
-
-
-class TooManyRequests(RequestError):
-    """Shed by admission control; ``retry_after_s`` goes out as ``Retry-After``."""
-
-    status = 429
-    kind = "rate_limit_exceeded"
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Unauthorized(RequestError):
-    status = 401
-    kind = "authentication_error"
-
-
-class Forbidden(RequestError):
-    status = 403
-    kind = "permission_error"
-
-
-def refusal_outcome(status: int) -> str:
-    """The metrics outcome of a request refused before the engine."""
-    return "shed" if status == 429 else f"rejected_{status}"
-
-
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    model: str
+    sampling: SamplingInput = field(default_factory=SamplingInput)
+    prompts: Sequence[str | Sequence[int]] = ()
+    messages: Sequence[dict] | None = None
+    stream: bool = False
+    request_id: str | None = None  # the client's own id, if it sent one
+    deadline: float | None = None  # time.monotonic() by which the client gives up
+    id_prefix: str = "cmpl"
 
 
 @dataclass
 class GenerationRequest:
+    """One prompt of a request, ready for the engine."""
+
     model: str
     prompt_token_ids: list[int]
     options: SamplingOptions
@@ -91,60 +81,155 @@ class GenerationRequest:
 
 
 @dataclass
-class ResolvedModel:
-    adapter: AdapterVersion | None  # None = the base model
+class Prepared:
+    """The first event of :meth:`GenerationService.run`: the request passed every check."""
+
+    request_id: str
+    generations: list[GenerationRequest]
+    n: int
 
     @property
-    def adapter_name(self) -> str | None:
-        return self.adapter.name if self.adapter else None
+    def num_choices(self) -> int:
+        return len(self.generations) * self.n
+
+    def usage(self, num_generated: int) -> dict[str, int]:
+        num_prompt = sum(len(g.prompt_token_ids) for g in self.generations)
+        return {"prompt_tokens": num_prompt, "completion_tokens": num_generated,
+                "total_tokens": num_prompt + num_generated}
 
 
 class GenerationService:
-    def __init__(self, engine: Engine, registry: AdapterRegistry, limits: LimitsConfig,
-                 metrics: Metrics, base_model_name: str, max_model_len: int,
-                 admission: AdmissionController, capture: CaptureWriter | None = None) -> None:
+    def __init__(self, *, engine: Engine, adapters: AdapterManager, prompts: PromptBuilder, limits: LimitsConfig,
+                 metrics: Metrics, admission: AdmissionController, base_model_name: str, max_model_len: int,
+                 capture: CaptureWriter | None = None) -> None:
         self.engine = engine
-        self.registry = registry
+        self.adapters = adapters
+        self.prompts = prompts
         self.limits = limits
         self.metrics = metrics
+        self.admission = admission
         self.base_model_name = base_model_name
         self.max_model_len = max_model_len
-        self.tokenizer = engine.tokenizer
-        self.admission = admission
         self.capture = capture
-        self._background: set[asyncio.Task] = set()
 
-    # -- model resolution ----------------------------------------------------------------------
-    def resolve(self, model: str) -> ResolvedModel:
+    # -- the request path ------------------------------------------------------------------------
+    async def run(self, request: InferenceRequest) -> AsyncIterator[Prepared | tuple[int, GenerationChunk]]:
+        """Prepared, then (choice index, chunk) as the engine produces them. Cancelling the
+        iteration aborts the engine requests."""
+        arrival = time.perf_counter()
+        lease: Lease | None = None
+        ticket: Ticket | None = None
+        started, finished, generating = 0.0, False, False
+        try:
+            request_id = self._request_id(request)
+            lease = self._lease(request.model)
+            prepared = await self._prepare(request, request_id)
+            yield prepared
+            queue_key = request.model if lease is not None else BASE_MODEL_KEY
+            ticket = await self._admit(queue_key, prepared, request.deadline, lease)
+            started = time.perf_counter()
+            if lease is not None:
+                await self._ensure_in_engine(lease)
+            generating = True
+            streams = [self._generate(g, lease, arrival) for g in prepared.generations]
+            async with contextlib.aclosing(merge_streams(streams)) as merged:  # closing aborts at once
+                async for prompt_index, chunk in merged:
+                    yield prompt_index * prepared.n + chunk.index, chunk
+            finished = True
+        except RequestError as exc:
+            if not generating:
+                self.count_refusal(exc.status)
+            raise
+        finally:
+            if ticket is not None:
+                self.admission.release(ticket, time.perf_counter() - started if finished else None)
+            if lease is not None:
+                lease.release()
+
+    async def tokenize(self, request: InferenceRequest) -> list[int]:
+        """The token ids the server would use for the request's (first) prompt."""
+        lease = self._lease(request.model)
+        try:
+            ids, _ = await self._tokenize(request, 1)
+            return ids[0]
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def count_refusal(self, status: int, adapter: str | None = None) -> None:
+        """Count a request refused before the engine (the doors call this for their own refusals:
+        authentication, undecodable bodies)."""
+        self.metrics.record_outcome(adapter, refusal_outcome(status))
+
+    # -- steps -----------------------------------------------------------------------------------
+    @staticmethod
+    def _request_id(request: InferenceRequest) -> str:
+        if request.request_id is None or request.request_id == "":
+            return f"{request.id_prefix}-{uuid.uuid4().hex}"
+        if not isinstance(request.request_id, str) or not REQUEST_ID_PATTERN.fullmatch(request.request_id):
+            raise InvalidRequest("the request id must be 1-128 printable ASCII characters without spaces",
+                                 param="request_id")
+        return request.request_id
+
+    def _lease(self, model: str) -> Lease | None:
+        """None for the base model; else a lease on the adapter's ready version."""
+        if not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_NAME_CHARS:
+            raise InvalidRequest(f"model must be a name of 1-{MAX_MODEL_NAME_CHARS} characters", param="model")
+        check_text(model, "model")
         if model == self.base_model_name:
-            return ResolvedModel(adapter=None)
+            return None
         try:
-            return ResolvedModel(adapter=self.registry.resolve(model))
+            return self.adapters.lease(model)
         except AdapterError as exc:
-            error = ModelNotFound if exc.status == 404 else ServiceUnavailable
-            raise error(str(exc), param="model") from exc
+            error = from_adapter_error(exc)
+            error.param = "model"
+            raise error from None
 
-    # -- prompts -------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        if len(messages) > self.limits.max_chat_messages:
-            raise InvalidRequest(
-                f"messages has {len(messages)} entries; at most {self.limits.max_chat_messages} are allowed",
-                param="messages")
+    async def _prepare(self, request: InferenceRequest, request_id: str) -> Prepared:
+        n = request.sampling.n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.limits.max_n:
+            raise InvalidRequest(f"n must be between 1 and {self.limits.max_n}", param="n")
+        prompt_ids, sources = await self._tokenize(request, n)
+        generations = []
+        for i, (ids, source) in enumerate(zip(prompt_ids, sources)):
+            options = self.sampling_options(len(ids), request.sampling, request.stream)
+            suffix = f"-{i}" if request.messages is None else ""
+            generations.append(GenerationRequest(request.model, ids, options, f"{request_id}{suffix}", source))
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # a template error is the caller's malformed conversation
-            raise InvalidRequest(f"messages could not be rendered with the chat template: {exc}",
-                                 param="messages") from exc
-        return self.tokenizer.encode(text, add_special_tokens=False)
+            self.engine.check_options(generations[0].options)
+        except ValueError as exc:  # the engine's own sampling checks, before any work
+            raise InvalidRequest(str(exc)) from None
+        return Prepared(request_id, generations, n)
 
-    # -- limits --------------------------------------------------------------------------------
-    def sampling_options(self, *, prompt_len: int, max_tokens: int | None, temperature: float | None,
-                         top_p: float | None, n: int, stop: str | Sequence[str] | None, seed: int | None,
-                         presence_penalty: float | None, frequency_penalty: float | None,
-                         stream: bool, ignore_eos: bool = False) -> SamplingOptions:
+    async def _tokenize(self, request: InferenceRequest, n: int) -> tuple[list[list[int]], list[dict | None]]:
+        """Token ids and capture source per prompt; counts are checked before any tokenizing."""
+        prompts = self.prompts
+        if request.messages is not None:
+            messages = prompts.check_messages(request.messages)
+            size = sum(len(m["content"]) for m in messages)
+            ids = await prompts.run(prompts.encode_chat, messages, size=size)
+            return [ids], [{"messages": messages}]
+        if not request.prompts:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if len(request.prompts) * n > self.limits.max_n:
+            raise InvalidRequest(f"{len(request.prompts)} prompts x n={n} exceeds this server's limit of "
+                                 f"{self.limits.max_n} choices per request", param="prompt")
+        texts = [check_text(p, "prompt") for p in request.prompts if isinstance(p, str)]
+        encoded = iter(await prompts.run(lambda: [prompts.encode_text(t) for t in texts],
+                                         size=sum(len(t) for t in texts)) if texts else ())
+        ids_list: list[list[int]] = []
+        sources: list[dict | None] = []
+        for prompt in request.prompts:
+            if isinstance(prompt, str):
+                ids_list.append(next(encoded))
+                sources.append({"prompt": prompt})
+            else:
+                ids_list.append(prompts.check_token_ids(prompt))
+                sources.append(None)  # token-id prompts are never captured
+        return ids_list, sources
+
+    def sampling_options(self, prompt_len: int, s: SamplingInput, stream: bool) -> SamplingOptions:
+        """Every sampling bound, for both doors."""
         limits = self.limits
         if prompt_len == 0:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -156,8 +241,7 @@ class GenerationService:
             raise InvalidRequest(
                 f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
                 param="prompt")
-        if max_tokens is None:
-            max_tokens = min(room, limits.max_tokens)
+        max_tokens = min(room, limits.max_tokens) if s.max_tokens is None else _integer(s.max_tokens, "max_tokens")
         if max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
         if max_tokens > limits.max_tokens:
@@ -167,38 +251,57 @@ class GenerationService:
             raise InvalidRequest(
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of "
                 f"{self.max_model_len} tokens", param="max_tokens")
-        if not 1 <= n <= limits.max_n:
-            raise InvalidRequest(f"n must be between 1 and {limits.max_n}", param="n")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        stops = (s.stop,) if isinstance(s.stop, str) else tuple(s.stop or ())
         if len(stops) > limits.max_stop_sequences:
             raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
-        for s in stops:
-            if not s or len(s) > limits.max_stop_length:
+        for stop in stops:
+            if not isinstance(stop, str) or not stop or len(stop) > limits.max_stop_length:
                 raise InvalidRequest(
                     f"each stop sequence must have 1 to {limits.max_stop_length} characters", param="stop")
+            check_text(stop, "stop")
+        seed = None if s.seed is None else _integer(s.seed, "seed")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise InvalidRequest("seed must be in [0, 2^63)", param="seed")
         return SamplingOptions(
             max_tokens=max_tokens,
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
-            n=n,
+            temperature=_in_range(s.temperature, "temperature", 0.0, 2.0, default=1.0),
+            top_p=_in_range(s.top_p, "top_p", 0.0, 1.0, default=1.0, low_open=True),
+            n=s.n,
             stop=stops,
             seed=seed,
-            presence_penalty=presence_penalty or 0.0,
-            frequency_penalty=frequency_penalty or 0.0,
+            presence_penalty=_in_range(s.presence_penalty, "presence_penalty", -2.0, 2.0, default=0.0),
+            frequency_penalty=_in_range(s.frequency_penalty, "frequency_penalty", -2.0, 2.0, default=0.0),
             stream=stream,
-            ignore_eos=ignore_eos,
+            ignore_eos=bool(s.ignore_eos),
         )
 
-    # -- generation ----------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest, resolved: ResolvedModel,
-                       arrival: float | None = None) -> AsyncIterator[GenerationChunk]:
-        """Run one request on the engine; yields chunks, records metrics, releases the adapter.
-        ``arrival`` (perf_counter) is when the client's request came in: latencies count from it."""
-        adapter = resolved.adapter
-        adapter_name = resolved.adapter_name
-        if adapter is not None:
-            self.registry.acquire(adapter)
-        arrival = time.perf_counter() if arrival is None else arrival
+    async def _admit(self, queue_key: str, prepared: Prepared, deadline: float | None,
+                     lease: Lease | None) -> Ticket:
+        cost = sum(len(g.prompt_token_ids) + g.options.max_tokens * g.options.n for g in prepared.generations)
+        adapter_name = None if lease is None else lease.adapter.name
+        try:
+            ticket = await self.admission.acquire(queue_key, cost, deadline)
+        except Overloaded as exc:
+            raise TooManyRequests(exc.message, exc.retry_after_s) from None
+        except Draining as exc:
+            raise ServiceUnavailable(str(exc)) from None
+        self.metrics.observe_admission_wait(adapter_name, ticket.queue_wait_s)
+        return ticket
+
+    async def _ensure_in_engine(self, lease: Lease) -> None:
+        try:
+            await self.adapters.ensure_in_engine(lease)
+        except AdapterError as exc:
+            raise from_adapter_error(exc) from None
+        except EngineUnavailable as exc:
+            raise ServiceUnavailable(str(exc)) from None
+
+    async def _generate(self, request: GenerationRequest, lease: Lease | None,
+                        arrival: float) -> AsyncIterator[GenerationChunk]:
+        """One prompt on the engine; yields chunks, records metrics, log line and capture.
+        Latencies count from ``arrival`` (perf_counter), when the client's request came in."""
+        adapter = None if lease is None else lease.adapter
+        adapter_name = None if adapter is None else adapter.name
         first_token_at: float | None = None
         last_output_at = arrival
         num_generated = 0
@@ -228,7 +331,7 @@ class GenerationService:
         except EngineUnavailable as exc:
             outcome = "failed_503"
             raise ServiceUnavailable(str(exc)) from exc
-        except ValueError as exc:  # vLLM's input validation (e.g. a token id out of range)
+        except ValueError as exc:  # vLLM's input validation
             outcome = "failed_400"
             raise InvalidRequest(str(exc)) from exc
         finally:
@@ -243,86 +346,39 @@ class GenerationService:
                 e2e_s=end - arrival,
                 num_prompt_tokens=len(request.prompt_token_ids),
                 num_generated_tokens=num_generated)
-            if adapter is not None and self.registry.release(adapter):
-                self._spawn(self.engine.remove_adapter(adapter))
-
-    def stream_choices(self, generations: list[GenerationRequest], resolved: ResolvedModel, n: int,
-                       deadline: float | None = None) -> AsyncIterator[tuple[int, GenerationChunk]]:
-        """One merged stream over all prompts of a request, admitted as one unit; yields
-        (choice index, chunk). ``deadline`` (time.monotonic) is the client's, if it gave one."""
-        arrival = time.perf_counter()
-        cost = sum(len(g.prompt_token_ids) + g.options.max_tokens * g.options.n for g in generations)
-        queue_key = resolved.adapter_name or BASE_MODEL_KEY
-
-        async def choices():
-            ticket = await self.admit(queue_key, cost, deadline, resolved.adapter_name)
-            started, finished = time.perf_counter(), False
-            try:
-                streams = [self.generate(g, resolved, arrival) for g in generations]
-                async for prompt_index, chunk in merge_streams(streams):
-                    yield prompt_index * n + chunk.index, chunk
-                finished = True
-            finally:
-                self.admission.release(ticket, time.perf_counter() - started if finished else None)
-
-        return choices()
-
-    async def admit(self, queue_key: str, cost: float, deadline: float | None, adapter_name: str | None) -> Ticket:
-        try:
-            ticket = await self.admission.acquire(queue_key, cost, deadline)
-        except Overloaded as exc:
-            raise TooManyRequests(exc.message, exc.retry_after_s) from None
-        except Draining as exc:
-            raise ServiceUnavailable(str(exc)) from None
-        self.metrics.observe_admission_wait(adapter_name, ticket.queue_wait_s)
-        return ticket
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
 
-async def collect_choices(stream: AsyncIterator[tuple[int, GenerationChunk]],
-                          num_choices: int) -> tuple[list[str], list[list[int]], list[str | None], int]:
-    """Drain a choices stream: text, token ids and finish reason per choice, and tokens generated."""
+def _integer(value, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{param} must be an integer", param=param)
+    return value
+
+
+def _in_range(value, param: str, low: float, high: float, *, default: float, low_open: bool = False) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
+            low < value <= high if low_open else low <= value <= high):
+        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise InvalidRequest(f"{param} must be a number in {interval}", param=param)
+    return float(value)
+
+
+async def collect_choices(events: AsyncIterator, prepared: Prepared) -> tuple[list[str], list[list[int]],
+                                                                              list[str | None], int]:
+    """Drain the chunks of a run (after its Prepared): text, token ids and finish reason per
+    choice, and tokens generated."""
+    num_choices = prepared.num_choices
     texts = [""] * num_choices
     token_ids: list[list[int]] = [[] for _ in range(num_choices)]
     finish: list[str | None] = [None] * num_choices
     num_generated = 0
-    async for index, chunk in stream:
+    async for index, chunk in events:
         texts[index] += chunk.text
         token_ids[index].extend(chunk.token_ids)
         finish[index] = chunk.finish_reason or finish[index]
         num_generated += len(chunk.token_ids)
     return texts, token_ids, finish, num_generated
-
-
-def usage_counts(generations: list[GenerationRequest], num_generated: int) -> dict[str, int]:
-    num_prompt = sum(len(g.prompt_token_ids) for g in generations)
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_generated,
-            "total_tokens": num_prompt + num_generated}
-
-
-def _bearer_matches(authorization: str | None, secret: str) -> bool:
-    """Constant-time check of an ``Authorization: Bearer <secret>`` value."""
-    import hmac
-
-    return hmac.compare_digest((authorization or "").encode(), f"Bearer {secret}".encode())
-
-
-def require_api_key(authorization: str | None, api_key: str | None) -> None:
-    """Inference calls (HTTP and gRPC): open unless the server was started with ``--api-key``."""
-    if api_key is not None and not _bearer_matches(authorization, api_key):
-        raise Unauthorized("a valid API key is required (authorization: Bearer <key>)")
-
-
-def require_admin(authorization: str | None, admin_token: str | None) -> None:
-    """Adapter admin calls (HTTP and gRPC): disabled without ``--admin-token``."""
-    if admin_token is None:
-        raise Forbidden("admin calls are disabled: start the server with --admin-token")
-    if not _bearer_matches(authorization, admin_token):
-        raise Unauthorized("a valid admin token is required (authorization: Bearer <token>)")
 
 
 async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -331,8 +387,9 @@ async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int
     An exception in any stream cancels the others and propagates.
     """
     if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for item in stream:
+                yield 0, item
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()

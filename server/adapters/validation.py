@@ -1,12 +1,15 @@
 """Checks a PEFT LoRA adapter directory before anything reaches the engine.
 
-No torch: the safetensors header is read directly (8-byte little-endian length + JSON), which is
-enough to reject corrupt or truncated files and to read tensor shapes.
+:func:`inspect_adapter` needs no torch: the safetensors header is read directly (8-byte
+little-endian length + JSON), which is enough to reject corrupt or truncated files and to read
+tensor shapes. :func:`check_weights` then reads every tensor (torch, imported only there): all
+finite, and finite once vLLM folds the scale into B in the served dtype.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -19,6 +22,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 MAX_HEADER_BYTES = 100 << 20
 DEFAULT_MAX_ADAPTER_BYTES = 2 << 30
+# lora_alpha / r (alpha / sqrt(r) with rsLoRA) above this is refused: no real adapter needs it,
+# and a huge scale overflows once vLLM folds it into B.
+MAX_LORA_SCALE = 1024.0
 TENSOR_KEY = re.compile(r"layers\.(\d+)\..*?\.?(\w+)\.lora_([AB])\.weight$")
 
 
@@ -29,10 +35,8 @@ class InvalidAdapter(AdapterError):
 @dataclass(frozen=True)
 class AdapterInfo:
     rank: int
-    alpha: float
+    scale: float  # what vLLM multiplies B by: lora_alpha / r, or / sqrt(r) with rsLoRA
     target_modules: tuple[str, ...]
-    base_model_name_or_path: str | None
-    num_tensors: int
 
 
 @dataclass(frozen=True)
@@ -167,13 +171,16 @@ def inspect_adapter(path: Path, max_lora_rank: int, base: BaseModelShapes | None
         raise InvalidAdapter(f"peft_type {peft_type!r} is not supported (only LORA)")
     _check_unsupported(config)
     rank = config.get("r")
-    if not isinstance(rank, int) or rank < 1:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'r' must be a positive integer, got {rank!r}")
     if rank > max_lora_rank:
         raise InvalidAdapter(f"adapter rank {rank} exceeds the server's max LoRA rank {max_lora_rank}")
+    scale = _scale(config, rank)
     targets = config.get("target_modules") or ()
     if isinstance(targets, str):
         targets = (targets,)
+    if not all(isinstance(t, str) for t in targets):
+        raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'target_modules' must be a list of module names")
     if base is not None:
         unknown = sorted(set(targets) - set(base.modules))
         if unknown:
@@ -188,10 +195,44 @@ def inspect_adapter(path: Path, max_lora_rank: int, base: BaseModelShapes | None
         raise InvalidAdapter(f"{ADAPTER_WEIGHTS} holds no tensors")
     if base is not None:
         _check_shapes(header, rank, base)
-    return AdapterInfo(
-        rank=rank,
-        alpha=float(config.get("lora_alpha", rank)),
-        target_modules=tuple(sorted(targets)),
-        base_model_name_or_path=config.get("base_model_name_or_path"),
-        num_tensors=num_tensors,
-    )
+    return AdapterInfo(rank=rank, scale=scale, target_modules=tuple(sorted(targets)))
+
+
+def _scale(config: dict, rank: int) -> float:
+    """lora_alpha must be a finite positive number, and the scale it gives bounded."""
+    alpha = config.get("lora_alpha", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'lora_alpha' must be a finite positive number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise InvalidAdapter(f"{ADAPTER_CONFIG}: '{key}' (per-module ranks or alphas) is not supported")
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    if scale > MAX_LORA_SCALE:
+        raise InvalidAdapter(f"{ADAPTER_CONFIG}: lora_alpha {alpha} gives a scale of {scale:g}; "
+                             f"at most {MAX_LORA_SCALE:g} is accepted")
+    return scale
+
+
+def check_weights(path: Path, scale: float, served_dtype: str) -> None:
+    """Every tensor floating point and finite, and finite in ``served_dtype`` -- B after vLLM
+    multiplies it by ``scale`` too. (A NaN in one adapter must never reach the engine.)"""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    dtype = getattr(torch, served_dtype)
+    limit = torch.finfo(dtype).max
+    try:
+        with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensor = weights.get_tensor(key)
+                if not tensor.is_floating_point():
+                    raise InvalidAdapter(f"tensor {key!r} is {tensor.dtype}, not floating point")
+                largest = float(tensor.float().abs().max()) if tensor.numel() else 0.0
+                if not math.isfinite(largest):
+                    raise InvalidAdapter(f"tensor {key!r} holds NaN or Inf values")
+                folded = largest * scale if ".lora_B." in key else largest
+                if folded > limit:
+                    raise InvalidAdapter(f"tensor {key!r} overflows {served_dtype} (max |value| {largest:g}"
+                                         + (f" x scale {scale:g})" if ".lora_B." in key else ")"))
+    except SafetensorError as exc:
+        raise InvalidAdapter(f"{ADAPTER_WEIGHTS} cannot be read: {exc}") from exc

@@ -1,9 +1,16 @@
 """Keeps the served adapters in step with ``--adapter-dir`` by polling it.
 
 A new subdirectory is loaded, a changed one is loaded again as a new version, a removed one is
-unloaded. A directory is acted on only once its files (names, sizes, mtimes) are unchanged over
-two consecutive polls, so an adapter that is still being written is not loaded half-written
-(copying into a temporary name and renaming it into place is the cleanest way to publish one).
+unloaded (requests that hold it finish on it).
+
+The publishing convention, which the watcher honours: write an adapter under a hidden name
+(``.name.tmp``, ignored) and rename it into place once complete; replace one the same way
+(rename the old one away, the new one in). For writers that do not follow it, a directory is
+acted on only when its files (names, sizes, mtimes, inodes) are unchanged over two consecutive
+polls *and* no process holds one of its files open for writing (a Linux read lease can only be
+taken on a file nobody writes; where leases are not permitted, the first rule alone applies).
+A copy that stalled half-written at full size is therefore not loaded while its writer is alive.
+What is loaded is snapshotted: later changes to the directory reach the engine only as a new version.
 
 The decision (:func:`plan_changes`) is pure bookkeeping, unit-tested without an engine.
 """
@@ -11,7 +18,9 @@ The decision (:func:`plan_changes`) is pure bookkeeping, unit-tested without an 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +29,11 @@ from .validation import adapter_subdirs
 
 logger = logging.getLogger(__name__)
 
-Fingerprint = tuple[tuple[str, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 def fingerprint(path: Path) -> Fingerprint:
-    """(name, size, mtime_ns) of every file in an adapter directory."""
+    """(name, size, mtime_ns, inode) of every file in an adapter directory."""
     entries = []
     for file in sorted(path.iterdir()):
         try:
@@ -32,12 +41,42 @@ def fingerprint(path: Path) -> Fingerprint:
         except OSError:  # removed while we looked
             continue
         if file.is_file():
-            entries.append((file.name, stat.st_size, stat.st_mtime_ns))
+            entries.append((file.name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
     return tuple(entries)
+
+
+def open_for_writing(path: Path) -> bool:
+    """True when some process holds a file of ``path`` open for writing (Linux read leases:
+    F_SETLEASE with F_RDLCK fails with EAGAIN then). False when none does, or when leases are
+    not available here (another OS, or files owned by another user without CAP_LEASE)."""
+    try:
+        import fcntl
+
+        set_lease, read_lock, unlock = fcntl.F_SETLEASE, fcntl.F_RDLCK, fcntl.F_UNLCK
+    except (ImportError, AttributeError):
+        return False
+    for file in path.iterdir():
+        try:
+            fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.fcntl(fd, set_lease, read_lock)
+            fcntl.fcntl(fd, set_lease, unlock)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                return True
+        finally:
+            os.close(fd)
+    return False
 
 
 def scan(adapter_dir: Path) -> dict[str, Fingerprint]:
     return {path.name: fingerprint(path) for path in adapter_subdirs(adapter_dir)}
+
+
+def being_written(adapter_dir: Path, names: list[str]) -> set[str]:
+    return {name for name in names if open_for_writing(adapter_dir / name)}
 
 
 @dataclass
@@ -78,6 +117,8 @@ class AdapterDirWatcher:
         current = scan(self.adapter_dir)
         changes = plan_changes(self._previous, current, self._served)
         self._previous = current
+        busy = await asyncio.to_thread(being_written, self.adapter_dir, changes.load)
+        changes.load = [name for name in changes.load if name not in busy]  # looked at again next poll
         for name in changes.load:
             self._served[name] = current[name]  # a failure is not retried until the files change again
             try:

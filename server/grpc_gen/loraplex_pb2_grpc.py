@@ -202,7 +202,9 @@ class Generation:
 
 class AdaptersStub:
     """---------------------------------------------------------------------------------------------
-    Adapters (admin: calls need `authorization: Bearer <admin token>` metadata)
+    Adapters. Listing and getting need the API key (when the server has one) and show paths and
+    raw errors only with the admin token; loading and unloading need
+    `authorization: Bearer <admin token>` metadata.
     ---------------------------------------------------------------------------------------------
 
     """
@@ -237,7 +239,9 @@ class AdaptersStub:
 
 class AdaptersServicer:
     """---------------------------------------------------------------------------------------------
-    Adapters (admin: calls need `authorization: Bearer <admin token>` metadata)
+    Adapters. Listing and getting need the API key (when the server has one) and show paths and
+    raw errors only with the admin token; loading and unloading need
+    `authorization: Bearer <admin token>` metadata.
     ---------------------------------------------------------------------------------------------
 
     """
@@ -300,7 +304,9 @@ def add_AdaptersServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Adapters:
     """---------------------------------------------------------------------------------------------
-    Adapters (admin: calls need `authorization: Bearer <admin token>` metadata)
+    Adapters. Listing and getting need the API key (when the server has one) and show paths and
+    raw errors only with the admin token; loading and unloading need
+    `authorization: Bearer <admin token>` metadata.
     ---------------------------------------------------------------------------------------------
 
     """

@@ -161,3 +161,93 @@ def test_grpc_fuzz_malformed_messages_never_crash_the_server(server, base_model_
             return await call(channel, valid)
 
     assert asyncio.run(still_serving()) == grpc.StatusCode.OK
+
+
+ANY_CODEPOINTS = st.lists(st.integers(0, 0x10FFFF), max_size=12).map(lambda cps: "".join(map(chr, cps)))
+HOSTILE_INTS = st.integers(-2**40, 2**40) | st.sampled_from([-1, 0, 49151, 49152, 2**31, 2**63]) | st.booleans()
+
+
+def hostile_bodies(path: str, models: list[str]) -> st.SearchStrategy:
+    """Valid bodies with hostile values: token ids out of the vocabulary, any code point (lone
+    surrogates and control characters included) in prompts, content, roles, stops and the model
+    name, prompt lists times n, and long identifiers."""
+    model = st.sampled_from(models) | ANY_CODEPOINTS
+    sampling = st.fixed_dictionaries({"model": model, "max_tokens": st.integers(1, 3)}, optional={
+        "n": st.integers(-2, 40), "stop": st.lists(ANY_CODEPOINTS, max_size=3) | ANY_CODEPOINTS,
+        "temperature": st.floats(-1, 3, allow_nan=False), "seed": HOSTILE_INTS})
+    valid = {"model": models[0], "max_tokens": 2}
+    valid.update({"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]})
+    # the valid body with one hostile value, or a body hostile all over
+    one_value = st.sampled_from(["model", "n", "stop", "seed"]).flatmap(lambda name: st.builds(
+        lambda value: {**valid, name: value}, {"model": st.just(models[-1]) | ANY_CODEPOINTS,
+                                               "n": st.integers(-2, 40), "stop": ANY_CODEPOINTS,
+                                               "seed": HOSTILE_INTS}[name]))
+    if path == "/v1/completions":
+        prompt = (ANY_CODEPOINTS | st.lists(HOSTILE_INTS, min_size=1, max_size=6)
+                  | st.lists(ANY_CODEPOINTS, min_size=1, max_size=12)
+                  | st.lists(st.lists(HOSTILE_INTS, min_size=1, max_size=4), min_size=1, max_size=12))
+        return one_value | st.builds(lambda body, p: {**body, "prompt": p}, sampling, prompt)
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "developer", "assistant"])
+                                     | ANY_CODEPOINTS, "content": ANY_CODEPOINTS})
+    return one_value | st.builds(lambda body, m: {**body, "messages": m}, sampling,
+                                 st.lists(message, min_size=1, max_size=4))
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_http_hostile_values_get_4xx_never_5xx(server, path, base_model_name, adapter_names):
+    seen: list[int] = []
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(body=hostile_bodies(path, [base_model_name, adapter_names[1]]),
+           request_id=st.none() | st.text(alphabet="ab\x7f", max_size=200) | st.just("r" * 32768))
+    def check(body, request_id):
+        headers = {"content-type": "application/json"}
+        if request_id is not None:
+            headers["x-request-id"] = request_id
+        response = httpx.post(f"{server.url}{path}", content=json.dumps(body), headers=headers, timeout=120)
+        seen.append(response.status_code)
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code == 200 and request_id:
+            assert response.headers["x-request-id"] == request_id and len(request_id) <= 128
+
+    check()
+    assert 200 in seen and 400 in seen, seen
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_grpc_hostile_values_get_invalid_argument_never_internal(server, base_model_name):
+    text = ANY_CODEPOINTS.filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s))  # protobuf: UTF-8 only
+    message = st.builds(lambda role, content: pb.ChatMessage(role=role, content=content),
+                        st.sampled_from(["user", "developer", "system"]) | text, text)
+    prompt = (st.builds(lambda t: {"text": t}, text)
+              | st.builds(lambda ids: {"token_ids": pb.TokenIds(ids=ids)},
+                          st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=6))
+              | st.builds(lambda ms: {"chat": pb.ChatMessages(messages=ms)}, st.lists(message, max_size=4)))
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(prompt=prompt, n=st.integers(0, 40), temperature=st.none() | st.floats(-1, 3, allow_nan=False),
+           request_id=st.just("") | text | st.just("r" * 5000), model=st.just(base_model_name) | text)
+    def check(prompt, n, temperature, request_id, model):
+        sampling = pb.SamplingParameters(max_tokens=2, n=n)
+        if temperature is not None:
+            sampling.temperature = temperature
+        request = pb.GenerateRequest(model=model, sampling=sampling, request_id=request_id, **prompt)
+
+        async def one():
+            async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+                from server.grpc_gen import loraplex_pb2_grpc as pb_grpc
+
+                try:
+                    await pb_grpc.GenerationStub(channel).Generate(request, timeout=60)
+                    return grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+
+        code = asyncio.run(one())
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), \
+            (request, code)
+
+    check()
+    assert httpx.get(f"{server.url}/health").status_code == 200

@@ -122,15 +122,24 @@ def test_health_and_reflection(server):
     assert {"loraplex.v1.Generation", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= set(services)
 
 
-def test_adapters_service_needs_the_admin_token(server, adapter_names):
+def test_adapters_service_needs_the_admin_token_for_changes_and_paths(server, adapter_names):
+    """As on HTTP: listing is an inference call (names, versions, states); paths and raw errors,
+    and loading or unloading, need the admin token."""
     async def call(metadata):
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
             return await pb_grpc.AdaptersStub(channel).ListAdapters(pb.ListAdaptersRequest(), metadata=metadata)
 
+    async def unload(metadata):
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            return await pb_grpc.AdaptersStub(channel).UnloadAdapter(pb.UnloadAdapterRequest(name=adapter_names[1]),
+                                                                     metadata=metadata)
+
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        run(call(()))
+        run(unload(()))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    public = {a.name: a for a in run(call(())).adapters}
+    assert public[adapter_names[0]].path == "" and public[adapter_names[0]].status == "ready"
     listing = run(call((("authorization", f"Bearer {ADMIN_TOKEN}"),)))
     by_name = {a.name: a for a in listing.adapters}
-    assert set(adapter_names) <= set(by_name)
+    assert set(adapter_names) <= set(by_name) and by_name[adapter_names[0]].path
     assert by_name[adapter_names[0]].status == "ready" and by_name[adapter_names[0]].rank == 8

@@ -8,6 +8,7 @@ from kernels import cpu_lora, reference
 from kernels.workloads import POPULARITIES, token_slots
 
 from .conftest import HIDDEN_IN, NUM_ADAPTERS, NUM_TOKENS, RANKS, SLICE_WIDTHS, make_weights, tolerances
+from .isolation import POISONS, assert_others_identical, base_output, isolation_case
 
 
 @pytest.mark.parametrize("popularity", POPULARITIES)
@@ -94,3 +95,25 @@ def test_workload_popularity_shapes():
     assert len(set(distinct.tolist())) == 32
     skewed = token_slots(100, 8, "skewed", no_adapter_fraction=0)
     assert torch.unique_consecutive(skewed, return_counts=True)[1].max() >= 75
+
+
+@pytest.mark.parametrize("bad_in_batch", (True, False), ids=("bad-in-batch", "bad-idle"))
+@pytest.mark.parametrize("poison", POISONS, ids=("nan", "inf"))
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("num_tokens", (1, 7, 40, 128))
+def test_a_bad_slot_never_reaches_other_tokens(num_tokens, popularity, poison, bad_in_batch):
+    """0 x NaN = NaN: padding rows and slot-prefix views must never multiply another token's
+    rows by the bad slot's weights (fused linear, and shrink/expand apart)."""
+    slots, x, (a, b), (bad_a, bad_b), bad = isolation_case(num_tokens, popularity, poison, bad_in_batch)
+    outputs = []
+    for lora_a, lora_b in ((a, b), (bad_a, bad_b)):
+        plan = cpu_lora.build_plan(slots)
+        fused = base_output(num_tokens)
+        cpu_lora.add_lora_linear(plan, fused, x, lora_a, lora_b, 0.5, SLICE_WIDTHS)
+        split = base_output(num_tokens)[:, :SLICE_WIDTHS[0]]
+        y = torch.zeros(num_tokens, 16)
+        cpu_lora.lora_shrink(plan, x, lora_a[0], y, 0.5)
+        cpu_lora.lora_expand(plan, y, lora_b[0], split, 0)
+        outputs.append((fused, split))
+    for clean, poisoned in zip(*outputs):
+        assert_others_identical(slots, clean, poisoned, bad)

@@ -14,6 +14,7 @@ from kernels import reference, triton_lora  # noqa: E402
 from kernels.workloads import POPULARITIES, token_slots  # noqa: E402
 
 from .conftest import HIDDEN_IN, SLICE_WIDTHS, make_weights, tolerances  # noqa: E402
+from .isolation import POISONS, assert_others_identical, base_output, isolation_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -70,3 +71,18 @@ def test_meta_follows_the_segment_convention():
     assert meta.segment_slots.tolist() == [0, 2]
     assert meta.sorted_token_ids.tolist() == [2, 4, 5, 0, 3]
     assert meta.max_segment_len == 3
+
+
+@pytest.mark.parametrize("bad_in_batch", (True, False), ids=("bad-in-batch", "bad-idle"))
+@pytest.mark.parametrize("poison", POISONS, ids=("nan", "inf"))
+@pytest.mark.parametrize("popularity", ("distinct", "zipf", "skewed"))
+def test_a_bad_slot_never_reaches_other_tokens(popularity, poison, bad_in_batch):
+    slots, x, (a, b), (bad_a, bad_b), bad = isolation_case(40, popularity, poison, bad_in_batch)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    outputs = []
+    for lora_a, lora_b in ((a, b), (bad_a, bad_b)):
+        out = on(base_output(40))
+        triton_lora.add_lora_linear(triton_lora.build_meta(on(slots)), out, on(x), [on(t) for t in lora_a],
+                                    [on(t) for t in lora_b], 0.5, SLICE_WIDTHS)
+        outputs.append(out.cpu())
+    assert_others_identical(slots, *outputs, bad)

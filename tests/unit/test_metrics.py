@@ -57,28 +57,45 @@ def test_json_log_lines_carry_request_fields():
 
 
 def test_evictions_are_slots_that_left_the_cache_without_an_unload():
+    """The engine reports its own evictions: slots that left its cache without our removing them."""
     import asyncio
-    from pathlib import Path
 
-    from server.adapters.manager import AdapterManager
-    from server.adapters.registry import AdapterRegistry
+    from server.engine import Engine
 
-    class FakeEngine:
-        def __init__(self):
-            self.resident = {1, 2, 3}
-            self.removed_slots = set()
+    class FakeLLM:
+        resident = {1, 2, 3}
 
-        async def resident_adapter_slots(self):
+        async def list_loras(self):
             return set(self.resident)
 
-    engine = FakeEngine()
+        async def remove_lora(self, slot):
+            self.resident.discard(slot)
+
+    class Version:
+        def __init__(self, slot):
+            self.adapter_slot = slot
+
+    engine = Engine.__new__(Engine)  # no vLLM: only the residency bookkeeping is under test
+    engine._llm, engine._resident, engine._removed_since_refresh = FakeLLM(), set(), set()
+
+    async def scenario():
+        assert await engine.refresh_residency() == (3, 0)
+        await engine.remove_adapter(Version(2))  # we removed 2 ourselves ...
+        engine._llm.resident = {3, 4}  # ... and 1 was evicted by the engine's LRU
+        return await engine.refresh_residency()
+
+    num_resident, num_evicted = asyncio.run(scenario())
+    assert (num_resident, num_evicted) == (2, 1)
     metrics = Metrics("base")
-    manager = AdapterManager(AdapterRegistry("base"), engine, 16, 2, metrics=metrics)
-    manager.registry.commit_load(manager.registry.begin_load("a", Path("/a")))
-    asyncio.run(manager.refresh_metrics())
-    engine.resident = {3, 4}           # 1 and 2 left; we removed 2 ourselves, 1 was evicted
-    engine.removed_slots = {2}
-    asyncio.run(manager.refresh_metrics())
+    metrics.adapter_states({"ready": 1}, num_resident, evictions=num_evicted)
     assert list(samples(metrics, "loraplex:adapter_evictions_total").values()) == [1.0]
     assert list(samples(metrics, "loraplex:adapters_resident").values()) == [2.0]
-    assert engine.removed_slots == set()
+
+
+def test_text_log_lines_cannot_be_forged():
+    from server.cli import TextLogFormatter
+
+    record = logging.LogRecord("uvicorn", logging.INFO, "p", 1, "GET %s", ("/v1/x\n2026-01-01 ERROR forged\x1b[2J",),
+                               None)
+    line = TextLogFormatter().format(record)
+    assert "\n" not in line and "\x1b" not in line and "\\x0a2026" in line

@@ -147,3 +147,21 @@ def test_capture_writes_training_format_per_model(tmp_path):
     records = data.read_records(path)
     assert records[0]["messages"][-1] == {"role": "assistant", "content": "a"}
     assert records[1] == {"prompt": "p", "completion": "c"}
+
+
+def test_capture_gives_each_model_its_own_file_and_never_follows_a_symlink(tmp_path):
+    from server.capture import capture_file_name
+
+    names = ["x", "x.", "x_", "x-", ".x", "x%2E", "team/x", "team%2Fx", "é", "\ud800"]
+    assert len({capture_file_name(n) for n in names}) == len(names)
+    assert all("/" not in capture_file_name(n) and not capture_file_name(n).startswith(".") for n in names)
+    writer = CaptureWriter(tmp_path / "cap")
+    secret = tmp_path / "elsewhere.jsonl"
+    secret.write_text("")
+    writer.path_for("victim").symlink_to(secret)
+    writer.record("victim", {"prompt": "p"}, "c")
+    assert secret.read_text() == ""  # not written through the link
+    writer.record("x", {"prompt": "p"}, "c")
+    writer.record("x.", {"prompt": "q"}, "d")
+    assert data.read_records(writer.path_for("x")) == [{"prompt": "p", "completion": "c"}]
+    assert data.read_records(writer.path_for("x.")) == [{"prompt": "q", "completion": "d"}]

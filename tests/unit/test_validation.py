@@ -31,13 +31,21 @@ def make_dir(tmp_path: Path, config: dict | None = None, **kwargs) -> Path:
 
 def test_good_adapter(tmp_path):
     info = inspect_adapter(make_dir(tmp_path), max_lora_rank=16)
-    assert info.rank == 8 and info.target_modules == ("q_proj", "v_proj") and info.num_tensors == 1
+    assert info.rank == 8 and info.target_modules == ("q_proj", "v_proj") and info.scale == 2.0
 
 
 @pytest.mark.parametrize("config, message", [
     ({"r": 64}, "exceeds the server's max LoRA rank 16"),
     ({"r": 0}, "positive integer"),
     ({"peft_type": "IA3"}, "not supported"),
+    ({"r": True}, "positive integer"),
+    ({"lora_alpha": float("nan")}, "finite positive number"),
+    ({"lora_alpha": float("inf")}, "finite positive number"),
+    ({"lora_alpha": -8}, "finite positive number"),
+    ({"lora_alpha": "16"}, "finite positive number"),
+    ({"lora_alpha": 1e9}, "gives a scale of"),
+    ({"alpha_pattern": {"q_proj": 1e9}}, "alpha_pattern"),
+    ({"target_modules": [1, 2]}, "list of module names"),
 ])
 def test_bad_configs(tmp_path, config, message):
     with pytest.raises(InvalidAdapter, match=message):
@@ -65,3 +73,48 @@ def test_missing_config(tmp_path):
     (d / "adapter_config.json").unlink()
     with pytest.raises(InvalidAdapter, match="adapter_config.json is missing"):
         inspect_adapter(d, max_lora_rank=16)
+
+
+def test_rslora_scale(tmp_path):
+    info = inspect_adapter(make_dir(tmp_path, {"r": 16, "lora_alpha": 8, "use_rslora": True}), max_lora_rank=16)
+    assert info.scale == 2.0
+
+
+def _save(directory: Path, tensors: dict) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", ["lora_A", "lora_B"])
+def test_check_weights_refuses_non_finite_values(tmp_path, poison, which):
+    torch = pytest.importorskip("torch")
+    from server.adapters.validation import check_weights
+
+    a, b = torch.ones(8, 4), torch.ones(4, 8)
+    (a if which == "lora_A" else b)[1, 2] = poison
+    d = _save(make_dir(tmp_path), {"m.layers.0.q_proj.lora_A.weight": a, "m.layers.0.q_proj.lora_B.weight": b})
+    with pytest.raises(InvalidAdapter, match="NaN or Inf"):
+        check_weights(d, 2.0, "float32")
+
+
+def test_check_weights_refuses_what_overflows_once_folded_or_cast(tmp_path):
+    torch = pytest.importorskip("torch")
+    from server.adapters.validation import check_weights
+
+    b = torch.full((4, 8), 1e37)
+    d = _save(make_dir(tmp_path), {"m.layers.0.q_proj.lora_B.weight": b})
+    check_weights(d, 2.0, "float32")  # 2e37 fits
+    with pytest.raises(InvalidAdapter, match="overflows float32"):
+        check_weights(d, 100.0, "float32")  # 1e39 does not
+    small = _save(make_dir(tmp_path / "f16") if (tmp_path / "f16").mkdir() is None else None,
+                  {"m.layers.0.q_proj.lora_A.weight": torch.full((8, 4), 1e5)})
+    check_weights(small, 1.0, "float32")
+    with pytest.raises(InvalidAdapter, match="overflows float16"):
+        check_weights(small, 1.0, "float16")
+    ints = _save(make_dir(tmp_path / "int") if (tmp_path / "int").mkdir() is None else None,
+                 {"m.layers.0.q_proj.lora_A.weight": torch.ones(8, 4, dtype=torch.int32)})
+    with pytest.raises(InvalidAdapter, match="not floating point"):
+        check_weights(ints, 1.0, "float32")

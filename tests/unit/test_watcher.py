@@ -62,3 +62,21 @@ def test_polls_over_a_directory(tmp_path):
     shutil.rmtree(tmp_path / "new")
     asyncio.run(polls(1))
     assert manager.calls[-1] == ("unload", "new") and len(manager.calls) == 3
+
+
+def test_a_directory_with_a_file_open_for_writing_is_not_loaded(tmp_path):
+    """A copy that stalled half-written at full size: stable size and mtime prove nothing, but its
+    writer still holds the file open."""
+    from server.adapters.watcher import open_for_writing
+
+    directory = tmp_path / "x"
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text("{}")
+    writer = (directory / "adapter_model.safetensors").open("wb")
+    writer.write(b"\0" * 1024)
+    writer.flush()
+    try:
+        assert open_for_writing(directory)
+    finally:
+        writer.close()
+    assert not open_for_writing(directory)
