@@ -17,6 +17,9 @@
 
     python -m loadtest.scenarios chaos --url ... --capacity 1.0 --models M ... \
         --good-adapter DIR --admin-token T
+- slow_clients: 50% of capacity alone, then beside stalled readers, clients that leave while
+  queued and connections with half-sent headers (``loadtest/slow_clients.py``): the steady
+  traffic's p99 with them against its p99 without them (target: within 1.2x).
 
 Each prints its numbers and writes them as JSON (``--out``). ``--capacity`` comes from
 ``loraplex loadtest --find-capacity``.
@@ -189,9 +192,42 @@ def chaos(args) -> dict:
             "engine_deaths": int(chaos_summary["health_failures"] > 0), **chaos_summary}
 
 
+def slow_clients(args) -> dict:
+    from .slow_clients import SlowClientConfig, run_slow_clients
+
+    rate = 0.5 * args.capacity
+    models = tuple(args.models)
+    out: dict = {"rate_rps": rate}
+    for label in ("alone", "with_slow_clients"):
+        config = _config(args, models, rate)
+        print(f"== steady traffic {label.replace('_', ' ')}: {rate:.2f} req/s for {args.duration:.0f} s",
+              file=sys.stderr)
+
+        async def steady(with_slow: bool = label != "alone", config=config):
+            stop = asyncio.Event()
+            hostile = asyncio.ensure_future(run_slow_clients(args.url, SlowClientConfig(models[0]), stop)) \
+                if with_slow else None
+            try:
+                results, _ = await run_with_churn(config)
+            finally:
+                stop.set()
+            return results, (await hostile if hostile else {})
+
+        results, counts = asyncio.run(steady())
+        measured = [r for r in results if r.sent_at >= args.warmup]
+        out[label] = {"sent": len(measured), "errors": sum(not r.ok for r in measured),
+                      "p99_ttft_ms": _p99_ms(measured, "ttft_s"), "p99_e2e_ms": _p99_ms(measured, "e2e_s"),
+                      **({"slow_clients": counts} if counts else {})}
+    a, b = out["alone"]["p99_e2e_ms"], out["with_slow_clients"]["p99_e2e_ms"]
+    out["p99_e2e_with_vs_without"] = b / a if a and b else None
+    a, b = out["alone"]["p99_ttft_ms"], out["with_slow_clients"]["p99_ttft_ms"]
+    out["p99_ttft_with_vs_without"] = b / a if a and b else None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=("overload", "fairness", "soak", "chaos"))
+    parser.add_argument("scenario", choices=("overload", "fairness", "soak", "chaos", "slow_clients"))
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--capacity", type=float, required=True, help="req/s the server sustains within its SLO")
     parser.add_argument("--models", nargs="+", default=(), help="overload/soak: models to spread requests over")
@@ -214,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.scenario == "chaos" and (not args.good_adapter or not args.admin_token or not args.models):
         parser.error("chaos needs --models, --good-adapter and --admin-token")
-    if args.scenario in ("overload", "soak") and not args.models:
+    if args.scenario in ("overload", "soak", "slow_clients") and not args.models:
         parser.error(f"{args.scenario} needs --models")
     if args.scenario == "fairness" and (not args.hot or not args.cold):
         parser.error("fairness needs --hot and --cold")
@@ -222,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("soak needs --server-pid")
     if args.churn_adapters and not args.admin_token:
         parser.error("--churn-adapters needs --admin-token")
-    result = {"overload": overload, "fairness": fairness, "soak": soak, "chaos": chaos}[args.scenario](args)
+    result = {"overload": overload, "fairness": fairness, "soak": soak, "chaos": chaos,
+              "slow_clients": slow_clients}[args.scenario](args)
     result = {"scenario": args.scenario, **result}
     print(json.dumps(result, indent=2))
     if args.out is not None:
