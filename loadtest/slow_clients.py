@@ -8,8 +8,11 @@
   (the server must close it).
 
 Leavers and half-sent headers start every ``interval_s``, a stalled reader every
-``stalled_every`` intervals (its answer is real engine work: n x max_tokens tokens, until the
-server cuts it off); every socket is closed at the end.
+``stalled_every`` intervals; every socket is closed at the end. With ``polite`` the same clients
+behave: the stalled reader's twin reads its answer, no headers are left half-sent (the leavers
+still leave). Comparing steady traffic beside the polite twins with steady traffic beside the
+hostile clients isolates what not reading and never finishing headers cost others, from the
+engine work the requests themselves are.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ class SlowClientConfig:
     model: str
     interval_s: float = 2.0
     stalled_every: int = 5
-    stalled_n: int = 4
-    stalled_max_tokens: int = 256
+    stalled_n: int = 1
+    stalled_max_tokens: int = 64
+    polite: bool = False
     hold_s: float = 60.0  # how long a stalled reader or half-sent header connection stays open at most
 
 
@@ -54,7 +58,8 @@ class SlowClients:
         self.address = (parsed.hostname, parsed.port or 80)
         self.config = config
         self.counts = {"stalled_readers": 0, "queued_leavers": 0, "half_sent_headers": 0, "connect_errors": 0}
-        self._sockets: list[socket.socket] = []
+        self._sockets: list[tuple[float, socket.socket]] = []  # (opened at, socket)
+        self._readers: set[asyncio.Task] = set()
 
     async def run(self, stop: asyncio.Event) -> dict:
         loop = asyncio.get_running_loop()
@@ -76,21 +81,22 @@ class SlowClients:
                     pass
                 self._close_old(loop.time())
         finally:
-            for sock in self._sockets:
+            for task in self._readers:
+                task.cancel()
+            for _, sock in self._sockets:
                 sock.close()
         return dict(self.counts)
 
     def _keep(self, sock: socket.socket, loop) -> None:
-        sock.opened_at = loop.time()  # type: ignore[attr-defined]
-        self._sockets.append(sock)
+        self._sockets.append((loop.time(), sock))
 
     def _close_old(self, now: float) -> None:
         keep = []
-        for sock in self._sockets:
-            if now - sock.opened_at > self.config.hold_s:  # type: ignore[attr-defined]
+        for opened_at, sock in self._sockets:
+            if now - opened_at > self.config.hold_s:
                 sock.close()
             else:
-                keep.append(sock)
+                keep.append((opened_at, sock))
         self._sockets = keep
 
     async def stalled_reader(self, loop) -> None:
@@ -98,7 +104,11 @@ class SlowClients:
         await loop.sock_sendall(sock, _request(self.address[0], {
             "model": self.config.model, "prompt": "Count:", "max_tokens": self.config.stalled_max_tokens,
             "n": self.config.stalled_n, "temperature": 1.0, "ignore_eos": True, "stream": True}))
-        self._keep(sock, loop)  # never read
+        self._keep(sock, loop)
+        if self.config.polite:  # the twin reads its answer to the end
+            task = asyncio.ensure_future(_read_all(loop, sock))
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
         self.counts["stalled_readers"] += 1
 
     async def queued_leaver(self, loop) -> None:
@@ -110,10 +120,20 @@ class SlowClients:
         self.counts["queued_leavers"] += 1
 
     async def half_sent_headers(self, loop) -> None:
+        if self.config.polite:
+            return
         sock = await _open(self.address)
         await loop.sock_sendall(sock, f"POST /v1/completions HTTP/1.1\r\nHost: {self.address[0]}\r\nX-Slow: ".encode())
         self._keep(sock, loop)
         self.counts["half_sent_headers"] += 1
+
+
+async def _read_all(loop, sock: socket.socket) -> None:
+    try:
+        while await loop.sock_recv(sock, 65536):
+            pass
+    except OSError:
+        pass
 
 
 async def run_slow_clients(url: str, config: SlowClientConfig, stop: asyncio.Event) -> dict:
