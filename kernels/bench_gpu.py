@@ -2,7 +2,7 @@
 4096/1024/1024, gate/up 14336): achieved memory bandwidth vs the device's peak, ranks 8-64,
 1-128 adapters. Needs CUDA; prints a table and writes JSON.
 
-    python -m kernels.bench_gpu --out bench-results/gpu.json
+    python -m loraplex.kernels.bench_gpu --out bench-results/gpu.json
 """
 
 from __future__ import annotations

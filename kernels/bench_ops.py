@@ -1,7 +1,7 @@
 """Op-level CPU microbenchmark: one fused q/k/v LoRA call (``add_lora_linear``) through vLLM's
 stock CPU punica wrapper, through ours, and through the pure-torch reference (small batches only).
 
-    python -m kernels.bench_ops --out bench-results/ops.json
+    python -m loraplex.kernels.bench_ops --out bench-results/ops.json
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    from .vllm_plugin import LoraplexPunicaWrapperCPU
+    from .cpu_wrapper import LoraplexPunicaWrapperCPU
 
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)

@@ -12,8 +12,8 @@ from .workload import RequestSpec
 
 async def send_grpc(channel: grpc.aio.Channel, spec: RequestSpec, sent_at: float, timeout_s: float,
                     metadata: tuple = ()) -> RequestResult:
-    from server.grpc_gen import loraplex_pb2 as pb
-    from server.grpc_gen import loraplex_pb2_grpc as pb_grpc
+    from loraplex.server.grpc_gen import loraplex_pb2 as pb
+    from loraplex.server.grpc_gen import loraplex_pb2_grpc as pb_grpc
 
     result = RequestResult(spec.index, spec.model, sent_at)
     request = pb.GenerateRequest(model=spec.model, text=spec.prompt,

@@ -1,8 +1,8 @@
 """Robustness benchmarks against a running server (started with the admission flags you want):
 
-    python -m loadtest.scenarios overload --url http://127.0.0.1:8000 --capacity 1.0 --models M
-    python -m loadtest.scenarios fairness --url ... --capacity 1.0 --hot A0 --cold A1 ... A9
-    python -m loadtest.scenarios soak --url ... --capacity 1.0 --models M ... --minutes 5 \
+    python -m loraplex.loadtest.scenarios overload --url http://127.0.0.1:8000 --capacity 1.0 --models M
+    python -m loraplex.loadtest.scenarios fairness --url ... --capacity 1.0 --hot A0 --cold A1 ... A9
+    python -m loraplex.loadtest.scenarios soak --url ... --capacity 1.0 --models M ... --minutes 5 \
         --server-pid PID --churn-adapters DIR ... --admin-token T
 
 - overload: the same workload unloaded (0.25x capacity) and at 3x capacity: how much is shed
@@ -15,7 +15,7 @@
   rewritten and deleted, and adapters are replaced and unloaded under queued requests
   (``loadtest/chaos.py``): failed good requests and engine deaths must both be zero.
 
-    python -m loadtest.scenarios chaos --url ... --capacity 1.0 --models M ... \
+    python -m loraplex.loadtest.scenarios chaos --url ... --capacity 1.0 --models M ... \
         --good-adapter DIR --admin-token T
 - slow_clients: 50% of capacity beside well-behaved twins of the hostile clients (the same
   requests, read to the end), then beside stalled readers, clients that leave while queued and

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from loraplex.server.stats import percentile
+
 PERCENTILES = (50, 90, 95, 99)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile with linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+__all__ = ["PERCENTILES", "percentile", "summarize_ms"]
 
 
 def summarize_ms(name: str, seconds: Sequence[float]) -> dict[str, float]:

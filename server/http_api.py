@@ -89,10 +89,6 @@ class PayloadLimit:
         await self.app(scope, replay, send)
 
 
-class StalledClient(Exception):
-    """A streaming client stopped reading for longer than the send timeout."""
-
-
 class BoundedStreamingResponse(StreamingResponse):
     """SSE whose every send must complete within ``send_timeout_s``: a client that stops reading
     (its socket buffers full) is cut off, which aborts its engine request and frees its slot."""
@@ -111,8 +107,10 @@ class BoundedStreamingResponse(StreamingResponse):
             await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
                                    self.send_timeout_s)
         except asyncio.TimeoutError:
+            # Cut off: the request is aborted below; returning with the response incomplete makes
+            # the server close the connection (one log line, no traceback).
             self.on_stall()
-            raise StalledClient(f"the client read nothing for {self.send_timeout_s:g} s") from None
+            logger.info("cut off a stream whose client read nothing for %g s", self.send_timeout_s)
         finally:
             await self.body_iterator.aclose()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from loadtest.stats import percentile
+from .stats import percentile
 
 PREFIX = "loraplex"
 BASE_ADAPTER_LABEL = ""  # the `adapter` label value for requests to the base model

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-import torch
-
-if not torch.cuda.is_available():
-    # Triton kernels run in the interpreter on CPU; it must be on before anything imports them
-    # (and before vLLM imports triton).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
-from server import default_model
+from loraplex.server import default_model
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,7 @@ def test_chart_renders_and_every_manifest_validates_offline(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_rendered_flags_are_accepted_by_loraplex_serve(case):
-    from server.cli import build_parser
+    from loraplex.server.cli import build_parser
 
     values, values_file = CASES[case]
     container = by_kind(render(values, values_file))["Deployment"]["spec"]["template"]["spec"]["containers"][0]

@@ -71,7 +71,7 @@ def server(tmp_path_factory, adapter_dir: Path, cache_dir: Path, base_model_dir:
 
 @pytest.fixture(scope="session")
 def base_model_name() -> str:
-    from server.default_model import DEFAULT_MODEL_NAME
+    from loraplex.server.default_model import DEFAULT_MODEL_NAME
 
     return DEFAULT_MODEL_NAME
 

@@ -181,9 +181,9 @@ def test_load_and_replace_under_traffic_lose_no_request(server, base_model_name,
     unloaded and replaced: zero failed requests, and each new adapter answers right after its load."""
     import asyncio
 
-    from loadtest.churn import ChurnConfig
-    from loadtest.runner import RunConfig, report, run_with_churn
-    from loadtest.workload import WorkloadConfig
+    from loraplex.loadtest.churn import ChurnConfig
+    from loraplex.loadtest.runner import RunConfig, report, run_with_churn
+    from loraplex.loadtest.workload import WorkloadConfig
 
     versions = [make_adapter(hf_base_model, tmp_path / f"replace-v{i}", seed=9000 + i) for i in range(2)]
     assert load(server, "replaced", versions[0]).status_code == 200

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.grpc_gen import loraplex_pb2 as pb
+from loraplex.server.grpc_gen import loraplex_pb2 as pb
 
 pytestmark = pytest.mark.integration
 
@@ -237,7 +237,7 @@ def test_grpc_hostile_values_get_invalid_argument_never_internal(server, base_mo
 
         async def one():
             async with grpc.aio.insecure_channel(server.grpc_target) as channel:
-                from server.grpc_gen import loraplex_pb2_grpc as pb_grpc
+                from loraplex.server.grpc_gen import loraplex_pb2_grpc as pb_grpc
 
                 try:
                     await pb_grpc.GenerationStub(channel).Generate(request, timeout=60)

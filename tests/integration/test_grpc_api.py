@@ -9,8 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.grpc_gen import loraplex_pb2 as pb
-from server.grpc_gen import loraplex_pb2_grpc as pb_grpc
+from loraplex.server.grpc_gen import loraplex_pb2 as pb
+from loraplex.server.grpc_gen import loraplex_pb2_grpc as pb_grpc
 
 from .conftest import ADMIN_TOKEN, wait_until_engine_idle
 

@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from loadtest.runner import SLO, RunConfig, report, run
-from loadtest.workload import WorkloadConfig, build_requests
+from loraplex.loadtest.runner import SLO, RunConfig, report, run
+from loraplex.loadtest.workload import WorkloadConfig, build_requests
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def test_counts_percentiles_and_slo_verdict(server, base_model_name, adapter_nam
 
 def test_cli_writes_a_result_file(server, tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "server.cli", "loadtest", "--url", server.url, "--rate", "2", "--duration", "2",
+        [sys.executable, "-m", "loraplex.server.cli", "loadtest", "--url", server.url, "--rate", "2", "--duration", "2",
          "--prompt-len", "8", "--output-len", "4", "--slo", "ttft=60s", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=180)
     assert completed.returncode == 0, completed.stderr
@@ -48,7 +48,7 @@ def test_cli_writes_a_result_file(server, tmp_path):
 def test_capacity_search_compare_and_closed_loop(server, base_model_name, tmp_path):
     from PIL import Image
 
-    common = [sys.executable, "-m", "server.cli", "loadtest", "--url", server.url, "--duration", "2",
+    common = [sys.executable, "-m", "loraplex.server.cli", "loadtest", "--url", server.url, "--duration", "2",
               "--prompt-len", "8", "--output-len", "2", "--models", base_model_name]
     capacity = subprocess.run([*common, "--find-capacity", "--rate", "4", "--rate-min", "1", "--search-steps", "1",
                                "--slo", "ttft=60s", "--out", str(tmp_path / "cap")],

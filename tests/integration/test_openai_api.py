@@ -113,7 +113,8 @@ def test_sampling_n_seed_and_stop(client, base_model_name):
     response = client.completions.create(model=base_model_name, prompt="Once upon a time", max_tokens=12,
                                          temperature=1.0, n=3, seed=7)
     assert sorted(c.index for c in response.choices) == [0, 1, 2]
-    assert response.usage.completion_tokens == sum(1 for _ in range(3)) * 12 or response.usage.completion_tokens > 0
+    assert 3 <= response.usage.completion_tokens <= 3 * 12  # three choices, each 1..12 tokens
+    assert all(c.finish_reason in ("stop", "length") for c in response.choices)
     again = client.completions.create(model=base_model_name, prompt="Once upon a time", max_tokens=12,
                                       temperature=1.0, n=3, seed=7)
     assert [c.text for c in again.choices] == [c.text for c in response.choices]

@@ -15,8 +15,8 @@ import grpc
 import httpx
 import pytest
 
-from server.grpc_gen import loraplex_pb2 as pb
-from server.grpc_gen import loraplex_pb2_grpc as pb_grpc
+from loraplex.server.grpc_gen import loraplex_pb2 as pb
+from loraplex.server.grpc_gen import loraplex_pb2_grpc as pb_grpc
 from tests.support.server import RunningServer, scrape, start_server
 
 pytestmark = pytest.mark.integration

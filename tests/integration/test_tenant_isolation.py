@@ -145,8 +145,8 @@ def test_capture_keeps_tenants_apart(server, client, adapter_dir, adapter_names,
         for name in [*names, "victim"]:
             client.chat.completions.create(model=name, messages=[{"role": "user", "content": f"hi {name}"}],
                                            max_tokens=2)
-        from server.capture import capture_file_name
-        from server.training import data
+        from loraplex.server.capture import capture_file_name
+        from loraplex.server.training import data
 
         assert len([p for p in capture_dir.iterdir() if p.name.startswith("cap")]) == 3
         for name in names:
@@ -224,8 +224,8 @@ def test_unload_during_streams_lets_them_finish_on_their_version(server, client,
 def test_admin_token_is_needed_for_paths_over_grpc_too(server):
     import grpc
 
-    from server.grpc_gen import loraplex_pb2 as pb
-    from server.grpc_gen import loraplex_pb2_grpc as pb_grpc
+    from loraplex.server.grpc_gen import loraplex_pb2 as pb
+    from loraplex.server.grpc_gen import loraplex_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(server.grpc_target) as channel:
         stub = pb_grpc.AdaptersStub(channel)

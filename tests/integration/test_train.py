@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.training import data
-from server.training.demo import write_demo_data
+from loraplex.server.training import data
+from loraplex.server.training.demo import write_demo_data
 
 from .conftest import ADMIN_TOKEN
 
@@ -21,7 +21,7 @@ def test_train_a_tiny_adapter_and_serve_it(tmp_path, server, client, cache_dir):
     train_path, eval_path = write_demo_data(tmp_path / "data", num_train=48, num_eval=4, seed=7)
     out = tmp_path / "loan-extractor"
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "train", "--data", str(train_path), "--eval", str(eval_path),
+        [sys.executable, "-m", "loraplex.server.cli", "train", "--data", str(train_path), "--eval", str(eval_path),
          "--out", str(out), "--cache-dir", str(cache_dir), "--preset", "demo", "--rank", "8",
          "--batch-size", "8", "--max-steps", "6", "--eval-generate", "2", "--eval-max-new-tokens", "32",
          "--quiet", "--serve-url", server.url, "--admin-token", ADMIN_TOKEN],
@@ -58,8 +58,8 @@ def test_capture_dir_records_served_chat_in_training_format(server, client, adap
 def test_same_seed_same_adapter(tmp_path, base_model_dir):
     from safetensors.torch import load_file
 
-    from server.config import TrainConfig
-    from server.training.trainer import train
+    from loraplex.server.config import TrainConfig
+    from loraplex.server.training.trainer import train
 
     train_path, _ = write_demo_data(tmp_path / "data", num_train=8, num_eval=1, seed=3)
     weights = []

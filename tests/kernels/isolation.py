@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.workloads import token_slots
+from loraplex.kernels.workloads import token_slots
 
 from .conftest import HIDDEN_IN, SLICE_WIDTHS, make_weights
 

@@ -4,8 +4,8 @@ and adapter popularity, with no-adapter tokens mixed in."""
 import pytest
 import torch
 
-from kernels import cpu_lora, reference
-from kernels.workloads import POPULARITIES, token_slots
+from loraplex.kernels import cpu_lora, reference
+from loraplex.kernels.workloads import POPULARITIES, token_slots
 
 from .conftest import HIDDEN_IN, NUM_ADAPTERS, NUM_TOKENS, RANKS, SLICE_WIDTHS, make_weights, tolerances
 from .isolation import POISONS, assert_others_identical, base_output, isolation_case

@@ -10,8 +10,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from kernels import reference, triton_lora  # noqa: E402
-from kernels.workloads import POPULARITIES, token_slots  # noqa: E402
+from loraplex.kernels import reference, triton_lora  # noqa: E402
+from loraplex.kernels.workloads import POPULARITIES, token_slots  # noqa: E402
 
 from .conftest import HIDDEN_IN, SLICE_WIDTHS, make_weights, tolerances  # noqa: E402
 from .isolation import POISONS, assert_others_identical, base_output, isolation_case  # noqa: E402

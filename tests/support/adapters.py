@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loadtest.adapters import ALL_TARGETS, make_adapter  # noqa: F401  (re-exported for tests)
+from loraplex.loadtest.adapters import ALL_TARGETS, make_adapter  # noqa: F401  (re-exported for tests)
 
 
 def load_base_model(model_dir: Path, dtype: str = "float32"):

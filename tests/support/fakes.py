@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from server.adapters.registry import AdapterRegistry
-from server.adapters.store import SnapshotStore
-from server.engine import AdapterRejected, GenerationChunk
+from loraplex.server.adapters.registry import AdapterRegistry
+from loraplex.server.adapters.store import SnapshotStore
+from loraplex.server.engine import AdapterRejected, GenerationChunk
 
 
 class FakeTokenizer:
@@ -111,7 +111,7 @@ def make_adapter_dir(root: Path, name: str, seed: int = 0) -> Path:
 
 
 def make_manager(tmp_path: Path, engine: FakeEngine, metrics=None):
-    from server.adapters.manager import AdapterLimits, AdapterManager
+    from loraplex.server.adapters.manager import AdapterLimits, AdapterManager
 
     return AdapterManager(registry=AdapterRegistry("base"), engine=engine,
                           store=SnapshotStore(tmp_path / "store", 1 << 20),

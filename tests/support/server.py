@@ -67,7 +67,7 @@ def start_server(args: list[str], log_path: Path, startup_timeout: float = 600) 
     port, grpc_port = free_port(), free_port()
     log = log_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port), *args],
+        [sys.executable, "-m", "loraplex.server.cli", "serve", "--port", str(port), "--grpc-port", str(grpc_port), *args],
         stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
         env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONUNBUFFERED": "1"})
     server = RunningServer(process, port, grpc_port, log_path)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.admission import AdmissionController, Draining, Overloaded
+from loraplex.server.admission import AdmissionController, Draining, Overloaded
 
 
 class Clock:

@@ -1,6 +1,6 @@
-"""The checked-in gRPC stubs must match proto/ (regenerate with `python -m server.grpc_codegen`)."""
+"""The checked-in gRPC stubs must match proto/ (regenerate with `python -m loraplex.server.grpc_codegen`)."""
 
-from server import grpc_codegen
+from loraplex.server import grpc_codegen
 
 
 def test_checked_in_stubs_are_fresh():

@@ -6,12 +6,12 @@ import inspect
 import pytest
 import torch
 
-from kernels import reference, vllm_plugin
+from loraplex.kernels import reference, vllm_plugin
 
 
 def test_entry_point_is_registered():
     entry_points = importlib.metadata.entry_points(group="vllm.general_plugins")
-    assert any(ep.value == "kernels.vllm_plugin:register" for ep in entry_points)
+    assert any(ep.value == "loraplex.kernels.vllm_plugin:register" for ep in entry_points)
 
 
 def test_vllm_version_is_the_pinned_one():
@@ -67,7 +67,9 @@ def test_register_installs_our_wrapper_only_when_selected(selected, monkeypatch)
 def test_wrapper_applies_lora_through_vllm_metadata():
     from vllm.lora.layers import LoRAMapping
 
-    wrapper = vllm_plugin.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    from loraplex.kernels import cpu_wrapper
+
+    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
     # Adapter ids per token: 0 = no adapter; lora_index_to_id maps slots to adapter ids.
     index_mapping = (7, 7, 7, 0, 9, 9, 7, 0)
     wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=True), [9, 7, None, None],
@@ -87,7 +89,7 @@ def test_our_kernels_package_is_not_taken_for_hugging_face_kernels():
     from transformers.utils import import_utils
 
     assert not import_utils.is_kernels_available()
-    import kernels
+    from loraplex import kernels
 
     assert not hasattr(kernels, "get_kernel")
 
@@ -97,7 +99,9 @@ def _both_wrappers(index_mapping, lora_index_to_id, is_prefill):
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     wrappers = []
-    for cls in (PunicaWrapperCPU, vllm_plugin.LoraplexPunicaWrapperCPU):
+    from loraplex.kernels import cpu_wrapper
+
+    for cls in (PunicaWrapperCPU, cpu_wrapper.LoraplexPunicaWrapperCPU):
         wrapper = cls(max_num_batched_tokens=64, max_batches=16, device="cpu")
         wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=is_prefill), lora_index_to_id,
                                 max_loras=len(lora_index_to_id), vocab_size=100)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from loadtest.arrivals import inter_arrival_times, send_times
-from loadtest.client import RequestResult
-from loadtest.runner import SLO, check_target
-from loadtest.stats import percentile, summarize_ms
-from loadtest.workload import WorkloadConfig, build_requests
+from loraplex.loadtest.arrivals import inter_arrival_times, send_times
+from loraplex.loadtest.client import RequestResult
+from loraplex.loadtest.runner import SLO, check_target
+from loraplex.loadtest.stats import percentile, summarize_ms
+from loraplex.loadtest.workload import WorkloadConfig, build_requests
 
 
 @pytest.mark.parametrize("rate", [0.5, 4.0, 50.0])
@@ -73,7 +73,7 @@ def test_only_loopback_targets_by_default():
 
 
 def test_capacity_bisection_brackets_the_threshold():
-    from loadtest.capacity import find_capacity
+    from loraplex.loadtest.capacity import find_capacity
 
     threshold = 3.3
     found = find_capacity(lambda rate: rate <= threshold, rate_min=0.5, rate_max=8.0, steps=5)
@@ -97,7 +97,7 @@ def test_weights_file_mix(tmp_path):
 def test_plot_is_a_png_with_the_slo_line(tmp_path):
     from PIL import Image
 
-    from loadtest.plot import plot_latency_vs_rate
+    from loraplex.loadtest.plot import plot_latency_vs_rate
 
     runs = [{"request_rate": r, "median_ttft_ms": 50 * r, "p99_ttft_ms": 90 * r, "p99_e2el_ms": 400 * r}
             for r in (1, 2, 4)]
@@ -108,15 +108,15 @@ def test_plot_is_a_png_with_the_slo_line(tmp_path):
 
 
 def test_closed_loop_gets_enough_requests_whatever_the_rate():
-    from loadtest.runner import closed_loop_requests
+    from loraplex.loadtest.runner import closed_loop_requests
 
     # 4 workers for 35 s never exhaust the sequence, even at 100 requests/s each
     assert closed_loop_requests(4, 30, 5) >= 4 * 100 * 35
 
 
 def test_closed_loop_specs_ignore_the_rate_sized_request_count():
-    from loadtest.runner import RunConfig, request_specs
-    from loadtest.workload import WorkloadConfig
+    from loraplex.loadtest.runner import RunConfig, request_specs
+    from loraplex.loadtest.workload import WorkloadConfig
 
     workload = WorkloadConfig(models=("m",), rate=0.1, num_requests=2, prompt_len=(1, 1))
     assert len(request_specs(RunConfig(url="http://127.0.0.1:1", workload=workload, duration_s=1))) == 2

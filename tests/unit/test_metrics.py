@@ -5,8 +5,8 @@ import logging
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.cli import JsonLogFormatter
-from server.metrics import FinishedRequest, Metrics, StatsWindow
+from loraplex.server.cli import JsonLogFormatter
+from loraplex.server.metrics import FinishedRequest, Metrics, StatsWindow
 
 
 def samples(metrics: Metrics, name: str) -> dict:
@@ -60,7 +60,7 @@ def test_evictions_are_slots_that_left_the_cache_without_an_unload():
     """The engine reports its own evictions: slots that left its cache without our removing them."""
     import asyncio
 
-    from server.engine import Engine
+    from loraplex.server.engine import Engine
 
     class FakeLLM:
         resident = {1, 2, 3}
@@ -93,7 +93,7 @@ def test_evictions_are_slots_that_left_the_cache_without_an_unload():
 
 
 def test_text_log_lines_cannot_be_forged():
-    from server.cli import TextLogFormatter
+    from loraplex.server.cli import TextLogFormatter
 
     record = logging.LogRecord("uvicorn", logging.INFO, "p", 1, "GET %s", ("/v1/x\n2026-01-01 ERROR forged\x1b[2J",),
                                None)

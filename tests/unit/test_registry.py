@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from server.adapters.registry import (
+from loraplex.server.adapters.registry import (
     AdapterNotReady,
     AdapterRegistry,
     AdapterState,

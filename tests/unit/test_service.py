@@ -5,12 +5,12 @@ import asyncio
 
 import pytest
 
-from server.admission import AdmissionController
-from server.config import LimitsConfig
-from server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
-from server.metrics import Metrics
-from server.prompts import PromptBuilder
-from server.service import GenerationService, InferenceRequest, Prepared, SamplingInput, merge_streams
+from loraplex.server.admission import AdmissionController
+from loraplex.server.config import LimitsConfig
+from loraplex.server.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from loraplex.server.metrics import Metrics
+from loraplex.server.prompts import PromptBuilder
+from loraplex.server.service import GenerationService, InferenceRequest, Prepared, SamplingInput, merge_streams
 from tests.support.fakes import FakeEngine, make_adapter_dir, make_manager
 
 pytest.importorskip("torch")  # the fake adapters are written with safetensors' torch API

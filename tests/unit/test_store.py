@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.adapters.store import SnapshotFailed, SnapshotStore
+from loraplex.server.adapters.store import SnapshotFailed, SnapshotStore
 
 
 def adapter(directory: Path, weights: bytes = b"weights") -> Path:

@@ -9,11 +9,11 @@ import re
 
 import pytest
 
-from server.capture import CaptureWriter
-from server.config import TrainConfig
-from server.training import data, demo, presets
-from server.training.evaluate import parse_object, score
-from server.training.trainer import learning_rate_at
+from loraplex.server.capture import CaptureWriter
+from loraplex.server.config import TrainConfig
+from loraplex.server.training import data, demo, presets
+from loraplex.server.training.evaluate import parse_object, score
+from loraplex.server.training.trainer import learning_rate_at
 
 
 class CharTokenizer:
@@ -150,7 +150,7 @@ def test_capture_writes_training_format_per_model(tmp_path):
 
 
 def test_capture_gives_each_model_its_own_file_and_never_follows_a_symlink(tmp_path):
-    from server.capture import capture_file_name
+    from loraplex.server.capture import capture_file_name
 
     names = ["x", "x.", "x_", "x-", ".x", "x%2E", "team/x", "team%2Fx", "é", "\ud800"]
     assert len({capture_file_name(n) for n in names}) == len(names)

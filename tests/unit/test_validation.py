@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.adapters.validation import InvalidAdapter, inspect_adapter
+from loraplex.server.adapters.validation import InvalidAdapter, inspect_adapter
 
 
 def write_safetensors(path: Path, tensors: dict[str, tuple[list[int], int]], truncate: int = 0) -> None:
@@ -91,7 +91,7 @@ def _save(directory: Path, tensors: dict) -> Path:
 @pytest.mark.parametrize("which", ["lora_A", "lora_B"])
 def test_check_weights_refuses_non_finite_values(tmp_path, poison, which):
     torch = pytest.importorskip("torch")
-    from server.adapters.validation import check_weights
+    from loraplex.server.adapters.validation import check_weights
 
     a, b = torch.ones(8, 4), torch.ones(4, 8)
     (a if which == "lora_A" else b)[1, 2] = poison
@@ -102,7 +102,7 @@ def test_check_weights_refuses_non_finite_values(tmp_path, poison, which):
 
 def test_check_weights_refuses_what_overflows_once_folded_or_cast(tmp_path):
     torch = pytest.importorskip("torch")
-    from server.adapters.validation import check_weights
+    from loraplex.server.adapters.validation import check_weights
 
     b = torch.full((4, 8), 1e37)
     d = _save(make_dir(tmp_path), {"m.layers.0.q_proj.lora_B.weight": b})

@@ -3,7 +3,7 @@
 import asyncio
 import shutil
 
-from server.adapters.watcher import AdapterDirWatcher, plan_changes
+from loraplex.server.adapters.watcher import AdapterDirWatcher, plan_changes
 
 A1 = (("adapter_config.json", 10, 1), ("adapter_model.safetensors", 100, 1))
 A2 = (("adapter_config.json", 10, 1), ("adapter_model.safetensors", 200, 2))
@@ -67,7 +67,7 @@ def test_polls_over_a_directory(tmp_path):
 def test_a_directory_with_a_file_open_for_writing_is_not_loaded(tmp_path):
     """A copy that stalled half-written at full size: stable size and mtime prove nothing, but its
     writer still holds the file open."""
-    from server.adapters.watcher import open_for_writing
+    from loraplex.server.adapters.watcher import open_for_writing
 
     directory = tmp_path / "x"
     directory.mkdir()

@@ -5,7 +5,7 @@ Each configuration runs in its own process (a fresh engine), one after the other
 Saturated load: every request is submitted at once. Also checks that greedy tokens agree
 between the two kernel choices. Prints a table and writes JSON.
 
-    python -m kernels.bench_vllm --out bench-results/e2e.json
+    python -m loraplex.loadtest.bench_vllm --out bench-results/e2e.json
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ def make_prompts(num_requests: int, prompt_len: int, vocab_size: int, seed: int)
 
 def run_config(config: str, args: dict, result_queue) -> None:
     """Child process: start one engine, run the workload, report numbers and greedy tokens."""
-    from kernels.vllm_plugin import select_lora_kernels
-    from server.adapters.registry import AdapterRegistry
-    from server.config import EngineConfig
-    from server.engine import Engine, SamplingOptions
+    from loraplex.kernels.vllm_plugin import select_lora_kernels
+    from loraplex.server.adapters.registry import AdapterRegistry
+    from loraplex.server.config import EngineConfig
+    from loraplex.server.engine import Engine, SamplingOptions
 
     select_lora_kernels("vllm" if config in ("base", "vllm") else "loraplex")
     engine_config = EngineConfig(
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-results/e2e.json"))
     args = parser.parse_args(argv)
 
-    from server import default_model
-    from server.engine import resolve_dtype
+    from loraplex.server import default_model
+    from loraplex.server.engine import resolve_dtype
 
     args.dtype = resolve_dtype(args.dtype)
     cache_dir = default_model.default_cache_dir()
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
-    from loadtest.adapters import make_adapters
+    from loraplex.loadtest.adapters import make_adapters
 
     adapters = make_adapters(model_dir, cache_dir / "bench-adapters", args.num_adapters, args.rank, prefix="bench")
     shared = {
