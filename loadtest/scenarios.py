@@ -168,6 +168,17 @@ def soak(args) -> dict:
     return out
 
 
+async def _traffic_beside(config: RunConfig, background) -> tuple[list[RequestResult], dict]:
+    """The workload of ``config``, with ``background(stop)`` running until it ends; both results."""
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(background(stop))
+    try:
+        results, _ = await run_with_churn(config)
+    finally:
+        stop.set()
+    return results, await task
+
+
 def chaos(args) -> dict:
     from .chaos import ChaosConfig, run_chaos
 
@@ -175,17 +186,8 @@ def chaos(args) -> dict:
     config = _config(args, tuple(args.models), rate)
     print(f"== chaos: {rate:.2f} req/s of good traffic for {args.duration:.0f} s", file=sys.stderr)
 
-    async def both():
-        stop = asyncio.Event()
-        actions = asyncio.ensure_future(run_chaos(args.url, ChaosConfig(args.good_adapter.resolve(), args.admin_token,
-                                                                         args.chaos_interval), stop))
-        try:
-            results, _ = await run_with_churn(config)
-        finally:
-            stop.set()
-        return results, await actions
-
-    results, chaos_summary = asyncio.run(both())
+    chaos_config = ChaosConfig(args.good_adapter.resolve(), args.admin_token, args.chaos_interval)
+    results, chaos_summary = asyncio.run(_traffic_beside(config, lambda stop: run_chaos(args.url, chaos_config, stop)))
     summary = report(results, config)
     return {"rate_rps": rate, "good_sent": summary["num_prompts"], "good_completed": summary["completed"],
             "good_failed": summary["failed"], "good_errors": summary["errors"],
@@ -204,16 +206,8 @@ def slow_clients(args) -> dict:
         print(f"== steady traffic {label.replace('_', ' ')}: {rate:.2f} req/s for {args.duration:.0f} s",
               file=sys.stderr)
 
-        async def steady(polite: bool = label == "with_polite_twins", config=config):
-            stop = asyncio.Event()
-            others = asyncio.ensure_future(run_slow_clients(args.url, SlowClientConfig(models[0], polite=polite), stop))
-            try:
-                results, _ = await run_with_churn(config)
-            finally:
-                stop.set()
-            return results, await others
-
-        results, counts = asyncio.run(steady())
+        clients = SlowClientConfig(models[0], polite=label == "with_polite_twins")
+        results, counts = asyncio.run(_traffic_beside(config, lambda stop: run_slow_clients(args.url, clients, stop)))
         measured = [r for r in results if r.sent_at >= args.warmup]
         out[label] = {"sent": len(measured), "errors": sum(not r.ok for r in measured),
                       "p99_ttft_ms": _p99_ms(measured, "ttft_s"), "p99_e2e_ms": _p99_ms(measured, "e2e_s"),

@@ -24,6 +24,7 @@ from .admission import retry_after_header
 from .auth import require_admin, require_api_key, require_reader
 from .config import ServerConfig
 from .errors import RequestError, TooManyRequests, from_adapter_error
+from .openai_format import ChatFormat, CompletionFormat, error_body, sse_events
 from .openai_protocol import ChatCompletionRequest, CompletionRequest
 from .service import GenerationService, InferenceRequest, Prepared, SamplingInput, collect_choices
 
@@ -41,10 +42,6 @@ class AsciiJSONResponse(JSONResponse):
 
     def render(self, content) -> bytes:
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -319,7 +316,7 @@ def _deadline(request: Request) -> float | None:
 
 # -- responses ----------------------------------------------------------------------------------
 
-async def _respond(request: Request, fmt: "CompletionFormat | ChatFormat", inference_request: InferenceRequest):
+async def _respond(request: Request, fmt: CompletionFormat | ChatFormat, inference_request: InferenceRequest):
     """Run the request; answer with an SSE stream or one JSON body. Until the first token, a
     client that disconnects (while queued, say) is noticed and its request cancelled."""
     door = _door(request)
@@ -331,7 +328,7 @@ async def _respond(request: Request, fmt: "CompletionFormat | ChatFormat", infer
             if started is None:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             return BoundedStreamingResponse(
-                _sse_events(fmt, prepared, started[0], events), media_type="text/event-stream",
+                sse_events(fmt, prepared, started[0], events), media_type="text/event-stream",
                 headers={REQUEST_ID_HEADER: prepared.request_id}, send_timeout_s=door.config.stream_send_timeout_s,
                 on_stall=door.service.metrics.stalled_streams.inc)
         collected = await _unless_client_leaves(request, collect_choices(events, prepared))
@@ -373,98 +370,3 @@ async def _unless_client_leaves(request: Request, work, poll_s: float = 0.25):
     finally:
         if not task.done():  # this handler itself was cancelled
             task.cancel()
-
-
-def _sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-async def _sse_events(fmt, prepared: Prepared, first, events: AsyncIterator) -> AsyncIterator[str]:
-    """One event per chunk (after the API's opening events), an optional usage event, [DONE]."""
-    include_usage = fmt.body.include_usage
-    num_generated = 0
-
-    def with_usage(event: dict) -> dict:
-        if include_usage:
-            event["usage"] = None
-        return event
-
-    for event in fmt.opening_events(prepared):
-        yield _sse(with_usage(event))
-    try:
-        async for index, chunk in _chain([] if first is None else [first], events):
-            num_generated += len(chunk.token_ids)
-            event = fmt.chunk(prepared, index, chunk)
-            if event is not None:
-                yield _sse(with_usage(event))
-    except RequestError as exc:
-        yield _sse(error_body(exc.message, exc.kind, exc.status, exc.param))
-    finally:
-        await events.aclose()  # a client cut off mid-stream: the engine request is aborted now
-    if include_usage:
-        yield _sse({"id": prepared.request_id, "object": fmt.chunk_object_name, "created": fmt.created,
-                    "model": fmt.body.model, "choices": [], "usage": prepared.usage(num_generated)})
-    yield _sse("[DONE]")
-
-
-async def _chain(items: list, rest: AsyncIterator) -> AsyncIterator:
-    for item in items:
-        yield item
-    async for item in rest:
-        yield item
-
-
-class CompletionFormat:
-    """``/v1/completions`` shapes."""
-
-    object_name = "text_completion"
-    chunk_object_name = "text_completion"
-
-    def __init__(self, body: CompletionRequest) -> None:
-        self.body = body
-        self.created = int(time.time())
-
-    @staticmethod
-    def choice(index: int, text: str, finish: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-
-    @staticmethod
-    def opening_events(prepared: Prepared) -> list[dict]:
-        return []
-
-    def chunk(self, prepared: Prepared, index: int, chunk) -> dict:
-        return {"id": prepared.request_id, "object": self.chunk_object_name, "created": self.created,
-                "model": self.body.model, "choices": [self.choice(index, chunk.text, chunk.finish_reason)]}
-
-
-class ChatFormat:
-    """``/v1/chat/completions`` shapes: the assistant role opens each choice's stream."""
-
-    object_name = "chat.completion"
-    chunk_object_name = "chat.completion.chunk"
-
-    def __init__(self, body: ChatCompletionRequest) -> None:
-        self.body = body
-        self.created = int(time.time())
-
-    @staticmethod
-    def choice(index: int, text: str, finish: str | None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
-
-    def _envelope(self, prepared: Prepared, choice: dict) -> dict:
-        return {"id": prepared.request_id, "object": self.chunk_object_name, "created": self.created,
-                "model": self.body.model, "choices": [choice]}
-
-    def opening_events(self, prepared: Prepared) -> list[dict]:
-        return [self._envelope(prepared, {"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None})
-                for i in range(prepared.num_choices)]
-
-    def chunk(self, prepared: Prepared, index: int, chunk) -> dict | None:
-        if not chunk.text and chunk.finish_reason is None:
-            return None
-        delta = {"content": chunk.text} if chunk.text else {}
-        return self._envelope(prepared, {"index": index, "delta": delta, "logprobs": None,
-                                         "finish_reason": chunk.finish_reason})

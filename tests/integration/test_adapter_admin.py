@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import httpx
@@ -12,6 +11,7 @@ import openai
 import pytest
 
 from tests.support.adapters import make_adapter
+from tests.support.server import wait_for
 
 from .conftest import ADMIN_TOKEN
 
@@ -133,14 +133,6 @@ def test_bad_adapters_are_rejected_with_a_clear_message(server, client, adapter_
 
 
 def test_watched_directory_loads_replaces_and_unloads(server, client, adapter_dir, hf_base_model, tmp_path):
-    def wait_for(predicate, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.25)
-        return False
-
     def watched():
         return {a["name"]: a for a in httpx.get(f"{server.url}/v1/adapters").json()["data"]}.get("watched")
 

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.server.grpc_gen import loraplex_pb2 as pb
 from loraplex.server.grpc_gen import loraplex_pb2_grpc as pb_grpc
-from tests.support.server import RunningServer, alive, scrape, start_server
+from tests.support.server import RunningServer, alive, scrape, start_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -130,10 +130,10 @@ def test_sigterm_drains_admitted_requests_then_exits_cleanly(small_server, model
     admitted = MAX_CONCURRENT + MAX_QUEUED
     with ThreadPoolExecutor(admitted) as pool:
         futures = [pool.submit(complete, small_server, model, 32) for _ in range(admitted)]
-        assert poll(lambda: admitted_now(small_server) == admitted), "requests were not all admitted"
+        assert wait_for(lambda: admitted_now(small_server) == admitted), "requests were not all admitted"
         children = small_server.descendants()
         small_server.process.send_signal(signal.SIGTERM)
-        assert poll(lambda: httpx.get(f"{small_server.url}/health").status_code == 503)
+        assert wait_for(lambda: httpx.get(f"{small_server.url}/health").status_code == 503)
         health = httpx.get(f"{small_server.url}/health")
         assert health.status_code == 503 and "draining" in health.json()["error"]["message"]
         assert grpc_health(small_server) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -143,17 +143,8 @@ def test_sigterm_drains_admitted_requests_then_exits_cleanly(small_server, model
     assert [r[0] for r in results] == [200] * admitted, [r[1] for r in results]
     assert all(r[1]["usage"]["completion_tokens"] == 32 for r in results)
     assert small_server.process.wait(120) == 0, small_server.log_tail()
-    assert poll(lambda: not alive(children), timeout=10), "engine processes outlived the server"
+    assert wait_for(lambda: not alive(children), timeout=10), "engine processes outlived the server"
     assert "drained" in small_server.log_path.read_text()
-
-
-def poll(predicate, timeout: float = 30.0, every_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every_s)
-    return False
 
 
 def admitted_now(server: RunningServer) -> float:

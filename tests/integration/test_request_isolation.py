@@ -17,7 +17,7 @@ import pytest
 
 from loraplex.server.grpc_gen import loraplex_pb2 as pb
 from loraplex.server.grpc_gen import loraplex_pb2_grpc as pb_grpc
-from tests.support.server import RunningServer, scrape, start_server
+from tests.support.server import RunningServer, scrape, start_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -190,15 +190,6 @@ def tight_model(server) -> str:
 
 def gauge(server, name: str) -> float:
     return sum(s.value for s in scrape(server) if s.name == name)
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_headers_that_never_finish_are_cut_off(tight_server):

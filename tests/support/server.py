@@ -105,3 +105,13 @@ def scrape(server: RunningServer) -> list:
     response = httpx.get(f"{server.url}/metrics")
     assert response.status_code == 200
     return [s for family in text_string_to_metric_families(response.text) for s in family.samples]
+
+
+def wait_for(predicate, timeout: float = 30.0, every_s: float = 0.2) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every_s)
+    return False
