@@ -18,9 +18,9 @@
     python -m loraplex.loadtest.scenarios chaos --url ... --capacity 1.0 --models M ... \
         --good-adapter DIR --admin-token T
 - slow_clients: 50% of capacity beside well-behaved twins of the hostile clients (the same
-  requests, read to the end), then beside stalled readers, clients that leave while queued and
-  connections with half-sent headers (``loadtest/slow_clients.py``): the steady traffic's p99
-  with the hostile clients against its p99 with their twins (target: within 1.2x).
+  requests, read to the end), and beside stalled readers, clients that leave while queued and
+  connections with half-sent headers (``loadtest/slow_clients.py``), in ABBA order: the steady
+  traffic's p99 with the hostile clients against its p99 with their twins (target: within 1.2x).
 
 Each prints its numbers and writes them as JSON (``--out``). ``--capacity`` comes from
 ``loraplex loadtest --find-capacity``.
@@ -201,17 +201,21 @@ def slow_clients(args) -> dict:
     rate = 0.5 * args.capacity
     models = tuple(args.models)
     out: dict = {"rate_rps": rate}
-    for label in ("with_polite_twins", "with_slow_clients"):
-        config = _config(args, models, rate)
-        print(f"== steady traffic {label.replace('_', ' ')}: {rate:.2f} req/s for {args.duration:.0f} s",
+    # ABBA order, half the duration each: the machine's drift over minutes falls on both sides.
+    measured: dict[str, list] = {"with_polite_twins": [], "with_slow_clients": []}
+    counts: dict[str, dict] = {}
+    for label in ("with_polite_twins", "with_slow_clients", "with_slow_clients", "with_polite_twins"):
+        config = _config(args, models, rate, duration_s=args.duration / 2)
+        print(f"== steady traffic {label.replace('_', ' ')}: {rate:.2f} req/s for {args.duration / 2:.0f} s",
               file=sys.stderr)
-
         clients = SlowClientConfig(models[0], polite=label == "with_polite_twins")
-        results, counts = asyncio.run(_traffic_beside(config, lambda stop: run_slow_clients(args.url, clients, stop)))
-        measured = [r for r in results if r.sent_at >= args.warmup]
-        out[label] = {"sent": len(measured), "errors": sum(not r.ok for r in measured),
-                      "p99_ttft_ms": _p99_ms(measured, "ttft_s"), "p99_e2e_ms": _p99_ms(measured, "e2e_s"),
-                      "clients": counts}
+        results, phase_counts = asyncio.run(_traffic_beside(config, lambda stop: run_slow_clients(args.url, clients,
+                                                                                                  stop)))
+        measured[label] += [r for r in results if r.sent_at >= args.warmup]
+        counts[label] = {k: counts.get(label, {}).get(k, 0) + v for k, v in phase_counts.items()}
+    for label, rs in measured.items():
+        out[label] = {"sent": len(rs), "errors": sum(not r.ok for r in rs), "p99_ttft_ms": _p99_ms(rs, "ttft_s"),
+                      "p99_e2e_ms": _p99_ms(rs, "e2e_s"), "clients": counts[label]}
     a, b = out["with_polite_twins"]["p99_e2e_ms"], out["with_slow_clients"]["p99_e2e_ms"]
     out["p99_e2e_slow_vs_polite"] = b / a if a and b else None
     a, b = out["with_polite_twins"]["p99_ttft_ms"], out["with_slow_clients"]["p99_ttft_ms"]
