@@ -151,8 +151,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def _send(self, context, message) -> None:
         """One message, within the send timeout: a client that stops reading is cut off."""
         try:
-            await asyncio.wait_for(context.write(message), self.config.stream_send_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.config.stream_send_timeout_s):  # no task per send, unlike wait_for
+                await context.write(message)
+        except TimeoutError:
             self.service.metrics.stalled_streams.inc()
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the client read nothing for {self.config.stream_send_timeout_s:g} s")

@@ -99,11 +99,11 @@ class BoundedStreamingResponse(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
             async for chunk in self.body_iterator:
-                message = {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
-                await asyncio.wait_for(send(message), self.send_timeout_s)
-            await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}),
-                                   self.send_timeout_s)
-        except asyncio.TimeoutError:
+                async with asyncio.timeout(self.send_timeout_s):  # no task per send (wait_for makes one)
+                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            async with asyncio.timeout(self.send_timeout_s):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
             # Cut off: the request is aborted below; returning with the response incomplete makes
             # the server close the connection (one log line, no traceback).
             self.on_stall()

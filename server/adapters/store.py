@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .registry import AdapterError
+from .validation import resolve_inside
 
 # The files of a PEFT LoRA adapter that the engine reads; nothing else is copied.
 SNAPSHOT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -49,13 +50,13 @@ class SnapshotStore:
 
     def take(self, source: Path) -> Snapshot:
         """Copy ``source``'s adapter files into the store (or count another user of an identical
-        snapshot). Files must be regular files inside ``source`` (no symlinks, FIFOs or devices)."""
+        snapshot). Files must be regular files inside ``source`` (a symlink only when it stays inside; no FIFOs or devices)."""
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
             digest = hashlib.sha256()
             budget = self.max_bytes
             for name in SNAPSHOT_FILES:
-                budget -= _copy_regular_file(_inside(source, name), staging / name, budget, digest)
+                budget -= _copy_regular_file(resolve_inside(source, name), staging / name, budget, digest)
             key = digest.hexdigest()
             for name in SNAPSHOT_FILES:
                 (staging / name).chmod(stat.S_IRUSR | stat.S_IRGRP)
@@ -96,17 +97,6 @@ class SnapshotStore:
     def num_snapshots(self) -> int:
         with self._lock:
             return len(self._refs)
-
-
-def _inside(source: Path, name: str) -> Path:
-    """``source/name``, with a symlink followed only when it stays inside ``source``."""
-    path = source / name
-    if path.is_symlink():
-        resolved = path.resolve()
-        if not resolved.is_relative_to(source.resolve()):
-            raise SnapshotFailed(f"{name} is a symlink that leaves the adapter directory")
-        return resolved
-    return path
 
 
 def _copy_regular_file(source: Path, destination: Path, budget: int, digest) -> int:

@@ -111,9 +111,14 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _inside(file: Path, root: Path) -> None:
-    if file.exists() and not file.resolve().is_relative_to(root.resolve()):
-        raise InvalidAdapter(f"{file.name} is a symlink that leaves the adapter directory")
+def resolve_inside(root: Path, name: str) -> Path:
+    """``root/name`` with symlinks followed; refused if that leaves ``root`` (a link planted to
+    read another file of the server's). Used on the operator's directory and again by the
+    snapshot copy, which opens exactly the path returned."""
+    resolved = (root / name).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise InvalidAdapter(f"{name} is a symlink that leaves the adapter directory")
+    return resolved
 
 
 def _check_unsupported(config: dict) -> None:
@@ -152,9 +157,8 @@ def inspect_adapter(path: Path, max_lora_rank: int, base: BaseModelShapes | None
     for name in PICKLE_WEIGHTS:
         if (path / name).exists() and not (path / ADAPTER_WEIGHTS).exists():
             raise InvalidAdapter(f"{name} is a pickle file; only safetensors adapters are accepted")
-    config_path = path / ADAPTER_CONFIG
-    _inside(config_path, path)
-    _inside(path / ADAPTER_WEIGHTS, path)
+    config_path = resolve_inside(path, ADAPTER_CONFIG)
+    resolve_inside(path, ADAPTER_WEIGHTS)
     if not config_path.is_file():
         raise InvalidAdapter(f"{ADAPTER_CONFIG} is missing in {path.name!r}")
     weights_path = path / ADAPTER_WEIGHTS

@@ -59,3 +59,22 @@ def test_refused_inputs_leave_nothing_behind(tmp_path):
     with pytest.raises(SnapshotFailed, match="missing"):
         store.take(missing)
     assert list((tmp_path / "store").iterdir()) == []
+
+
+
+def test_symlinks_are_followed_only_inside_the_source(tmp_path):
+    from loraplex.server.adapters.validation import InvalidAdapter
+
+    store = SnapshotStore(tmp_path / "store", max_bytes=1 << 20)
+    inside = adapter(tmp_path / "inside")
+    (inside / "weights.bin").write_bytes(b"real weights")
+    (inside / "adapter_model.safetensors").unlink()
+    (inside / "adapter_model.safetensors").symlink_to("weights.bin")  # stays inside: followed
+    assert (store.take(inside).path / "adapter_model.safetensors").read_bytes() == b"real weights"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("another tenant's file")
+    leaking = adapter(tmp_path / "leaking")
+    (leaking / "adapter_model.safetensors").unlink()
+    (leaking / "adapter_model.safetensors").symlink_to(secret)
+    with pytest.raises(InvalidAdapter, match="symlink that leaves"):
+        store.take(leaking)
