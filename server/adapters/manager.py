@@ -89,6 +89,10 @@ class AdapterManager:
         under one of them; a relative name must stay inside the adapter dir."""
         if not lora_path or "\x00" in lora_path:
             raise AdapterPathRejected("lora_path is empty")
+        try:
+            lora_path.encode("utf-8", "surrogateescape")  # what the file system can be asked about
+        except UnicodeEncodeError:
+            raise AdapterPathRejected("lora_path is not valid text (a lone surrogate?)") from None
         raw = Path(lora_path)
         if not raw.is_absolute():
             if self.adapter_dir is None:

@@ -21,8 +21,10 @@ ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def load(server, name: str, path, headers=ADMIN) -> httpx.Response:
-    return httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
-                      headers=headers, timeout=60)
+    # json.dumps escapes non-ASCII (httpx's json= would refuse a lone surrogate before sending)
+    return httpx.post(f"{server.url}/v1/load_lora_adapter", content=json.dumps({"lora_name": name,
+                                                                                "lora_path": str(path)}),
+                      headers={"content-type": "application/json", **headers}, timeout=60)
 
 
 def unload(server, name: str) -> httpx.Response:
@@ -106,6 +108,7 @@ BAD_ADAPTERS = {  # name -> (build(good, dst) -> path or str, expected message)
     "bad-pickle": (_pickle_only, "pickle"),
     "bad-missing": (lambda good, dst: str(dst / "nope"), "not a directory"),
     "bad-relative": (lambda good, dst: "../../etc", "leaves the adapter directory"),
+    "bad-surrogate-path": (lambda good, dst: f"{dst}\ud800", "lora_path"),
     "bad-truncated": (lambda good, dst: _corrupt(good, dst, lambda b: b[: len(b) // 2]), "truncated"),
     "bad-header": (lambda good, dst: _corrupt(good, dst, lambda b: b[:8] + b"{garbage" + b[16:]), "corrupt"),
     "bad-no-config": (_no_config, "adapter_config.json is missing"),

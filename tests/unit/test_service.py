@@ -234,3 +234,12 @@ def test_merge_streams_interleaves_and_propagates_errors():
     assert [v for i, v in items if i == 0] == [1, 2, 3]
     with pytest.raises(RuntimeError, match="boom"):
         asyncio.run(collect([gen([1], 0.001, fail=True), gen([2, 3, 4], 0.01)]))
+
+
+@pytest.mark.parametrize("lora_path", ["", "/tmp/x\x00y", "/tmp/\ud800x"])
+def test_admin_paths_that_cannot_name_a_file_are_refused(tmp_path, lora_path):
+    from loraplex.server.adapters.manager import AdapterPathRejected
+
+    _, manager, _ = make_service(tmp_path)
+    with pytest.raises(AdapterPathRejected):
+        manager.resolve_path(lora_path)
