@@ -35,27 +35,38 @@ DEFAULT_MIN_DIRECT_RUN = 32
 
 
 @dataclass
+class PaddedGroups:
+    """Gathered rows ``[start, start + G*L)``: G groups of L rows, one slot each (slots with fewer
+    than ``min_group`` short-run tokens share one ``bmm``). Rows past a slot's tokens pad its
+    group: they repeat some gathered token, and their shrink result and delta are overwritten with
+    zeros (not multiplied: 0 x NaN is NaN), so another slot's weights never reach a real token."""
+
+    start: int
+    rows: int                                     # L
+    slots: torch.Tensor                           # [G]
+    slots_are_prefix: bool                        # slots == arange(G): weights[:G], no copy
+    padding_rows: torch.Tensor | None = None      # gathered rows that only pad (None: no padding)
+    real_rows: torch.Tensor | None = None         # gathered rows holding a token (None: all of them)
+    real_tokens: torch.Tensor | None = None       # their tokens
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.slots.shape[0])
+
+
+@dataclass
 class LoraPlan:
     """How the tokens of one step map to adapter segments. Built once per step."""
 
     num_tokens: int
     # (start, end, slot) over token rows: long runs, used in place
     direct_segments: list[tuple[int, int, int]] = field(default_factory=list)
-    # Token of each gathered row [W] (short runs, slot-sorted), None when there are none. Padding
-    # rows of a group repeat some gathered token; their shrink result and their delta are
-    # overwritten with zeros (not multiplied: 0 x NaN is NaN), so another slot's weights never
-    # reach a real token.
+    # Token of each gathered row [W] (short runs, slot-sorted), None when there are none.
     gather: torch.Tensor | None = None
     # (start, end, slot) over gathered rows: slots with >= min_group short-run tokens
     gathered_segments: list[tuple[int, int, int]] = field(default_factory=list)
-    # Gathered rows [group_start, group_start + G*L) are G padded groups of L rows, one slot each.
-    group_start: int = 0
-    group_rows: int = 0                           # L
-    group_slots: torch.Tensor | None = None       # [G]
-    group_slots_are_prefix: bool = False          # group_slots == arange(G): weights[:G], no copy
-    padding_rows: torch.Tensor | None = None      # gathered rows that only pad a group
-    real_rows: torch.Tensor | None = None         # gathered rows holding a token (None: all of them)
-    real_tokens: torch.Tensor | None = None       # their tokens (None: ``gather``)
+    # The rest of the gathered rows, padded into groups (None: no such slot)
+    groups: PaddedGroups | None = None
 
     @property
     def has_lora(self) -> bool:
@@ -99,25 +110,30 @@ def build_plan(token_slots: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP,
         else:
             small.append((slot, tokens))
     if small:
-        small = _pad_to_slot_prefix(small)
-        plan.group_start, plan.group_rows = len(gather), max(len(tokens) for _, tokens in small)
-        padding: list[int] = []
-        filler = next(tokens[0] for _, tokens in small if tokens)  # any token: padding rows add 0
-        for slot, tokens in small:
-            padding.extend(range(len(gather) + len(tokens), len(gather) + plan.group_rows))
-            gather.extend(tokens + [filler] * (plan.group_rows - len(tokens)))
-        group_slots = [slot for slot, _ in small]
-        plan.group_slots = torch.tensor(group_slots, dtype=torch.long)
-        plan.group_slots_are_prefix = group_slots == list(range(len(group_slots)))
-        if padding:
-            plan.padding_rows = torch.tensor(padding, dtype=torch.long)
-            is_real = torch.ones(len(gather), dtype=torch.bool)
-            is_real[plan.padding_rows] = False
-            plan.real_rows = torch.nonzero(is_real).flatten()
+        plan.groups = _padded_groups(_pad_to_slot_prefix(small), gather)
     plan.gather = torch.tensor(gather, dtype=torch.long)
-    if plan.real_rows is not None:
-        plan.real_tokens = plan.gather[plan.real_rows]
     return plan
+
+
+def _padded_groups(small: list[tuple[int, list[int]]], gather: list[int]) -> PaddedGroups:
+    """Append the small slots' tokens to ``gather`` as equal groups (the last gathered rows) and
+    describe them."""
+    start, rows = len(gather), max(len(tokens) for _, tokens in small)
+    padding: list[int] = []
+    filler = next(tokens[0] for _, tokens in small if tokens)  # any token: padding rows add 0
+    for _, tokens in small:
+        padding.extend(range(len(gather) + len(tokens), len(gather) + rows))
+        gather.extend(tokens + [filler] * (rows - len(tokens)))
+    slots = [slot for slot, _ in small]
+    groups = PaddedGroups(start=start, rows=rows, slots=torch.tensor(slots, dtype=torch.long),
+                          slots_are_prefix=slots == list(range(len(slots))))
+    if padding:
+        groups.padding_rows = torch.tensor(padding, dtype=torch.long)
+        is_real = torch.ones(len(gather), dtype=torch.bool)
+        is_real[groups.padding_rows] = False
+        groups.real_rows = torch.nonzero(is_real).flatten()
+        groups.real_tokens = torch.tensor(gather, dtype=torch.long)[groups.real_rows]
+    return groups
 
 
 def _pad_to_slot_prefix(small: list[tuple[int, list[int]]]) -> list[tuple[int, list[int]]]:
@@ -146,14 +162,15 @@ class Workspace:
         return buffer[:numel].view(rows, cols)
 
 
-def _group_weights(plan: LoraPlan, weights: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+def _group_weights(groups: PaddedGroups, weights: torch.Tensor, workspace: Workspace) -> torch.Tensor:
     """The groups' slot weights [G, M, K]: a view when the groups are slots 0..G-1, else a copy
     into scratch space."""
-    groups = plan.group_slots.shape[0]
-    if plan.group_slots_are_prefix:
-        return weights[:groups]
-    copy = workspace.empty(groups, weights.shape[1] * weights.shape[2], weights.dtype, key="group-weights")
-    return torch.index_select(weights, 0, plan.group_slots, out=copy.view(groups, weights.shape[1], weights.shape[2]))
+    num_groups = groups.num_groups
+    if groups.slots_are_prefix:
+        return weights[:num_groups]
+    copy = workspace.empty(num_groups, weights.shape[1] * weights.shape[2], weights.dtype, key="group-weights")
+    return torch.index_select(weights, 0, groups.slots,
+                              out=copy.view(num_groups, weights.shape[1], weights.shape[2]))
 
 
 def _shrink(plan: LoraPlan, x: torch.Tensor, lora_a: torch.Tensor, scale: float,
@@ -173,13 +190,14 @@ def _shrink(plan: LoraPlan, x: torch.Tensor, lora_a: torch.Tensor, scale: float,
         y_gathered = workspace.empty(plan.num_gathered, rank, lora_a.dtype, key="shrink-gathered")
         for start, end, slot in plan.gathered_segments:
             torch.mm(x_gathered[start:end], lora_a_t[slot], out=y_gathered[start:end])
-        if plan.group_slots is not None:
-            groups = plan.group_slots.shape[0]
-            rows = x_gathered[plan.group_start:].view(groups, plan.group_rows, x.shape[1])           # [G, L, H]
-            torch.bmm(rows, _group_weights(plan, lora_a_t, workspace),
-                      out=y_gathered[plan.group_start:].view(groups, plan.group_rows, rank))          # [G, L, R]
-            if plan.padding_rows is not None:
-                y_gathered.index_fill_(0, plan.padding_rows, 0)
+        groups = plan.groups
+        if groups is not None:
+            shape = (groups.num_groups, groups.rows)
+            rows = x_gathered[groups.start:].view(*shape, x.shape[1])                                 # [G, L, H]
+            torch.bmm(rows, _group_weights(groups, lora_a_t, workspace),
+                      out=y_gathered[groups.start:].view(*shape, rank))                               # [G, L, R]
+            if groups.padding_rows is not None:
+                y_gathered.index_fill_(0, groups.padding_rows, 0)
     if scale != 1.0:
         for y in (y_direct, y_gathered):
             if y is not None:
@@ -216,24 +234,30 @@ def _expand(plan: LoraPlan, y_direct: torch.Tensor | None, y_gathered: torch.Ten
             delta_cols = delta if one_slice else delta[:, col:col + width]
             for start, end, slot in plan.gathered_segments:
                 torch.mm(y[start:end], lora_b_t[slot], out=delta_cols[start:end])
-            if plan.group_slots is not None:
-                groups = plan.group_slots.shape[0]
-                y_groups = y[plan.group_start:].view(groups, plan.group_rows, rank)                  # [G, L, R]
-                delta_groups = delta[plan.group_start:].view(groups, plan.group_rows, -1)            # [G, L, sum N]
-                weights = _group_weights(plan, lora_b_t, workspace)                                 # [G, R, N]
+            groups = plan.groups
+            if groups is not None:
+                shape = (groups.num_groups, groups.rows)
+                y_groups = y[groups.start:].view(*shape, rank)                                       # [G, L, R]
+                delta_groups = delta[groups.start:].view(*shape, -1)                                 # [G, L, sum N]
+                weights = _group_weights(groups, lora_b_t, workspace)                               # [G, R, N]
                 if one_slice:
                     torch.bmm(y_groups, weights, out=delta_groups)                                   # [G, L, N]
                 else:  # a strided bmm output is slow: multiply into scratch, then copy into the columns
-                    products = workspace.empty(groups * plan.group_rows, width, delta.dtype, key="products")
-                    torch.bmm(y_groups, weights, out=products.view(groups, plan.group_rows, width))
-                    delta_groups[..., col:col + width].copy_(products.view(groups, plan.group_rows, width))
+                    products = workspace.empty(shape[0] * shape[1], width, delta.dtype, key="products")
+                    torch.bmm(y_groups, weights, out=products.view(*shape, width))
+                    delta_groups[..., col:col + width].copy_(products.view(*shape, width))
         col += width
     if delta is not None:
-        if plan.padding_rows is not None:
+        padding_rows = _padding_rows(plan)
+        if padding_rows is not None:
             # A padding row multiplied its group slot's B by zeros; 0 x NaN (a bad adapter in that
             # slot) is NaN, and the row is added to a real token of another slot: overwrite it.
-            delta.index_fill_(0, plan.padding_rows, 0)
+            delta.index_fill_(0, padding_rows, 0)
         target.index_add_(0, plan.gather, delta if same_dtype else delta.to(target.dtype))
+
+
+def _padding_rows(plan: LoraPlan) -> torch.Tensor | None:
+    return None if plan.groups is None else plan.groups.padding_rows
 
 
 def fuse_slices(lora_a_slices: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -292,8 +316,9 @@ def lora_shrink(plan: LoraPlan, x: torch.Tensor, lora_a: torch.Tensor, y: torch.
     for start, end, _ in plan.direct_segments:
         y[start:end].copy_(y_direct[start:end])
     if y_gathered is not None:
-        if plan.real_rows is not None:
-            y.index_copy_(0, plan.real_tokens, y_gathered.index_select(0, plan.real_rows).to(y.dtype))
+        groups = plan.groups
+        if groups is not None and groups.real_rows is not None:
+            y.index_copy_(0, groups.real_tokens, y_gathered.index_select(0, groups.real_rows).to(y.dtype))
         else:
             y.index_copy_(0, plan.gather, y_gathered.to(y.dtype))
 
@@ -315,8 +340,9 @@ def lora_expand(plan: LoraPlan, y: torch.Tensor, lora_b: torch.Tensor, out: torc
     y_gathered = None
     if plan.gather is not None:
         y_gathered = y.index_select(0, plan.gather)
-        if plan.padding_rows is not None:
-            y_gathered.index_fill_(0, plan.padding_rows, 0)
+        padding_rows = _padding_rows(plan)
+        if padding_rows is not None:
+            y_gathered.index_fill_(0, padding_rows, 0)
     _expand(plan, y, y_gathered, [lora_b], [0], target, workspace or Workspace())
 
 

@@ -65,7 +65,7 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
     admission_config = server_config.admission
     admission = AdmissionController(admission_config.max_concurrent, admission_config.max_queued,
                                     dict(admission_config.adapter_weights), admission_config.max_queue_wait_s)
-    metrics.track_admission(lambda: admission.running, lambda: admission.queued)
+    metrics.track_admission(admission.stats)
     service = GenerationService(
         engine=engine, adapters=adapters, prompts=PromptBuilder(engine.tokenizer, server_config.limits.max_chat_messages),
         limits=server_config.limits, metrics=metrics, admission=admission, base_model_name=base_model_name,

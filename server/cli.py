@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import (
+    JSON_WHITESPACE_CHOICES,
     LORA_KERNEL_CHOICES,
     AdapterConfig,
     AdmissionConfig,
@@ -60,6 +61,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--lora-kernels", choices=LORA_KERNEL_CHOICES, default=defaults_engine.lora_kernels,
                         help="batched-LoRA ops: loraplex's own or vLLM's stock ones")
     engine.add_argument("--seed", type=int, default=defaults_engine.seed)
+    engine.add_argument("--json-whitespace", choices=JSON_WHITESPACE_CHOICES, default=defaults_engine.json_whitespace,
+                        help="JSON from response_format: compact (default: fewer tokens, no runaway newlines "
+                             "from small models) or any (whitespace as the model likes, vLLM's default)")
     engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=defaults_engine.enforce_eager,
                         help="--no-enforce-eager: let vLLM capture CUDA graphs (GPU)")
     engine.add_argument("--tensor-parallel-size", type=int, default=defaults_engine.tensor_parallel_size, help="vLLM: GPUs per model shard group")
@@ -167,7 +171,7 @@ def serve(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_kernels=args.lora_kernels,
-        seed=args.seed, enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+        seed=args.seed, enforce_eager=args.enforce_eager, json_whitespace=args.json_whitespace, tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size)
     for flag in ("api_key", "admin_token"):
         path = getattr(args, f"{flag}_file")

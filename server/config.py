@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LORA_KERNEL_CHOICES = ("loraplex", "vllm")
+JSON_WHITESPACE_CHOICES = ("compact", "any")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class EngineConfig:
     enable_lora: bool = True
     seed: int = 0
     enforce_eager: bool = True  # False: CUDA graphs on GPUs
+    # JSON from structured outputs: "compact" (no whitespace between tokens: fewer tokens, and a
+    # small model cannot loop on newlines until max_tokens) or "any" (vLLM's default).
+    json_whitespace: str = "compact"
     # Scale-out inside one server, passed straight to vLLM (GPUs: tensor/pipeline parallel across
     # a node's GPUs; data parallel replicas behind this one front door).
     tensor_parallel_size: int = 1
@@ -54,6 +58,8 @@ class EngineConfig:
     data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        if self.json_whitespace not in JSON_WHITESPACE_CHOICES:
+            raise ValueError(f"json_whitespace must be one of {JSON_WHITESPACE_CHOICES}")
         if self.lora_kernels not in LORA_KERNEL_CHOICES:
             raise ValueError(f"lora_kernels must be one of {LORA_KERNEL_CHOICES}, got {self.lora_kernels!r}")
         if self.max_loras < 1 or self.max_cpu_loras < self.max_loras:
@@ -91,6 +97,13 @@ class LimitsConfig:
     max_stop_length: int = 64
     max_chat_messages: int = 256
     max_payload_bytes: int = 1 << 20
+    max_logprobs: int = 20  # top alternatives per token (vLLM's own ceiling is 20 by default)
+    # structured outputs (server/structured.py)
+    max_schema_bytes: int = 32 << 10
+    max_schema_depth: int = 24
+    max_regex_chars: int = 2048
+    max_choices: int = 256
+    max_choice_chars: int = 256
 
 
 @dataclass(frozen=True)

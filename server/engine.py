@@ -6,14 +6,18 @@ child process it spawns itself). Nothing else in the server imports vLLM.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .adapters.registry import AdapterVersion
 from .config import EngineConfig
+from .structured import StructuredSpec
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,18 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     stream: bool = False
     ignore_eos: bool = False
+    logprobs: int | None = None  # each token's logprob and this many top alternatives; None: none
+    structured: StructuredSpec | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's text and logprob, and the most likely tokens at its position (most
+    likely first, as many as asked for)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -44,10 +60,19 @@ class GenerationChunk:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
 
 class EngineUnavailable(RuntimeError):
     pass
+
+
+class EngineRequestFailed(RuntimeError):
+    """The engine ended one request with an error (a grammar it could not compile); it lives on."""
+
+
+# JSON has no -inf: a token the model gives no chance at all is reported as this (as vLLM does).
+MIN_LOGPROB = -9999.0
 
 
 @dataclass
@@ -66,8 +91,16 @@ class EngineStepStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float  # 0..1
-    running_adapters: list[str]
+    running_adapters: list[str]  # adapter names (not versions)
     waiting_adapters: list[str]
+
+
+# The engine knows an adapter version as "<name>@v<version>"; what a router sees is "<name>".
+VERSION_MARK = "@v"
+
+
+def _adapter_names(lora_names) -> list[str]:
+    return sorted({name.rpartition(VERSION_MARK)[0] or name for name in lora_names})
 
 
 def _stats_relay_factory(on_stats):
@@ -88,8 +121,8 @@ def _stats_relay_factory(on_stats):
             on_stats(EngineStepStats(
                 num_running=scheduler_stats.num_running_reqs, num_waiting=scheduler_stats.num_waiting_reqs,
                 kv_cache_usage=scheduler_stats.kv_cache_usage,
-                running_adapters=sorted(scheduler_stats.running_lora_adapters),
-                waiting_adapters=sorted(scheduler_stats.waiting_lora_adapters)), finished)
+                running_adapters=_adapter_names(scheduler_stats.running_lora_adapters),
+                waiting_adapters=_adapter_names(scheduler_stats.waiting_lora_adapters)), finished)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -111,6 +144,7 @@ def resolve_dtype(dtype: str) -> str:
 
 
 def build_engine_args(config: EngineConfig):
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs(
@@ -132,6 +166,9 @@ def build_engine_args(config: EngineConfig):
         pipeline_parallel_size=config.pipeline_parallel_size,
         data_parallel_size=config.data_parallel_size,
         disable_log_stats=True,
+        # compact JSON needs one backend that can leave whitespace out: xgrammar (vLLM's first choice)
+        structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+        if config.json_whitespace == "compact" else StructuredOutputsConfig(),
     )
 
 
@@ -154,6 +191,8 @@ class Engine:
         # every refresh); the slots this server removed itself since the last refresh.
         self._resident: set[int] = set()
         self._removed_since_refresh: set[int] = set()
+        # Structured-output constraints are checked here, one at a time, off the event loop.
+        self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-grammar")
 
     @classmethod
     def start(cls, config: EngineConfig, on_stats=None) -> "Engine":
@@ -192,11 +231,16 @@ class Engine:
             async with contextlib.aclosing(outputs):  # our close aborts the engine request at once
                 async for output in outputs:
                     for completion in output.outputs:
+                        if completion.finish_reason == "error":
+                            raise EngineRequestFailed("the engine failed this request")
+                        token_ids = list(completion.token_ids)
                         yield GenerationChunk(
                             index=completion.index,
                             text=completion.text,
-                            token_ids=list(completion.token_ids),
+                            token_ids=token_ids,
                             finish_reason=completion.finish_reason,
+                            logprobs=None if options.logprobs is None else _token_logprobs(
+                                token_ids, completion.logprobs, options.logprobs),
                         )
         except EngineDeadError as exc:
             raise EngineUnavailable("the engine has failed; this request was not completed") from exc
@@ -218,17 +262,32 @@ class Engine:
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty,
             ignore_eos=options.ignore_eos,
+            logprobs=options.logprobs,
+            structured_outputs=_structured_outputs(options.structured),
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    def check_options(self, options: SamplingOptions) -> None:
-        """The engine's own sampling checks, before any work: raises ValueError with its message."""
+    async def check_options(self, options: SamplingOptions) -> None:
+        """The engine's own sampling checks, before any work: raises ValueError with its message.
+        A structured-output constraint is converted by the engine's backend as the engine will do
+        it (xgrammar, or its fallbacks), in a worker thread: a schema it cannot handle is refused
+        here, and a large one never holds up the event loop."""
         from vllm.exceptions import VLLMClientError
 
         try:
-            self._sampling_params(options)
+            params = self._sampling_params(options)
         except (TypeError, ValueError, VLLMClientError) as exc:
             raise ValueError(str(exc)) from None
+        if options.structured is not None:
+            await asyncio.get_running_loop().run_in_executor(self._checks, self._verify, params)
+
+    def _verify(self, params) -> None:
+        llm = self._llm
+        try:
+            params.verify(llm.model_config, llm.vllm_config.speculative_config,
+                          llm.vllm_config.structured_outputs_config, self.tokenizer)
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raises is this request's refusal
+            raise ValueError(str(exc).strip() or type(exc).__name__) from None
 
     def num_unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()
@@ -242,8 +301,8 @@ class Engine:
 
         if adapter.snapshot_path is None:
             raise ValueError(f"adapter {adapter.name} v{adapter.version} has no snapshot")
-        return LoRARequest(lora_name=f"{adapter.name}@v{adapter.version}", lora_int_id=adapter.adapter_slot,
-                           lora_path=str(adapter.snapshot_path))
+        return LoRARequest(lora_name=f"{adapter.name}{VERSION_MARK}{adapter.version}",
+                           lora_int_id=adapter.adapter_slot, lora_path=str(adapter.snapshot_path))
 
     def check_adapter(self, path: Path, expected_modules: frozenset[str]) -> None:
         """Run vLLM's worker-side LoRA loading (its PEFT helper, its legality checks and
@@ -279,12 +338,15 @@ class Engine:
             raise AdapterRejected(str(exc)) from exc
         self._resident.add(adapter.adapter_slot)
 
-    async def ensure_adapter(self, adapter: AdapterVersion) -> None:
+    async def ensure_adapter(self, adapter: AdapterVersion) -> bool:
         """Before a request is scheduled: load its adapter explicitly unless it is resident, so a
         load never happens for the first time inside an engine step. (If the engine's LRU evicts
-        it in between, the worker reloads the same validated, read-only snapshot.)"""
-        if adapter.adapter_slot not in self._resident:
-            await self.add_adapter(adapter)
+        it in between, the worker reloads the same validated, read-only snapshot.) Returns whether
+        it was resident (a hit of the engine's adapter cache)."""
+        if adapter.adapter_slot in self._resident:
+            return True
+        await self.add_adapter(adapter)
+        return False
 
     async def refresh_residency(self) -> tuple[int, int]:
         """Ask the engine which adapters are resident: (how many, how many left the cache since
@@ -303,3 +365,41 @@ class Engine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+        self._checks.shutdown(wait=False, cancel_futures=True)
+
+
+def _structured_outputs(spec: StructuredSpec | None):
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if spec.kind == "json":
+        return StructuredOutputsParams(json=spec.value)
+    if spec.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if spec.kind == "regex":
+        return StructuredOutputsParams(regex=spec.value)
+    return StructuredOutputsParams(choice=spec.choices())
+
+
+def _token_logprobs(token_ids: list[int], positions, num_top: int) -> list[TokenLogprob]:
+    """vLLM's per-position ``{token id: Logprob}`` (the chosen token and the top ``num_top``) as
+    plain data; the positions are this chunk's (deltas when streaming)."""
+    positions = list(positions or ())[-len(token_ids):] if token_ids else []
+    result = []
+    for token_id, candidates in zip(token_ids, positions):
+        chosen = candidates.get(token_id) if candidates else None
+        top = sorted((c for c in (candidates or {}).values() if c.rank is not None and c.rank <= num_top),
+                     key=lambda c: c.rank)[:num_top]
+        result.append(TokenLogprob(
+            token=_token_text(chosen), logprob=_finite(chosen.logprob if chosen else -math.inf),
+            top=tuple((_token_text(c), _finite(c.logprob)) for c in top)))
+    return result
+
+
+def _token_text(logprob) -> str:
+    return (getattr(logprob, "decoded_token", None) or "") if logprob is not None else ""
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else MIN_LOGPROB

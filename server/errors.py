@@ -14,6 +14,7 @@ class RequestError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.counted = False  # set once the refusal is in the metrics (the doors count the rest)
 
 
 class InvalidRequest(RequestError):
@@ -37,6 +38,13 @@ class PayloadTooLarge(RequestError):
 class ServiceUnavailable(RequestError):
     status = 503
     kind = "service_unavailable"
+
+
+class InternalError(RequestError):
+    """The engine failed one request for a reason of its own (it lives on)."""
+
+    status = 500
+    kind = "internal_server_error"
 
 
 class TooManyRequests(RequestError):

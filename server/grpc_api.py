@@ -28,6 +28,7 @@ from .errors import InvalidRequest, RequestError, TooManyRequests, from_adapter_
 from .grpc_gen import loraplex_pb2 as pb
 from .grpc_gen import loraplex_pb2_grpc as pb_grpc
 from .service import GenerationService, InferenceRequest, Prepared, SamplingInput, collect_choices
+from .structured import StructuredInput
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,13 @@ def status_code(http_status: int) -> grpc.StatusCode:
 
 def _grpc_errors(count_refusals: bool = False):
     """Decorator: RequestError / AdapterError -> the call's status (with Retry-After when shed).
-    ``count_refusals``: authentication refusals of inference calls are counted (the service
-    counts the rest)."""
+    ``count_refusals``: an inference call's refusals the service did not count are counted."""
 
     def wrap(method):
         async def abort(self, context, exc):
             error = exc if isinstance(exc, RequestError) else from_adapter_error(exc)
-            if count_refusals and error.status in (401, 403):
-                self.service.count_refusal(error.status)
+            if count_refusals:
+                self.service.count_refusal(error)
             if isinstance(error, TooManyRequests):
                 context.set_trailing_metadata((("retry-after", retry_after_header(error.retry_after_s)),))
             await context.abort(status_code(error.status), error.message)
@@ -90,7 +90,24 @@ def _sampling(s: pb.SamplingParameters) -> SamplingInput:
     return SamplingInput(max_tokens=optional("max_tokens"), temperature=optional("temperature"),
                          top_p=optional("top_p"), n=s.n or 1, stop=tuple(s.stop), seed=optional("seed"),
                          presence_penalty=optional("presence_penalty"),
-                         frequency_penalty=optional("frequency_penalty"), ignore_eos=s.ignore_eos)
+                         frequency_penalty=optional("frequency_penalty"), ignore_eos=s.ignore_eos,
+                         logprobs=optional("logprobs"), structured=_structured(s))
+
+
+def _structured(s: pb.SamplingParameters) -> StructuredInput | None:
+    which = s.WhichOneof("constraint")
+    if which is None:
+        return None
+    if which == "choice":
+        return StructuredInput(choice=tuple(s.choice.values))
+    return StructuredInput(**{which: getattr(s, which)})
+
+
+def _logprobs(items) -> list[pb.TokenLogprob] | None:
+    return None if items is None else [
+        pb.TokenLogprob(token=item.token, logprob=item.logprob,
+                        top_logprobs=[pb.TopLogprob(token=token, logprob=logprob) for token, logprob in item.top])
+        for item in items]
 
 
 def _inference_request(request, context, *, stream: bool) -> InferenceRequest:
@@ -121,14 +138,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         events = self.service.run(_inference_request(request, context, stream=False))
         try:
             prepared: Prepared = await events.__anext__()
-            texts, token_ids, finish, num_generated = await collect_choices(events, prepared)
+            choices = await collect_choices(events, prepared)
         finally:
             await events.aclose()
         return pb.GenerateResponse(
             request_id=prepared.request_id, model=request.model,
-            choices=[pb.Choice(index=i, text=texts[i], token_ids=token_ids[i], finish_reason=finish[i] or "")
+            choices=[pb.Choice(index=i, text=choices.texts[i], token_ids=choices.token_ids[i],
+                               finish_reason=choices.finish_reasons[i] or "", logprobs=_logprobs(choices.logprobs[i]))
                      for i in range(prepared.num_choices)],
-            usage=pb.Usage(**prepared.usage(num_generated)))
+            usage=pb.Usage(**prepared.usage(choices.num_generated)))
 
     @_grpc_errors(count_refusals=True)
     async def GenerateStream(self, request, context):
@@ -142,7 +160,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 num_generated += len(chunk.token_ids)
                 await self._send(context, pb.GenerateStreamResponse(
                     request_id=prepared.request_id, index=index, text=chunk.text, token_ids=chunk.token_ids,
-                    finish_reason=chunk.finish_reason or ""))
+                    finish_reason=chunk.finish_reason or "", logprobs=_logprobs(chunk.logprobs)))
             await self._send(context, pb.GenerateStreamResponse(request_id=prepared.request_id,
                                                                 usage=pb.Usage(**prepared.usage(num_generated))))
         finally:

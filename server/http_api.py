@@ -251,15 +251,15 @@ def build_app(service: GenerationService, adapters: AdapterManager, config: Serv
 
 # -- errors -------------------------------------------------------------------------------------
 
-def _count_if_inference(request: Request, status: int) -> None:
-    """Refusals the service did not see (authentication, undecodable bodies) are counted here."""
+def _count_if_inference(request: Request, refusal: RequestError | int) -> None:
+    """Refusals the service did not count (authentication, undecodable bodies, translation) are
+    counted here."""
     if request.url.path.startswith(INFERENCE_PATHS):
-        _door(request).service.count_refusal(status)
+        _door(request).service.count_refusal(refusal)
 
 
 async def _request_error(request: Request, exc: RequestError):
-    if exc.status in (401, 403):
-        _count_if_inference(request, exc.status)
+    _count_if_inference(request, exc)
     response = error_response(exc.status, exc.message, exc.kind, exc.param)
     if isinstance(exc, TooManyRequests):
         response.headers["retry-after"] = retry_after_header(exc.retry_after_s)
@@ -294,7 +294,8 @@ def _is_token_ids(prompt) -> bool:
 def _sampling(body, max_tokens: int | None) -> SamplingInput:
     return SamplingInput(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
                          stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
-                         frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos)
+                         frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos,
+                         logprobs=body.num_logprobs, structured=body.structured_input())
 
 
 def _deadline(request: Request) -> float | None:
@@ -337,11 +338,11 @@ async def _respond(request: Request, fmt: CompletionFormat | ChatFormat, inferen
         raise
     if collected is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    texts, _, finish, num_generated = collected
     return AsciiJSONResponse({
         "id": prepared.request_id, "object": fmt.object_name, "created": int(time.time()), "model": fmt.body.model,
-        "choices": [fmt.choice(i, texts[i], finish[i]) for i in range(len(texts))],
-        "usage": prepared.usage(num_generated)}, headers={REQUEST_ID_HEADER: prepared.request_id})
+        "choices": [fmt.choice(i, collected.texts[i], collected.finish_reasons[i], collected.logprobs[i])
+                    for i in range(len(collected.texts))],
+        "usage": prepared.usage(collected.num_generated)}, headers={REQUEST_ID_HEADER: prepared.request_id})
 
 
 async def _first_chunk(events: AsyncIterator) -> tuple:

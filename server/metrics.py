@@ -1,7 +1,13 @@
 """Prometheus collectors, named once and used by both front doors.
 
 Names follow vLLM's style (``loraplex:time_to_first_token_seconds`` ...) so existing dashboards
-can read them, plus ``vllm:lora_requests_info`` as vLLM exports it, for adapter-affinity routers.
+can read them. For the Gateway API inference extension's endpoint picker (and llm-d's LoRA-affinity
+scorer) the model-server protocol's names are exported as vLLM spells them:
+``vllm:num_requests_waiting`` (the engine's queue plus loraplex's admission queue),
+``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc`` (0-1) and ``vllm:lora_requests_info``
+(value: when it was updated; labels ``max_lora``, ``running_lora_adapters``,
+``waiting_lora_adapters``, adapter names comma-separated), refreshed at every engine step and
+every scrape.
 Buckets are fine around 10-500 ms, with an edge at 0.2 s for a 200 ms p99 target.
 
 Per-adapter series carry an ``adapter`` label ("" = the base model). A cardinality guard keeps
@@ -18,7 +24,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .admission import BASE_MODEL_KEY
 from .stats import percentile
+
+GATEWAY_PREFIX = "vllm"  # the names endpoint pickers read by default
 
 PREFIX = "loraplex"
 BASE_ADAPTER_LABEL = ""  # the `adapter` label value for requests to the base model
@@ -148,9 +157,22 @@ class Metrics:
         self.num_requests_waiting = Gauge(f"{PREFIX}:num_requests_waiting", "Requests waiting in the engine.",
                                           model, registry=r)
         self.kv_cache_usage = Gauge(f"{PREFIX}:kv_cache_usage_perc", "KV cache usage, 0 to 1.", model, registry=r)
+        self.gateway_running = Gauge(f"{GATEWAY_PREFIX}:num_requests_running", "Requests the engine is running "
+                                     "(the model-server protocol's name).", model, registry=r)
+        self.gateway_waiting = Gauge(f"{GATEWAY_PREFIX}:num_requests_waiting", "Requests waiting: in the engine's "
+                                     "queue and in loraplex's admission queue.", model, registry=r)
+        self.gateway_kv_cache_usage = Gauge(f"{GATEWAY_PREFIX}:kv_cache_usage_perc", "KV cache usage, 0 to 1 (the "
+                                            "model-server protocol's name).", model, registry=r)
         self.lora_requests_info = Gauge(
-            "vllm:lora_requests_info", "Running stats on LoRA requests (as vLLM exports it).",
+            f"{GATEWAY_PREFIX}:lora_requests_info", "Adapters of running and waiting requests (value: when this "
+            "was updated, Unix seconds), as vLLM exports it.",
             ("running_lora_adapters", "waiting_lora_adapters", "max_lora"), registry=r)
+        self.adapter_cache_hits = Counter(f"{PREFIX}:adapter_cache_hits", "Requests whose adapter was already in "
+                                          "the engine's adapter cache.", registry=r)
+        self.adapter_cache_misses = Counter(f"{PREFIX}:adapter_cache_misses", "Requests whose adapter had to be "
+                                            "loaded into the engine's adapter cache first.", registry=r)
+        self._last_step = None  # the engine's last EngineStepStats
+        self._admission_stats = None  # () -> AdmissionStats
         self.adapter_loads = Counter(f"{PREFIX}:adapter_loads", "Adapter loads by result and failure reason.",
                                      ("result", "reason"), registry=r)
         self.adapter_load_latency = Histogram(f"{PREFIX}:adapter_load_seconds", "Time to validate and load an "
@@ -164,8 +186,10 @@ class Metrics:
         self.adapters_resident = Gauge(f"{PREFIX}:adapters_resident", "Adapters loaded in the engine, by tier "
                                        "(cpu: its adapter cache; device: in the batch slots now).", ("tier",),
                                        registry=r)
-        for name in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage):
+        for name in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage,
+                     self.gateway_running, self.gateway_waiting, self.gateway_kv_cache_usage):
             name.labels(model_name=model_name).set(0)
+        self._refresh_gateway()
 
     def track_engine(self, num_unfinished_requests) -> None:
         """Export the engine's own count of unfinished requests, read at scrape time."""
@@ -200,12 +224,14 @@ class Metrics:
     def observe_admission_wait(self, adapter: str | None, seconds: float) -> None:
         self.admission_wait.labels(**self._labels(adapter)).observe(seconds)
 
-    def track_admission(self, running, queued) -> None:
-        """Export admission control's running and queued counts, read at scrape time."""
-        for name, doc, read in (("admission_running", "Requests admitted and not finished.", running),
-                                ("admission_queued", "Requests waiting for admission.", queued)):
+    def track_admission(self, admission_stats) -> None:
+        """Export admission control's running and queued counts, read at scrape time;
+        ``admission_stats()`` returns an ``AdmissionStats``."""
+        self._admission_stats = admission_stats
+        for name, doc, read in (("admission_running", "Requests admitted and not finished.", "running"),
+                                ("admission_queued", "Requests waiting for admission.", "queued")):
             gauge = Gauge(f"{PREFIX}:{name}", doc, ("model_name",), registry=self.registry)
-            gauge.labels(model_name=self.model_name).set_function(read)
+            gauge.labels(model_name=self.model_name).set_function(lambda read=read: getattr(admission_stats(), read))
 
     def observe_inter_token(self, adapter: str | None, seconds: float) -> None:
         self.inter_token_latency.labels(**self._labels(adapter)).observe(seconds)
@@ -224,10 +250,32 @@ class Metrics:
         self.num_requests_waiting.labels(**model).set(step.num_waiting)
         self.kv_cache_usage.labels(**model).set(step.kv_cache_usage)
         self.adapters_resident.labels(tier="device").set(len(step.running_adapters))
+        self._last_step = step
+        self._refresh_gateway()
+
+    def _refresh_gateway(self) -> None:
+        """The model-server protocol's series, from the engine's last step and admission now."""
+        step = self._last_step
+        running = step.num_running if step else 0
+        running_adapters = step.running_adapters if step else []
+        waiting = step.num_waiting if step else 0
+        waiting_adapters = set(step.waiting_adapters if step else ())
+        if self._admission_stats is not None:
+            admission = self._admission_stats()
+            waiting += admission.queued
+            waiting_adapters.update(name for name, n in admission.queued_per_adapter.items()
+                                    if n and name != BASE_MODEL_KEY)
+        model = {"model_name": self.model_name}
+        self.gateway_running.labels(**model).set(running)
+        self.gateway_waiting.labels(**model).set(waiting)
+        self.gateway_kv_cache_usage.labels(**model).set(step.kv_cache_usage if step else 0.0)
         self.lora_requests_info.clear()
-        self.lora_requests_info.labels(running_lora_adapters=",".join(step.running_adapters),
-                                       waiting_lora_adapters=",".join(step.waiting_adapters),
+        self.lora_requests_info.labels(running_lora_adapters=",".join(running_adapters),
+                                       waiting_lora_adapters=",".join(sorted(waiting_adapters)),
                                        max_lora=str(self.max_loras)).set(time.time())
+
+    def adapter_cache_lookup(self, hit: bool) -> None:
+        (self.adapter_cache_hits if hit else self.adapter_cache_misses).inc()
 
     # -- adapters ------------------------------------------------------------------------------
     def adapter_loaded(self, seconds: float) -> None:
@@ -245,4 +293,5 @@ class Metrics:
             self.adapters_resident.labels(tier="cpu").set(resident_cpu)
 
     def render(self) -> bytes:
+        self._refresh_gateway()
         return generate_latest(self.registry)

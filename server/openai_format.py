@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
+from .engine import TokenLogprob
 from .errors import RequestError
 from .openai_protocol import ChatCompletionRequest, CompletionRequest
 from .service import Prepared
@@ -65,14 +66,30 @@ class _Format:
 
 
 class CompletionFormat(_Format):
-    """``/v1/completions`` shapes."""
+    """``/v1/completions`` shapes (logprobs in the legacy form: tokens, token_logprobs,
+    top_logprobs as {token: logprob}, and each token's character offset in the choice's text)."""
 
     object_name = "text_completion"
     chunk_object_name = "text_completion"
 
-    @staticmethod
-    def choice(index: int, text: str, finish: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def __init__(self, body: CompletionRequest) -> None:
+        super().__init__(body)
+        self._text_offsets: dict[int, int] = {}  # per choice: characters streamed so far
+
+    def choice(self, index: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None = None) -> dict:
+        return {"index": index, "text": text, "logprobs": self._logprobs(index, logprobs), "finish_reason": finish}
+
+    def _logprobs(self, index: int, items: list[TokenLogprob] | None) -> dict | None:
+        if items is None:
+            return None
+        offset = self._text_offsets.get(index, 0)
+        offsets = []
+        for item in items:
+            offsets.append(offset)
+            offset += len(item.token)
+        self._text_offsets[index] = offset
+        return {"tokens": [item.token for item in items], "token_logprobs": [item.logprob for item in items],
+                "top_logprobs": [dict(item.top) for item in items], "text_offset": offsets}
 
     @staticmethod
     def opening_events(prepared: Prepared) -> list[dict]:
@@ -80,7 +97,8 @@ class CompletionFormat(_Format):
 
     def chunk(self, prepared: Prepared, index: int, chunk) -> dict:
         return {"id": prepared.request_id, "object": self.chunk_object_name, "created": self.created,
-                "model": self.body.model, "choices": [self.choice(index, chunk.text, chunk.finish_reason)]}
+                "model": self.body.model,
+                "choices": [self.choice(index, chunk.text, chunk.finish_reason, chunk.logprobs)]}
 
 
 class ChatFormat(_Format):
@@ -90,9 +108,9 @@ class ChatFormat(_Format):
     chunk_object_name = "chat.completion.chunk"
 
     @staticmethod
-    def choice(index: int, text: str, finish: str | None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
+    def choice(index: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None = None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": _chat_logprobs(logprobs), "finish_reason": finish}
 
     def _envelope(self, prepared: Prepared, choice: dict) -> dict:
         return {"id": prepared.request_id, "object": self.chunk_object_name, "created": self.created,
@@ -104,8 +122,20 @@ class ChatFormat(_Format):
                 for i in range(prepared.num_choices)]
 
     def chunk(self, prepared: Prepared, index: int, chunk) -> dict | None:
-        if not chunk.text and chunk.finish_reason is None:
+        if not chunk.text and chunk.finish_reason is None and not chunk.logprobs:
             return None
         delta = {"content": chunk.text} if chunk.text else {}
-        return self._envelope(prepared, {"index": index, "delta": delta, "logprobs": None,
+        return self._envelope(prepared, {"index": index, "delta": delta, "logprobs": _chat_logprobs(chunk.logprobs),
                                          "finish_reason": chunk.finish_reason})
+
+
+def _chat_logprobs(items: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's chat form: per token its text, logprob and UTF-8 bytes, and the top alternatives."""
+    if items is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [entry(item.token, item.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in item.top]}
+                        for item in items], "refusal": None}

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidRequest
+from .structured import StructuredInput
 
 
 class _Request(BaseModel):
@@ -20,6 +21,35 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(default="response", max_length=256)
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``: text (no constraint), any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` extension (what its clients send in ``extra_body``): one of a
+    JSON schema, any JSON object, a regex, or a fixed choice. Other vLLM constraints (grammar,
+    structural tags) are refused by name."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: dict | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
 
 
 class _SamplingFields(_Request):
@@ -35,6 +65,8 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: keep generating past end-of-sequence (load tests)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension: regex / choice / json
 
     @property
     def include_usage(self) -> bool:
@@ -42,6 +74,25 @@ class _SamplingFields(_Request):
 
     def unsupported(self) -> str | None:
         return None
+
+    def structured_input(self) -> StructuredInput | None:
+        """The request's structured-output constraint (None: free text)."""
+        response_format, extension = self.response_format, self.structured_outputs
+        constrained = response_format is not None and response_format.type != "text"
+        if constrained and extension is not None:
+            raise InvalidRequest("give either response_format or structured_outputs, not both",
+                                 param="structured_outputs")
+        if extension is not None:
+            return StructuredInput(json_schema=extension.json_, json_object=bool(extension.json_object),
+                                   regex=extension.regex, choice=extension.choice)
+        if not constrained:
+            return None
+        if response_format.type == "json_object":
+            return StructuredInput(json_object=True)
+        if response_format.json_schema is None or response_format.json_schema.schema_ is None:
+            raise InvalidRequest("response_format of type json_schema needs json_schema.schema",
+                                 param="response_format")
+        return StructuredInput(json_schema=response_format.json_schema.schema_)
 
     def reject_unsupported(self) -> None:
         field = self.unsupported()
@@ -56,11 +107,13 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     suffix: str | None = None
 
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> str | None:
         if self.echo:
             return "echo"
-        if self.logprobs is not None:
-            return "logprobs"
         if self.suffix:
             return "suffix"
         return None
@@ -91,16 +144,20 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
     def unsupported(self) -> str | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs"
         if self.tools:
             return "tools"
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            return "response_format"
         return None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """OpenAI's chat form: ``logprobs: true`` turns them on, ``top_logprobs`` adds alternatives."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
 
     @property
     def output_token_limit(self) -> int | None:

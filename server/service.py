@@ -25,10 +25,13 @@ from .adapters.registry import AdapterError
 from .admission import BASE_MODEL_KEY, AdmissionController, Draining, Overloaded, Ticket
 from .capture import CaptureWriter
 from .config import LimitsConfig
-from .engine import Engine, EngineUnavailable, GenerationChunk, SamplingOptions
-from .errors import InvalidRequest, RequestError, ServiceUnavailable, TooManyRequests, from_adapter_error, refusal_outcome
+from .engine import (Engine, EngineRequestFailed, EngineUnavailable, GenerationChunk, SamplingOptions,
+                     TokenLogprob)
+from .errors import (InternalError, InvalidRequest, RequestError, ServiceUnavailable, TooManyRequests,
+                     from_adapter_error, refusal_outcome)
 from .metrics import Metrics
 from .prompts import PromptBuilder, check_text
+from .structured import StructuredInput, check_structured
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ class SamplingInput:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives per token (0: only the chosen token's); None: off
+    structured: StructuredInput | None = None
 
 
 @dataclass
@@ -138,7 +143,8 @@ class GenerationService:
             finished = True
         except RequestError as exc:
             if not generating:
-                self.count_refusal(exc.status)
+                self.count_refusal(exc)
+            exc.counted = True  # a failure in the engine is counted by its outcome
             raise
         finally:
             if ticket is not None:
@@ -156,10 +162,14 @@ class GenerationService:
             if lease is not None:
                 lease.release()
 
-    def count_refusal(self, status: int, adapter: str | None = None) -> None:
-        """Count a request refused before the engine (the doors call this for their own refusals:
-        authentication, undecodable bodies)."""
-        self.metrics.record_outcome(adapter, refusal_outcome(status))
+    def count_refusal(self, refusal: RequestError | int) -> None:
+        """Count a request refused before the engine, once (the doors call this for the refusals
+        the service never saw: authentication, undecodable bodies, their own translation)."""
+        if isinstance(refusal, RequestError):
+            if refusal.counted:
+                return
+            refusal.counted = True
+        self.metrics.record_outcome(None, refusal_outcome(getattr(refusal, "status", refusal)))
 
     # -- steps -----------------------------------------------------------------------------------
     @staticmethod
@@ -195,10 +205,11 @@ class GenerationService:
             options = self.sampling_options(len(ids), request.sampling, request.stream)
             suffix = f"-{i}" if request.messages is None else ""
             generations.append(GenerationRequest(request.model, ids, options, f"{request_id}{suffix}", source))
+        options = generations[0].options
         try:
-            self.engine.check_options(generations[0].options)
+            await self.engine.check_options(options)
         except ValueError as exc:  # the engine's own sampling checks, before any work
-            raise InvalidRequest(str(exc)) from None
+            raise InvalidRequest(str(exc), param="response_format" if options.structured else None) from None
         return Prepared(request_id, generations, n)
 
     async def _tokenize(self, request: InferenceRequest, n: int) -> tuple[list[list[int]], list[dict | None]]:
@@ -262,6 +273,9 @@ class GenerationService:
         seed = None if s.seed is None else _integer(s.seed, "seed")
         if seed is not None and not 0 <= seed < 2**63:
             raise InvalidRequest("seed must be in [0, 2^63)", param="seed")
+        logprobs = None if s.logprobs is None else _integer(s.logprobs, "logprobs")
+        if logprobs is not None and not 0 <= logprobs <= limits.max_logprobs:
+            raise InvalidRequest(f"logprobs must be between 0 and {limits.max_logprobs}", param="logprobs")
         return SamplingOptions(
             max_tokens=max_tokens,
             temperature=_in_range(s.temperature, "temperature", 0.0, 2.0, default=1.0),
@@ -273,6 +287,9 @@ class GenerationService:
             frequency_penalty=_in_range(s.frequency_penalty, "frequency_penalty", -2.0, 2.0, default=0.0),
             stream=stream,
             ignore_eos=bool(s.ignore_eos),
+            logprobs=logprobs,
+            structured=None if s.structured is None or not s.structured.num_given else check_structured(
+                s.structured, limits),
         )
 
     async def _admit(self, queue_key: str, prepared: Prepared, deadline: float | None,
@@ -334,6 +351,13 @@ class GenerationService:
         except ValueError as exc:  # vLLM's input validation
             outcome = "failed_400"
             raise InvalidRequest(str(exc)) from exc
+        except EngineRequestFailed as exc:
+            if request.options.structured is None:
+                outcome = "failed_500"
+                raise InternalError(str(exc)) from exc
+            outcome = "failed_400"  # the only per-request failure it has: a grammar it cannot compile
+            raise InvalidRequest("the engine could not compile this request's structured-output constraint",
+                                 param="response_format") from exc
         finally:
             end = time.perf_counter()
             logger.info("request %s %s", request.request_id, outcome, extra={
@@ -364,21 +388,31 @@ def _in_range(value, param: str, low: float, high: float, *, default: float, low
     return float(value)
 
 
-async def collect_choices(events: AsyncIterator, prepared: Prepared) -> tuple[list[str], list[list[int]],
-                                                                              list[str | None], int]:
-    """Drain the chunks of a run (after its Prepared): text, token ids and finish reason per
-    choice, and tokens generated."""
+@dataclass
+class Choices:
+    """The choices of a finished run: text, token ids, finish reason and (when asked for)
+    per-token logprobs of each, and the tokens generated in all."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str | None]
+    logprobs: list[list[TokenLogprob] | None]
+    num_generated: int = 0
+
+
+async def collect_choices(events: AsyncIterator, prepared: Prepared) -> Choices:
+    """Drain the chunks of a run (after its Prepared) into its choices."""
     num_choices = prepared.num_choices
-    texts = [""] * num_choices
-    token_ids: list[list[int]] = [[] for _ in range(num_choices)]
-    finish: list[str | None] = [None] * num_choices
-    num_generated = 0
+    choices = Choices([""] * num_choices, [[] for _ in range(num_choices)], [None] * num_choices,
+                      [None] * num_choices)
     async for index, chunk in events:
-        texts[index] += chunk.text
-        token_ids[index].extend(chunk.token_ids)
-        finish[index] = chunk.finish_reason or finish[index]
-        num_generated += len(chunk.token_ids)
-    return texts, token_ids, finish, num_generated
+        choices.texts[index] += chunk.text
+        choices.token_ids[index].extend(chunk.token_ids)
+        choices.finish_reasons[index] = chunk.finish_reason or choices.finish_reasons[index]
+        if chunk.logprobs is not None:
+            choices.logprobs[index] = (choices.logprobs[index] or []) + chunk.logprobs
+        choices.num_generated += len(chunk.token_ids)
+    return choices
 
 
 async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:

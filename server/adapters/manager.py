@@ -184,7 +184,9 @@ class AdapterManager:
         its own requests fail."""
         entry = lease.adapter
         try:
-            await self.engine.ensure_adapter(entry)
+            was_resident = await self.engine.ensure_adapter(entry)
+            if self.metrics is not None:
+                self.metrics.adapter_cache_lookup(was_resident)
         except AdapterRejected as exc:
             message = f"adapter {entry.name!r} v{entry.version} failed in the engine: {exc}"
             logger.error("%s; it is marked failed", message)

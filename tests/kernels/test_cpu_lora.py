@@ -73,19 +73,20 @@ def test_plan_kinds():
     assert not plan.direct_segments and plan.num_gathered == 14  # slot-sorted, the -1 tokens left out
     assert plan.gather.tolist() == [0, 2, 6, 8, 10, 14, 1, 3, 7, 9, 11, 15, 4, 12]
     assert plan.gathered_segments == [(0, 6, 0), (6, 12, 1)]
-    assert plan.group_slots.tolist() == [2] and plan.group_rows == 2 and plan.padding_rows is None
+    assert plan.groups.slots.tolist() == [2] and plan.groups.rows == 2 and plan.groups.padding_rows is None
     mixed = torch.tensor([3] * 10 + [1, 0, 1, 1, 0, 2])  # a prefill chunk, then decode tokens
     plan = cpu_lora.build_plan(mixed, min_direct_run=8)
-    assert plan.direct_segments == [(0, 10, 3)] and plan.group_rows == 3
-    assert plan.group_slots.tolist() == [0, 1, 2] and plan.group_slots_are_prefix
+    assert plan.direct_segments == [(0, 10, 3)] and plan.groups.rows == 3
+    assert plan.groups.slots.tolist() == [0, 1, 2] and plan.groups.slots_are_prefix
     # groups padded to 3 rows (padding repeats some token: its shrink result is zeroed)
     assert plan.gather.tolist() == [11, 14, 11, 10, 12, 13, 15, 11, 11]
-    assert plan.padding_rows.tolist() == [2, 7, 8] and plan.real_tokens.tolist() == [11, 14, 10, 12, 13, 15]
+    assert plan.groups.padding_rows.tolist() == [2, 7, 8]
+    assert plan.groups.real_tokens.tolist() == [11, 14, 10, 12, 13, 15]
     # slots 0 and 3 only: empty groups for 1 and 2 make the weights a view [:4] (not a copy)
     plan = cpu_lora.build_plan(torch.tensor([3, 0, 3]))
-    assert plan.group_slots.tolist() == [0, 1, 2, 3] and plan.group_slots_are_prefix
-    assert plan.real_tokens.tolist() == [1, 0, 2] and plan.num_gathered == 8
-    assert cpu_lora.build_plan(torch.tensor([9, 0])).group_slots.tolist() == [0, 9]  # too sparse to pad
+    assert plan.groups.slots.tolist() == [0, 1, 2, 3] and plan.groups.slots_are_prefix
+    assert plan.groups.real_tokens.tolist() == [1, 0, 2] and plan.num_gathered == 8
+    assert cpu_lora.build_plan(torch.tensor([9, 0])).groups.slots.tolist() == [0, 9]  # too sparse to pad
     assert not cpu_lora.build_plan(torch.full((5,), -1)).has_lora
 
 

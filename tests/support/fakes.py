@@ -56,7 +56,7 @@ class FakeEngine:
         self.requests: list[tuple[str, str | None]] = []  # (request id, adapter path) as generated
         self.fail_next: Exception | None = None
 
-    def check_options(self, options) -> None:
+    async def check_options(self, options) -> None:
         if options.n > 1 and options.temperature == 0:
             raise ValueError("n > 1 needs temperature > 0")
 
@@ -68,9 +68,11 @@ class FakeEngine:
             raise AdapterRejected("the loader refuses it")
         self.resident.add(adapter.adapter_slot)
 
-    async def ensure_adapter(self, adapter) -> None:
-        if adapter.adapter_slot not in self.resident:
-            await self.add_adapter(adapter)
+    async def ensure_adapter(self, adapter) -> bool:
+        if adapter.adapter_slot in self.resident:
+            return True
+        await self.add_adapter(adapter)
+        return False
 
     async def remove_adapter(self, adapter) -> None:
         self.resident.discard(adapter.adapter_slot)

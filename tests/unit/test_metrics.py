@@ -99,3 +99,35 @@ def test_text_log_lines_cannot_be_forged():
                                None)
     line = TextLogFormatter().format(record)
     assert "\n" not in line and "\x1b" not in line and "\\x0a2026" in line
+
+
+def test_gateway_series_follow_the_model_server_protocol():
+    """The inference extension's names: waiting counts the admission queue too; the LoRA info
+    carries adapter names (never engine versions), is stamped with its update time, and lists
+    adapters waiting for admission as waiting."""
+    import time
+
+    from loraplex.server.admission import BASE_MODEL_KEY, AdmissionStats
+    from loraplex.server.engine import EngineStepStats, _adapter_names
+
+    metrics = Metrics("base", max_loras=8)
+    admission = AdmissionStats(running=3, queued=4, queued_per_adapter={"triage": 3, BASE_MODEL_KEY: 1})
+    metrics.track_admission(lambda: admission)
+    step = EngineStepStats(num_running=3, num_waiting=2, kv_cache_usage=0.25,
+                           running_adapters=_adapter_names({"billing@v2": 1, "support@v1": 2}),
+                           waiting_adapters=_adapter_names({"billing@v2": 1}))
+    metrics.engine_step(step, [])
+    before = time.time()
+    assert list(samples(metrics, "vllm:num_requests_waiting").values()) == [6.0]  # 2 in the engine + 4 queued
+    assert list(samples(metrics, "vllm:num_requests_running").values()) == [3.0]
+    assert list(samples(metrics, "vllm:kv_cache_usage_perc").values()) == [0.25]
+    assert list(samples(metrics, "loraplex:num_requests_waiting").values()) == [2.0]  # the engine's alone
+    (labels, stamp), = samples(metrics, "vllm:lora_requests_info").items()
+    assert dict(labels) == {"max_lora": "8", "running_lora_adapters": "billing,support",
+                            "waiting_lora_adapters": "billing,triage"}
+    assert before - 1 <= stamp <= time.time() + 1
+    metrics.adapter_cache_lookup(True)
+    metrics.adapter_cache_lookup(False)
+    metrics.adapter_cache_lookup(False)
+    assert list(samples(metrics, "loraplex:adapter_cache_hits_total").values()) == [1.0]
+    assert list(samples(metrics, "loraplex:adapter_cache_misses_total").values()) == [2.0]

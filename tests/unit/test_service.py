@@ -11,6 +11,7 @@ from loraplex.server.errors import InvalidRequest, ModelNotFound, ServiceUnavail
 from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
 from loraplex.server.service import GenerationService, InferenceRequest, Prepared, SamplingInput, merge_streams
+from loraplex.server.structured import StructuredInput
 from tests.support.fakes import FakeEngine, make_adapter_dir, make_manager
 
 pytest.importorskip("torch")  # the fake adapters are written with safetensors' torch API
@@ -74,6 +75,11 @@ def test_defaults_fill_remaining_context(tmp_path):
     (10, {"frequency_penalty": float("inf")}, "frequency_penalty"),
     (10, {"seed": -1}, "seed"),
     (10, {"seed": 2**63}, "seed"),
+    (10, {"logprobs": 21}, "logprobs"),
+    (10, {"logprobs": -1}, "logprobs"),
+    (10, {"logprobs": 1.5}, "logprobs"),
+    (10, {"structured": StructuredInput(regex="a", json_object=True)}, "response_format"),
+    (10, {"structured": StructuredInput(choice=["a\ud800"])}, "choice"),
 ])
 def test_sampling_bounds(tmp_path, prompt_len, sampling, param):
     service, _, _ = make_service(tmp_path)
@@ -138,6 +144,15 @@ def test_success_counts_ok_and_releases_the_ticket(tmp_path):
     assert prepared.usage(8) == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
     assert outcomes(service.metrics) == {("", "ok"): 2.0}  # one per prompt
     assert service.admission.running == 0 and len(engine.requests) == 2
+
+
+def test_a_refusal_is_counted_once_whoever_sees_it_first(tmp_path):
+    service, _, _ = make_service(tmp_path)
+    refusal = InvalidRequest("a door's own translation refused it")
+    service.count_refusal(refusal)
+    service.count_refusal(refusal)  # the door's error handler sees it again
+    service.count_refusal(401)
+    assert outcomes(service.metrics) == {("", "rejected_400"): 1.0, ("", "rejected_401"): 1.0}
 
 
 def test_unknown_model_is_not_found_and_counted(tmp_path):

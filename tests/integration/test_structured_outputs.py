@@ -1,0 +1,170 @@
+"""Structured outputs and logprobs against the real server: the official client's ``parse()``,
+JSON schemas, regex and choice constraints, logprobs in both APIs (streamed and not), gRPC parity."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Literal
+
+import grpc
+import httpx
+import jsonschema
+import pytest
+from pydantic import BaseModel
+
+from loraplex.server.grpc_gen import loraplex_pb2 as pb
+from loraplex.server.grpc_gen import loraplex_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+TICKET = [{"role": "user", "content": "Ticket: the invoice total of 120 EUR was charged twice. Is it urgent?"}]
+
+
+class Triage(BaseModel):
+    team: Literal["billing", "support", "sales"]
+    urgent: bool
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["team", "priority"],
+          "properties": {"team": {"type": "string", "enum": ["billing", "support", "sales"]},
+                         "priority": {"type": "integer", "enum": [1, 2, 3]}}}
+
+
+@pytest.mark.parametrize("which", ["base", "adapter"])
+def test_parse_with_a_pydantic_model(client, base_model_name, adapter_names, which):
+    model = base_model_name if which == "base" else adapter_names[1]
+    completion = client.chat.completions.parse(model=model, messages=TICKET, response_format=Triage,
+                                               max_tokens=64, temperature=0)
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, Triage), completion.choices[0].message.content
+    assert completion.model == model
+
+
+def test_json_schema_on_both_routes_validates(client, base_model_name, adapter_names):
+    response_format = {"type": "json_schema", "json_schema": {"name": "ticket", "schema": SCHEMA, "strict": True}}
+    chat = client.chat.completions.create(model=adapter_names[2], messages=TICKET, max_tokens=64, temperature=0,
+                                          response_format=response_format)
+    jsonschema.validate(json.loads(chat.choices[0].message.content), SCHEMA)
+    text = client.completions.create(model=base_model_name, prompt="Ticket JSON:", max_tokens=64, temperature=0,
+                                     extra_body={"response_format": response_format}).choices[0].text
+    jsonschema.validate(json.loads(text), SCHEMA)
+    anything = client.chat.completions.create(model=base_model_name, messages=TICKET, max_tokens=48, temperature=0,
+                                              response_format={"type": "json_object"}).choices[0]
+    if anything.finish_reason == "stop":  # a tiny model may run out of tokens inside the object
+        assert isinstance(json.loads(anything.message.content), dict)
+    else:
+        assert anything.message.content.lstrip().startswith("{")
+
+
+def test_choice_and_regex_for_classifiers(client, base_model_name, adapter_names):
+    labels = ["billing", "support", "sales"]
+    for model in (base_model_name, adapter_names[3]):
+        label = client.chat.completions.create(model=model, messages=TICKET, max_tokens=8, temperature=0,
+                                               extra_body={"structured_outputs": {"choice": labels}})
+        assert label.choices[0].message.content in labels
+    date = client.completions.create(model=base_model_name, prompt="Due date:", max_tokens=16, temperature=0,
+                                     extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"}})
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", date.choices[0].text)
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}}, None),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     None),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "enum": ["x" * 40_000]}}}}, "exceeds"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, None),
+    ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "grammar"),
+    ({"structured_outputs": {"choice": []}}, "choice"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "not both"),
+    ({"logprobs": True, "top_logprobs": 21}, "logprobs"),
+    ({"top_logprobs": 2}, "needs logprobs"),
+])
+def test_constraints_the_engine_cannot_take_are_a_400_naming_the_problem(server, base_model_name, body, words):
+    response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": base_model_name, "messages": TICKET, "max_tokens": 8, **body})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert message and (words is None or words in message), message
+
+
+def test_a_bad_schema_leaves_the_next_request_alone(client, server, base_model_name):
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    with pytest.raises(Exception):
+        client.chat.completions.create(model=base_model_name, messages=TICKET, max_tokens=8, response_format=bad)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert client.chat.completions.create(model=base_model_name, messages=TICKET, max_tokens=4).choices[0].message
+
+
+def check_top(entries: list, k: int) -> None:
+    assert len(entries) == k
+    logprobs = [e.logprob for e in entries]
+    assert logprobs == sorted(logprobs, reverse=True) and all(lp <= 0 for lp in logprobs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprobs(client, adapter_names, stream):
+    kwargs = dict(model=adapter_names[4], messages=TICKET, max_tokens=6, temperature=0, logprobs=True,
+                  top_logprobs=3)
+    if stream:
+        chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+        content = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        content, text = choice.logprobs.content, choice.message.content
+    assert len(content) == 6
+    assert "".join(t.token for t in content) == text
+    for token in content:
+        check_top(token.top_logprobs, 3)
+        assert token.logprob == token.top_logprobs[0].logprob  # greedy: the chosen token is the likeliest
+        assert bytes(token.bytes).decode("utf-8", errors="replace") == token.token
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs(client, base_model_name, stream):
+    kwargs = dict(model=base_model_name, prompt="The capital of France is", max_tokens=5, temperature=0, logprobs=2)
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **kwargs) if c.choices]
+        tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+        offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+        tops = [t for c in chunks if c.logprobs for t in c.logprobs.top_logprobs]
+        text = "".join(c.text for c in chunks)
+    else:
+        choice = client.completions.create(**kwargs).choices[0]
+        tokens, offsets, tops, text = (choice.logprobs.tokens, choice.logprobs.text_offset,
+                                       choice.logprobs.top_logprobs, choice.text)
+    assert len(tokens) == len(tops) == 5 and "".join(tokens) == text
+    assert offsets == [len("".join(tokens[:i])) for i in range(5)]
+    assert all(len(top) <= 2 for top in tops) and all(v <= 0 for top in tops for v in top.values())
+
+
+def test_grpc_parity(server, base_model_name, adapter_names):
+    async def call(request):
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            return await stub.Generate(request), [m async for m in stub.GenerateStream(request)]
+
+    sampling = pb.SamplingParameters(max_tokens=8, temperature=0, logprobs=2,
+                                     choice=pb.ChoiceList(values=["billing", "support", "sales"]))
+    request = pb.GenerateRequest(model=adapter_names[5], sampling=sampling,
+                                 chat=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in TICKET]))
+    unary, messages = asyncio.run(call(request))
+    choice = unary.choices[0]
+    assert choice.text in ("billing", "support", "sales")
+    assert len(choice.logprobs) == len(choice.token_ids)
+    assert "".join(t.token for t in choice.logprobs).startswith(choice.text)  # then the end-of-turn token
+    assert all(len(t.top_logprobs) == 2 for t in choice.logprobs)
+    streamed = [t for m in messages for t in m.logprobs]
+    assert [t.token for t in streamed] == [t.token for t in choice.logprobs]
+    schema_request = pb.GenerateRequest(model=base_model_name, text="Ticket JSON:", sampling=pb.SamplingParameters(
+        max_tokens=64, temperature=0, json_schema=json.dumps(SCHEMA)))
+    jsonschema.validate(json.loads(asyncio.run(call(schema_request))[0].choices[0].text), SCHEMA)
+    bad = pb.GenerateRequest(model=base_model_name, text="x", sampling=pb.SamplingParameters(regex="(unclosed"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        asyncio.run(call(bad))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
