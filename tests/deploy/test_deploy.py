@@ -30,7 +30,9 @@ FULL_VALUES = {  # every optional part switched on
     "limits": {"maxPromptTokens": 4096},
     "extraArgs": ["--seed=7"],
     "serviceMonitor": {"enabled": True}, "autoscaling": {"enabled": True},
+    "inferencePool": {"enabled": True, "endpointPicker": {"serviceName": "loraplex-epp"}},
 }
+INFERENCE_POOL_SCHEMA = Path(__file__).resolve().parent / "schemas" / "inferencepool-v1.json"
 
 
 def render(values: dict | None = None, values_file: str | None = None) -> list[dict]:
@@ -74,7 +76,36 @@ def test_chart_renders_and_every_manifest_validates_offline(case):
             assert doc["spec"]["endpoints"][0]["path"] == "/metrics"
             assert doc["spec"]["selector"]["matchLabels"] == kinds["Service"]["spec"]["selector"]
             continue
+        if doc["apiVersion"].startswith("inference.networking.k8s.io/"):
+            check_inference_pool(doc, kinds)
+            continue
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def check_inference_pool(pool: dict, kinds: dict) -> None:
+    """Against the extension's own CRD schema (its release's openAPIV3Schema), plus its CEL rules,
+    and pointing at this release's pods and HTTP port."""
+    import jsonschema
+
+    jsonschema.validate(pool, json.loads(INFERENCE_POOL_SCHEMA.read_text()))
+    spec = pool["spec"]
+    picker = spec["endpointPickerRef"]
+    assert picker.get("kind", "Service") != "Service" or "port" in picker  # CEL: a Service needs a port
+    numbers = [p["number"] for p in spec["targetPorts"]]
+    assert len(numbers) == len(set(numbers))  # CEL: unique target ports
+    pod = kinds["Deployment"]["spec"]["template"]
+    assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    http = next(p for p in pod["spec"]["containers"][0]["ports"] if p["name"] == "http")
+    assert numbers == [http["containerPort"]]
+
+
+def test_inference_pool_is_optional_and_needs_its_endpoint_picker():
+    assert "InferencePool" not in by_kind(render())
+    with pytest.raises(Exception, match="endpointPicker.serviceName is required"):
+        render({"inferencePool": {"enabled": True}})
+    pool = by_kind(render(FULL_VALUES))["InferencePool"]
+    assert pool["spec"]["endpointPickerRef"] == {"name": "loraplex-epp", "port": {"number": 9002},
+                                                 "failureMode": "FailClose"}
 
 
 @pytest.mark.parametrize("case", CASES)

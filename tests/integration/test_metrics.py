@@ -110,6 +110,51 @@ def test_engine_gauges_and_lora_requests_info(server, client, adapter_names):
     assert any(s.name == "loraplex:kv_cache_usage_perc" for s in samples)
 
 
+def test_gateway_metrics_follow_the_model_server_protocol(server, client, adapter_names):
+    """What the inference extension's endpoint picker and llm-d's LoRA-affinity scorer read, with
+    their default names: one gauge series each, the LoRA info stamped with its update time and
+    naming adapters as clients name them (the model field), never engine versions."""
+    import threading
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support.server import wait_for
+
+    adapter = adapter_names[6]
+    lookups = ("loraplex:adapter_cache_hits_total", "loraplex:adapter_cache_misses_total")
+    before = sum(values(scrape(server), name) for name in lookups)
+    streaming = threading.Thread(target=lambda: list(client.completions.create(
+        model=adapter, prompt="Count slowly:", max_tokens=48, stream=True,
+        extra_body={"ignore_eos": True})))
+    streaming.start()
+    seen: dict = {}
+
+    def adapter_is_running() -> bool:
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
+        seen.update(families)
+        (info,) = families["vllm:lora_requests_info"].samples
+        return adapter in info.labels["running_lora_adapters"].split(",")
+
+    try:
+        assert wait_for(adapter_is_running, timeout=60), "the running adapter never showed in vllm:lora_requests_info"
+    finally:
+        streaming.join()
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+        family = seen[name]
+        assert family.type == "gauge" and len(family.samples) == 1, name
+        assert family.samples[0].value >= 0
+    assert seen["vllm:num_requests_running"].samples[0].value >= 1
+    assert 0 < seen["vllm:kv_cache_usage_perc"].samples[0].value <= 1
+    (info,) = seen["vllm:lora_requests_info"].samples
+    assert seen["vllm:lora_requests_info"].type == "gauge"
+    assert abs(info.value - time.time()) < 60  # a timestamp, so the picker takes the latest
+    assert info.labels["max_lora"] == "4"
+    for listed in ("running_lora_adapters", "waiting_lora_adapters"):
+        names = [n for n in info.labels[listed].split(",") if n]
+        assert set(names) <= set(adapter_names) and "@" not in info.labels[listed], info.labels
+    assert sum(values(scrape(server), name) for name in lookups) == before + 1
+
+
 def test_stats_summary(server, client, base_model_name):
     client.completions.create(model=base_model_name, prompt="Hi", max_tokens=3)
     stats = httpx.get(f"{server.url}/v1/stats").json()
