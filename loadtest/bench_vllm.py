@@ -51,9 +51,7 @@ def run_config(config: str, args: dict, result_queue) -> None:
         adapters = []
         if config != "base":
             for path in args["adapters"]:
-                entry = registry.begin_load(Path(path).name, Path(path))
-                entry.snapshot_path = Path(path)  # the benchmark's own adapters, read in place
-                registry.commit_load(entry)
+                entry = registry.register_in_place(Path(path).name, Path(path))  # the benchmark's own files
                 await engine.add_adapter(entry)
                 adapters.append(entry)
         options = SamplingOptions(max_tokens=args["output_len"], temperature=0.0)

@@ -183,6 +183,9 @@ class TrainConfig:
     eval_batch_size: int = 32
     eval_max_new_tokens: int = 64
     compare_base: bool = True
+    # A JSON schema of the task's answers: the evaluation then also runs base and adapter with it
+    # as structured output (the strongest cheap alternative to an adapter: a base model forced into it).
+    eval_schema: dict | None = None
     # Hot-load into a running server when done.
     serve_url: str | None = None
     admin_token: str | None = None

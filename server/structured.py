@@ -92,7 +92,8 @@ def _schema(schema, limits: LimitsConfig) -> str:
     if not isinstance(schema, dict):
         raise InvalidRequest("the JSON schema must be a JSON object", param=PARAM)
     _check_tree(schema, limits.max_schema_depth)
-    text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False, sort_keys=True)
+    # key order kept: the engine emits properties in the order the schema gives them
+    text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     if len(text.encode("utf-8")) > limits.max_schema_bytes:
         raise _too_large(limits)
     return text

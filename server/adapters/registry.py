@@ -122,6 +122,14 @@ class AdapterRegistry:
         self._loading.setdefault(name, []).append(entry)
         return entry
 
+    def register_in_place(self, name: str, path: Path) -> AdapterVersion:
+        """A ready version read where it lies (no snapshot): for tools that own their adapter
+        files for the whole run (benchmarks, the training evaluation), never for the server."""
+        entry = self.begin_load(name, path)
+        entry.snapshot_path = path
+        self.commit_load(entry)
+        return entry
+
     def commit_load(self, entry: AdapterVersion) -> AdapterVersion | None:
         """Make ``entry`` the version new requests get; returns the version it replaced (now
         UNLOADING). Raises :class:`LoadCancelled` if an unload overtook the load, and leaves a

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from ..config import TrainConfig
 
 HELP = """Fine-tune a LoRA adapter with peft on JSONL data ({"prompt","completion"} or {"messages"}),
-evaluate it against the base model on held-out data, and write a directory the server can load.
+evaluate base and adapter on held-out data through the serving engine (vLLM, with the task's JSON
+schema as structured output too, when given), and write a directory the server can load.
 Example: loraplex train --data train.jsonl --out adapters/triage   (or: loraplex train --demo --out demo)"""
 
 
@@ -46,6 +48,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     evaluation.add_argument("--eval-max-new-tokens", type=int)
     evaluation.add_argument("--no-compare-base", dest="compare_base", action="store_false", default=None,
                             help="skip evaluating the base model")
+    evaluation.add_argument("--eval-schema", type=Path,
+                            help="a JSON schema of the answers: also evaluate base and adapter forced into it "
+                                 "(structured outputs); --demo uses its own")
     serve = p.add_argument_group("hot-load when done")
     serve.add_argument("--serve-url", help="a running loraplex server, e.g. http://127.0.0.1:8000")
     serve.add_argument("--admin-token", help="that server's admin token")
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import default_model
     from . import presets, trainer
     from .data import DataError
+    from . import demo
     from .demo import write_demo_data
 
     if args.demo == (args.data is not None):
@@ -74,6 +80,14 @@ def run(args: argparse.Namespace) -> int:
         "admin_token", "adapter_name") if getattr(args, name) is not None}
     if args.target_modules:
         overrides["target_modules"] = tuple(args.target_modules)
+    if args.eval_schema is not None:
+        try:
+            overrides["eval_schema"] = json.loads(args.eval_schema.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"loraplex train: --eval-schema {args.eval_schema}: {exc}", file=sys.stderr)
+            return 2
+    elif args.demo:
+        overrides["eval_schema"] = demo.SCHEMA
     train_path, eval_path = args.data, args.eval
     if args.demo:
         data_dir = args.out.with_name(args.out.name + "-data")

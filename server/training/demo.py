@@ -19,6 +19,11 @@ INSTRUCTION = (
     'only: {"payoff_amount": <number>, "due_date": "YYYY-MM-DD"}.'
 )
 
+# The answers' JSON schema: the evaluation also runs base and adapter forced into it.
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["payoff_amount", "due_date"],
+          "properties": {"payoff_amount": {"type": "number"},
+                         "due_date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}}}
+
 LENDERS = ("First Harbor Bank", "Summit Credit Union", "Northwind Lending", "Bluewater Financial",
            "Cedar Mortgage Co.", "Pinecrest Auto Finance", "Lakeside Savings", "Redwood Capital")
 FIRST_NAMES = ("Maria", "James", "Aisha", "Wei", "Olga", "Carlos", "Priya", "Tom", "Fatima", "Lukas")

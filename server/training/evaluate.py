@@ -1,4 +1,5 @@
-"""Held-out evaluation: completion loss, and greedy generations scored against the references
+"""Held-out evaluation: completion loss (in transformers, where the adapter was trained), and
+greedy generations (from the serving engine, ``engine_eval``) scored against the references
 (exact match; per-field accuracy when the references are JSON objects)."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ _JSON_OBJECT = re.compile(r"\{.*?\}", re.DOTALL)
 
 @dataclass
 class EvalResult:
-    loss: float
+    loss: float | None  # None: not measured (the structured-output variants share the plain ones' loss)
     num_generated: int
     exact_match: float
     field_accuracy: float | None  # None when references are not JSON objects
@@ -37,20 +38,6 @@ def mean_loss(causal_lm, features: list[Features], batch_size: int, pad_id: int,
         total += float(loss) * n
         count += n
     return total / max(count, 1)
-
-
-@torch.no_grad()
-def generate(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int, device) -> list[str]:
-    """Greedy completions of the prompts (left-padded batches)."""
-    outputs: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        prompts = [e.prompt for e in examples[start:start + batch_size]]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False).to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                             top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
-        outputs.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    return outputs
 
 
 def parse_object(text: str) -> dict | None:
@@ -95,12 +82,9 @@ def score(references: list[str], predictions: list[str]) -> tuple[float, float |
     return exact / len(references), None, None
 
 
-def evaluate(model, tokenizer, examples: list[Example], features: list[Features], *, batch_size: int,
-             num_generate: int, max_new_tokens: int, device) -> EvalResult:
-    model.eval()
-    loss = mean_loss(model, features, batch_size, tokenizer.pad_token_id, device)
-    chosen = examples[:num_generate]
-    predictions = generate(model, tokenizer, chosen, max_new_tokens, batch_size, device) if chosen else []
+def evaluate(examples: list[Example], predictions: list[str], loss: float | None) -> EvalResult:
+    """Score greedy ``predictions`` of the first ``len(predictions)`` examples."""
+    chosen = examples[:len(predictions)]
     exact, field_accuracy, parse_rate = score([e.reference for e in chosen], predictions)
     samples = [{"reference": e.reference, "prediction": p} for e, p in zip(chosen[:5], predictions[:5])]
     return EvalResult(loss, len(chosen), exact, field_accuracy, parse_rate, samples)

@@ -1,5 +1,6 @@
-"""The training run, top to bottom: data -> base evaluation -> LoRA SFT -> save -> adapter
-evaluation -> report (-> hot-load into a running server)."""
+"""The training run, top to bottom: data -> base loss -> LoRA SFT -> save -> adapter loss ->
+greedy evaluation of base and adapter (with and without the task's JSON schema) on the serving
+engine -> report (-> hot-load into a running server)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 
 from ..config import TrainConfig
 from . import data as data_mod
-from .evaluate import EvalResult, evaluate
+from . import engine_eval
+from .evaluate import evaluate, mean_loss
 from .model import collate, completion_loss, load_base, pick_device
 
 logger = logging.getLogger(__name__)
@@ -37,13 +39,28 @@ def _seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _evaluate(model, tokenizer, config: TrainConfig, examples, features, device, label: str) -> EvalResult:
+def _loss(model, tokenizer, config: TrainConfig, features, device) -> float:
+    model.eval()
+    return mean_loss(model, features, config.eval_batch_size, tokenizer.pad_token_id, device)
+
+
+def _evaluate_on_engine(config: TrainConfig, model_dir: Path, tokenizer, examples, eval_losses: dict) -> dict:
+    """Every variant's greedy generations from the serving engine, scored; plus how long it took."""
+    chosen = examples[:config.eval_generate]
+    wanted = engine_eval.variants(config.compare_base, config.eval_schema)
+    prompts = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in chosen]
     started = time.monotonic()
-    result = evaluate(model, tokenizer, examples, features, batch_size=config.eval_batch_size,
-                      num_generate=config.eval_generate, max_new_tokens=config.eval_max_new_tokens, device=device)
-    logger.info("%s: eval loss %.4f, exact match %.1f%% (%.0f s)", label, result.loss, 100 * result.exact_match,
-                time.monotonic() - started)
-    return result
+    predictions, dtype = engine_eval.generate(engine_eval.EvalEngineConfig(
+        model_dir=model_dir, adapter_dir=config.out_dir, rank=config.rank, target_modules=config.target_modules,
+        max_new_tokens=config.eval_max_new_tokens, max_model_len=config.max_length), prompts, wanted,
+        config.eval_schema) if chosen else ({v.label: [] for v in wanted}, None)
+    seconds = time.monotonic() - started
+    results = {label: evaluate(chosen, texts, eval_losses.get(label)).as_dict() for label, texts in predictions.items()}
+    for label, result in results.items():
+        logger.info("%s: exact match %.1f%%", label, 100 * result["exact_match"])
+    results["evaluation"] = {"engine": "vllm", "kernels": "loraplex", "dtype": dtype, "seconds": round(seconds, 1),
+                             "generations": len(chosen) * len(wanted)}
+    return results
 
 
 def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> dict:
@@ -67,8 +84,9 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> dict:
                                if k != "admin_token"},
                     "base_model": str(model_dir), "device": str(device),
                     "num_train_examples": len(train_examples), "num_eval_examples": len(eval_examples)}
+    eval_losses: dict[str, float] = {}
     if eval_examples and config.compare_base:
-        report["base"] = _evaluate(model, tokenizer, config, eval_examples, eval_features, device, "base").as_dict()
+        eval_losses["base"] = _loss(model, tokenizer, config, eval_features, device)
 
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
@@ -115,12 +133,9 @@ def train(config: TrainConfig, model_dir: Path, progress: bool = True) -> dict:
     logger.info("trained %d steps in %.0f s: loss %.3f -> %.3f", total_steps, train_seconds,
                 report["training"]["loss_first"], report["training"]["loss_last"])
     if eval_examples:
-        peft_model.merge_adapter()  # B @ A folded into the weights: generation at base-model speed
-        try:
-            report["adapter"] = _evaluate(causal_lm, tokenizer, config, eval_examples, eval_features, device,
-                                          "adapter").as_dict()
-        finally:
-            peft_model.unmerge_adapter()
+        eval_losses["adapter"] = _loss(causal_lm, tokenizer, config, eval_features, device)
+        del peft_model, causal_lm, model, optimizer  # the engine gets the memory
+        report.update(_evaluate_on_engine(config, model_dir, tokenizer, eval_examples, eval_losses))
     (config.out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report
 
@@ -138,9 +153,8 @@ def hot_load(serve_url: str, adapter_name: str, adapter_dir: Path, admin_token: 
 
 
 def summary_table(report: dict) -> str:
-    """Base vs adapter on the held-out set, as text."""
-    rows = [("", "base", "adapter")]
-    base, adapter = report.get("base") or {}, report.get("adapter") or {}
+    """Base vs adapter (each with the task's schema too, when there is one) on the held-out set."""
+    columns = [label for label in ("base", "base+schema", "adapter", "adapter+schema") if label in report]
 
     def cell(result: dict, key: str, percent: bool) -> str:
         value = result.get(key)
@@ -148,11 +162,16 @@ def summary_table(report: dict) -> str:
             return "-"
         return f"{100 * value:.1f}%" if percent else f"{value:.4f}"
 
+    rows = [("", *columns)]
     for key, label, percent in (("loss", "eval loss", False), ("exact_match", "exact match", True),
                                 ("field_accuracy", "field accuracy", True), ("parse_rate", "valid JSON", True)):
-        rows.append((label, cell(base, key, percent), cell(adapter, key, percent)))
+        rows.append((label, *(cell(report[c], key, percent) for c in columns)))
     training = report["training"]
-    lines = [f"{a:<16}{b:>10}{c:>10}" for a, b, c in rows]
+    lines = [f"{row[0]:<16}" + "".join(f"{c:>16}" for c in row[1:]) for row in rows]
+    if "evaluation" in report:
+        evaluation = report["evaluation"]
+        lines.append(f"evaluation: {evaluation['generations']} greedy generations on vLLM in "
+                     f"{evaluation['seconds']:.0f} s")
     lines.append(f"training: {training['steps']} steps in {training['seconds']:.0f} s on {report['device']}, "
                  f"loss {training['loss_first']:.3f} -> {training['loss_last']:.3f}")
     return "\n".join(lines)

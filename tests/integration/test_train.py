@@ -9,22 +9,48 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loraplex.server.training import data
+from loraplex.server.training import data, demo
 from loraplex.server.training.demo import write_demo_data
+from tests.support.adapters import load_base_model
 
 from .conftest import ADMIN_TOKEN
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_train_a_tiny_adapter_and_serve_it(tmp_path, server, client, cache_dir):
+def tokenizer_of(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def hf_peft_greedy(base_model_dir: Path, adapter_dir: Path, examples, max_new_tokens: int) -> list[str]:
+    """Greedy completions from HF transformers + peft (float32): the evaluation's oracle."""
+    import torch
+    from peft import PeftModel
+
+    tokenizer = tokenizer_of(base_model_dir)
+    model = PeftModel.from_pretrained(load_base_model(base_model_dir, dtype="float32"), adapter_dir).eval()
+    outputs = []
+    with torch.no_grad():
+        for example in examples:
+            ids = tokenizer(example.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+            outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return outputs
+
+
+def test_train_a_tiny_adapter_and_serve_it(tmp_path, server, client, cache_dir, base_model_dir):
     train_path, eval_path = write_demo_data(tmp_path / "data", num_train=48, num_eval=4, seed=7)
+    schema_path = tmp_path / "schema.json"
+    schema_path.write_text(json.dumps(demo.SCHEMA))
     out = tmp_path / "loan-extractor"
     result = subprocess.run(
         [sys.executable, "-m", "loraplex.server.cli", "train", "--data", str(train_path), "--eval", str(eval_path),
          "--out", str(out), "--cache-dir", str(cache_dir), "--preset", "demo", "--rank", "8",
-         "--batch-size", "8", "--max-steps", "6", "--eval-generate", "2", "--eval-max-new-tokens", "32",
-         "--quiet", "--serve-url", server.url, "--admin-token", ADMIN_TOKEN],
+         "--batch-size", "8", "--max-steps", "6", "--eval-generate", "2", "--eval-max-new-tokens", "40",
+         "--eval-schema", str(schema_path), "--quiet", "--serve-url", server.url, "--admin-token", ADMIN_TOKEN],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "hot-loaded as 'loan-extractor'" in result.stdout
@@ -35,6 +61,14 @@ def test_train_a_tiny_adapter_and_serve_it(tmp_path, server, client, cache_dir):
     assert training["steps"] == 6
     assert training["loss_last"] < training["loss_first"], training["losses"]
     assert report["adapter"]["loss"] < report["base"]["loss"]
+    assert report["evaluation"]["engine"] == "vllm" and report["evaluation"]["generations"] == 8
+    for label in ("base+schema", "adapter+schema"):  # forced into the schema (compact, in its key order)
+        assert report[label]["num_generated"] == 2
+        for sample in report[label]["samples"]:
+            assert sample["prediction"].startswith('{"payoff_amount":'), sample
+    if report["evaluation"]["dtype"] == "float32":  # HF+peft (float32) is the oracle of the engine's greedy text
+        assert [s["prediction"] for s in report["adapter"]["samples"]] == hf_peft_greedy(
+            base_model_dir, out, data.load_examples(eval_path, tokenizer_of(base_model_dir))[:2], max_new_tokens=40)
 
     served = {m.id for m in client.models.list().data}
     assert "loan-extractor" in served
