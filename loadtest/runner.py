@@ -231,10 +231,12 @@ def run_and_report(config: RunConfig, out_dir: Path | None, plot: bool = True) -
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
-        if plot:
-            from .plot import plot_latency_vs_rate
+        if plot:  # one rate: each request over time and the CDFs (a rate sweep plots latency vs rate)
+            from .plot import plot_single_run
 
-            plot_latency_vs_rate([result], out_dir / "latency.png", result["slo"]["ttft_ms"])
+            plot_single_run([(r.sent_at, r.ttft_s, r.e2e_s) for r in results if r.ok], out_dir / "latency.png",
+                            result["slo"]["ttft_ms"], result["slo"]["e2e_ms"],
+                            title=f"loraplex loadtest at {config.workload.rate:g} req/s")
     return result
 
 

@@ -107,6 +107,19 @@ def test_plot_is_a_png_with_the_slo_line(tmp_path):
         assert image.size == (700, 450)
 
 
+def test_single_rate_plot_shows_requests_over_time_and_their_cdf(tmp_path):
+    from PIL import Image
+
+    from loraplex.loadtest.plot import plot_single_run
+
+    requests = [(0.5 * i, 0.05 + 0.01 * (i % 7), 0.4 + 0.05 * (i % 5)) for i in range(40)] + [(3.0, None, None)]
+    path = plot_single_run(requests, tmp_path / "latency.png", slo_ttft_ms=200, slo_e2e_ms=2000, title="1 req/s")
+    with Image.open(path) as image:
+        assert image.size == (1100, 450)
+        # both panels drew something: the image is far from one flat colour
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or ()) > 20
+
+
 def test_closed_loop_gets_enough_requests_whatever_the_rate():
     from loraplex.loadtest.runner import closed_loop_requests
 
