@@ -51,6 +51,9 @@ class EngineConfig:
     # JSON from structured outputs: "compact" (no whitespace between tokens: fewer tokens, and a
     # small model cannot loop on newlines until max_tokens) or "any" (vLLM's default).
     json_whitespace: str = "compact"
+    # CPU engines: cores kept free of the engine's compute threads for this process (None: vLLM's
+    # default, one). A server needs its core for the doors; a batch job (the training evaluation) does not.
+    cpu_reserved_cores: int | None = None
     # Scale-out inside one server, passed straight to vLLM (GPUs: tensor/pipeline parallel across
     # a node's GPUs; data parallel replicas behind this one front door).
     tensor_parallel_size: int = 1

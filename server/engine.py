@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -201,6 +202,8 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         logger.info("starting vLLM engine on %s (lora_kernels=%s)", config.model_path, config.lora_kernels)
+        if config.cpu_reserved_cores is not None:  # read by vLLM's CPU worker when it starts
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(config.cpu_reserved_cores)
         stat_loggers = [_stats_relay_factory(on_stats)] if on_stats else None
         llm = AsyncLLM.from_engine_args(build_engine_args(config), stat_loggers=stat_loggers)
         return cls(config, llm)

@@ -69,7 +69,8 @@ async def _generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: 
     engine = Engine.start(EngineConfig(
         model_path=str(config.model_dir), max_model_len=max(config.max_model_len, longest + config.max_new_tokens),
         kv_cache_gib=config.kv_cache_gib, max_num_seqs=config.max_num_seqs, max_loras=1, max_cpu_loras=1,
-        max_lora_rank=max_lora_rank(config.rank), lora_target_modules=config.target_modules))
+        max_lora_rank=max_lora_rank(config.rank), lora_target_modules=config.target_modules,
+        cpu_reserved_cores=0))  # the training process waits: every core computes
     try:
         adapter = AdapterRegistry("base").register_in_place(ADAPTER_NAME, config.adapter_dir)
         await engine.add_adapter(adapter)
