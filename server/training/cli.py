@@ -59,20 +59,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
-    import signal
-
     from .. import default_model
-    from . import presets, trainer
+    from . import demo, presets, trainer
     from .data import DataError
-
-    # SIGTERM unwinds like Ctrl-C: the evaluation's engine processes are shut down, not orphaned.
-    signal.signal(signal.SIGTERM, _interrupt)
-    from . import demo
     from .demo import write_demo_data
 
     if args.demo == (args.data is not None):
