@@ -140,7 +140,7 @@ def test_prompt_as_token_ids_and_batch_of_prompts(client, base_model_name, hf_to
     ({"n": 1000}, "n"),
     ({"top_p": 0}, "top_p"),
     ({"stop": ["x"] * 50}, "stop"),
-    ({"logprobs": 3}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),  # supported, bounded at 20
 ])
 def test_invalid_parameters_are_400_naming_the_parameter(client, base_model_name, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:
