@@ -171,7 +171,8 @@ def serve(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_kernels=args.lora_kernels,
-        seed=args.seed, enforce_eager=args.enforce_eager, json_whitespace=args.json_whitespace, tensor_parallel_size=args.tensor_parallel_size,
+        seed=args.seed, enforce_eager=args.enforce_eager, json_whitespace=args.json_whitespace,
+        tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size)
     for flag in ("api_key", "admin_token"):
         path = getattr(args, f"{flag}_file")

@@ -165,11 +165,13 @@ class GenerationService:
     def count_refusal(self, refusal: RequestError | int) -> None:
         """Count a request refused before the engine, once (the doors call this for the refusals
         the service never saw: authentication, undecodable bodies, their own translation)."""
+        status = refusal
         if isinstance(refusal, RequestError):
             if refusal.counted:
                 return
             refusal.counted = True
-        self.metrics.record_outcome(None, refusal_outcome(getattr(refusal, "status", refusal)))
+            status = refusal.status
+        self.metrics.record_outcome(None, refusal_outcome(status))
 
     # -- steps -----------------------------------------------------------------------------------
     @staticmethod

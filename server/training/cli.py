@@ -79,10 +79,14 @@ def run(args: argparse.Namespace) -> int:
         "admin_token", "adapter_name") if getattr(args, name) is not None}
     if args.target_modules:
         overrides["target_modules"] = tuple(args.target_modules)
-    if args.eval_schema is not None:
+    if args.eval_schema is not None:  # checked now, not after training
+        from ..errors import InvalidRequest
+        from .engine_eval import checked_schema
+
         try:
             overrides["eval_schema"] = json.loads(args.eval_schema.read_text())
-        except (OSError, ValueError) as exc:
+            checked_schema(overrides["eval_schema"])
+        except (OSError, ValueError, InvalidRequest) as exc:
             print(f"loraplex train: --eval-schema {args.eval_schema}: {exc}", file=sys.stderr)
             return 2
     elif args.demo:

@@ -6,7 +6,6 @@ batches them as it would serve them."""
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,15 @@ class EvalEngineConfig:
     max_num_seqs: int = 256
 
 
+def checked_schema(schema: dict):
+    """The task's schema through the server's own bounds (a ``StructuredSpec``); raises
+    ``InvalidRequest`` with the server's message."""
+    from ..config import LimitsConfig
+    from ..structured import StructuredInput, check_structured
+
+    return check_structured(StructuredInput(json_schema=schema), LimitsConfig())
+
+
 def max_lora_rank(rank: int) -> int:
     """The smallest rank slot vLLM offers that holds ``rank`` (8, 16, 32, ...)."""
     return max(8, 2 ** math.ceil(math.log2(rank)))
@@ -62,7 +70,6 @@ async def _generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: 
     from ..adapters.registry import AdapterRegistry
     from ..config import EngineConfig
     from ..engine import Engine, SamplingOptions
-    from ..structured import StructuredSpec
 
     select_lora_kernels("loraplex")
     longest = max((len(p) for p in prompts), default=1)
@@ -74,7 +81,9 @@ async def _generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: 
     try:
         adapter = AdapterRegistry("base").register_in_place(ADAPTER_NAME, config.adapter_dir)
         await engine.add_adapter(adapter)
-        structured = None if schema is None else StructuredSpec("json", json.dumps(schema))
+        structured = None if schema is None else checked_schema(schema)
+        if structured is not None:  # the engine's own compile check, once, before any generation
+            await engine.check_options(SamplingOptions(max_tokens=1, structured=structured))
 
         async def one(variant: Variant, index: int, prompt: list[int]) -> str:
             options = SamplingOptions(max_tokens=config.max_new_tokens, temperature=0.0,

@@ -164,7 +164,13 @@ def test_grpc_parity(server, base_model_name, adapter_names):
     schema_request = pb.GenerateRequest(model=base_model_name, text="Ticket JSON:", sampling=pb.SamplingParameters(
         max_tokens=64, temperature=0, json_schema=json.dumps(SCHEMA)))
     jsonschema.validate(json.loads(asyncio.run(call(schema_request))[0].choices[0].text), SCHEMA)
-    bad = pb.GenerateRequest(model=base_model_name, text="x", sampling=pb.SamplingParameters(regex="(unclosed"))
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        asyncio.run(call(bad))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    deep = "[" * 5000 + "]" * 5000
+    for hostile in (pb.SamplingParameters(regex="(unclosed"), pb.SamplingParameters(logprobs=21),
+                    pb.SamplingParameters(json_schema="{"), pb.SamplingParameters(json_schema=deep),
+                    pb.SamplingParameters(json_schema="x" * 40_000),
+                    pb.SamplingParameters(choice=pb.ChoiceList(values=["ok", "a\x00b"]))):
+        bad = pb.GenerateRequest(model=base_model_name, text="x", sampling=hostile)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            asyncio.run(call(bad))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, hostile
+    assert asyncio.run(call(request))[0].choices[0].text == choice.text  # and the same request still works

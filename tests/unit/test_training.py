@@ -165,3 +165,19 @@ def test_capture_gives_each_model_its_own_file_and_never_follows_a_symlink(tmp_p
     writer.record("x.", {"prompt": "q"}, "d")
     assert data.read_records(writer.path_for("x")) == [{"prompt": "p", "completion": "c"}]
     assert data.read_records(writer.path_for("x.")) == [{"prompt": "q", "completion": "d"}]
+
+
+@pytest.mark.parametrize("schema_text, words", [
+    ("{not json", "Expecting"),
+    ('{"title": "\\ud800"}', "lone surrogate"),
+    ('{"enum": ["' + "x" * 40_000 + '"]}', "exceeds"),
+])
+def test_a_bad_eval_schema_is_refused_before_training(tmp_path, capsys, schema_text, words):
+    from loraplex.server.cli import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(schema_text)
+    data_path = tmp_path / "train.jsonl"
+    data_path.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert main(["train", "--data", str(data_path), "--out", str(tmp_path / "out"), "--eval-schema", str(schema)]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "out").exists()
