@@ -26,6 +26,11 @@ if [ "$flavour" = cpu ]; then
   # break `import vllm` ("operator torchvision::nms does not exist"); loraplex needs none of them.
   "$venv/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+if [ "$flavour" = cpu ]; then
+  # loraplex's compiled op for small CPU steps (decode), built once into the environment; where
+  # it cannot be built (no compiler, not x86-64 with AVX2) the torch ops run instead.
+  "$venv/bin/python" -m loraplex.kernels.native --prefix || echo "warning: compiled LoRA op not built; torch ops will run" >&2
+fi
 if [ "$dev" = 1 ] && ! command -v prometheus >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # The deploy tests scrape a running server with a real Prometheus on loopback.
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \

@@ -10,19 +10,41 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 SELECTION_ENV = "LORAPLEX_LORA_KERNELS"
+COMPILED_OPS_ENV = "LORAPLEX_COMPILED_OPS_DIR"
 
 
-def select_lora_kernels(name: str) -> None:
-    """Called by the CLI before the engine starts: ``loraplex`` or ``vllm``."""
+def select_lora_kernels(name: str, compiled_ops_cache: Path | None = None) -> None:
+    """Called before the engine starts: ``loraplex`` or ``vllm``. With ``compiled_ops_cache``
+    (``loraplex`` on a CPU), our compiled op for small steps is built there if missing, here,
+    before the engine's processes start, and they load it (None: our torch ops only)."""
     os.environ[SELECTION_ENV] = name
+    os.environ.pop(COMPILED_OPS_ENV, None)
+    if name == "loraplex" and compiled_ops_cache is not None and not _has_cuda():
+        from . import native
+
+        if native.load(compiled_ops_cache) is not None:
+            os.environ[COMPILED_OPS_ENV] = str(compiled_ops_cache)
 
 
 def selected_lora_kernels() -> str:
     return os.environ.get(SELECTION_ENV, "vllm")
+
+
+def compiled_ops_cache() -> Path | None:
+    """Where the engine's processes find the compiled op (None: not selected)."""
+    value = os.environ.get(COMPILED_OPS_ENV)
+    return Path(value) if value else None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def register() -> None:

@@ -1,5 +1,6 @@
 """End-to-end benchmark: the same multi-adapter workload through vLLM with its stock LoRA ops
-(``--lora-kernels vllm``), with loraplex's ops (``loraplex``), and the base model without LoRA.
+(``--lora-kernels vllm``), with loraplex's ops (``loraplex``; ``loraplex-torch``: without the
+compiled op for small steps), and the base model without LoRA.
 
 Each configuration runs in its own process (a fresh engine), one after the other, in one run.
 Saturated load: every request is submitted at once. Also checks that greedy tokens agree
@@ -37,7 +38,8 @@ def run_config(config: str, args: dict, result_queue) -> None:
     from loraplex.server.config import EngineConfig
     from loraplex.server.engine import Engine, SamplingOptions
 
-    select_lora_kernels("vllm" if config in ("base", "vllm") else "loraplex")
+    select_lora_kernels(select_kernels(config),
+                        compiled_ops_cache=Path(args["cache_dir"]) if config == "loraplex" else None)
     engine_config = EngineConfig(
         model_path=args["model_dir"], dtype=args["dtype"], kv_cache_gib=args["kv_cache_gib"],
         max_model_len=1024, max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["max_num_batched_tokens"],
@@ -99,7 +101,7 @@ def run_config(config: str, args: dict, result_queue) -> None:
 
 
 def select_kernels(config: str) -> str:
-    return "loraplex" if config == "loraplex" else "vllm"
+    return "loraplex" if config.startswith("loraplex") else "vllm"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     adapters = make_adapters(model_dir, cache_dir / "bench-adapters", args.num_adapters, args.rank, prefix="bench")
     shared = {
-        "model_dir": str(model_dir), "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
+        "model_dir": str(model_dir), "cache_dir": str(cache_dir), "dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_loras": args.max_loras, "rank": args.rank, "adapters": [str(p) for p in adapters],
         "output_len": args.output_len,
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     for config, config_runs in runs.items():
         summary[config]["output_throughput_of_each_run"] = [r["output_throughput"] for r in config_runs]
     if "base" in results:
-        for config in ("vllm", "loraplex"):
+        for config in ("vllm", "loraplex", "loraplex-torch"):
             if config in results:
                 summary[config]["throughput_vs_base"] = median_ratio(config, "base")
     if "vllm" in results and "loraplex" in results:

@@ -198,7 +198,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from loraplex.kernels.vllm_plugin import select_lora_kernels
 
-    select_lora_kernels(engine_config.lora_kernels)
+    select_lora_kernels(engine_config.lora_kernels, compiled_ops_cache=model_config.cache_dir)
     import uvloop
 
     uvloop.run(run(engine_config, adapter_config, server_config,

@@ -175,3 +175,45 @@ def test_embedding_lora_matches_stock_and_skips_zero_slots(is_prefill):
     assert torch.equal(actual[3], embeddings[3])  # no adapter: untouched
     lora_b.zero_()  # adapters without embedding weights: nothing to add
     assert torch.equal(ours.add_lora_embedding(embeddings.clone(), x, lora_b), embeddings)
+
+
+@pytest.mark.parametrize("index_mapping, runs_compiled", [
+    ((7, 9, 0, 9), True),                # decode: one token per sequence
+    ((7,) * 40 + (9,) * 3, False),       # a prefill run: the grouped torch ops
+])
+def test_small_steps_run_the_compiled_op(monkeypatch, index_mapping, runs_compiled):
+    """Selected with a cache that holds the op, small steps run it; the result is the reference's."""
+    from vllm.lora.layers import LoRAMapping
+
+    from loraplex.kernels import cpu_wrapper, native
+    from loraplex.server.default_model import default_cache_dir
+
+    if not native.cpu_supported():
+        pytest.skip("the compiled op is built for x86-64 with AVX2 only")
+    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
+        monkeypatch.setenv(name, "")  # restored (removed) after the test
+    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir())
+    assert vllm_plugin.compiled_ops_cache() == default_cache_dir()
+    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=not runs_compiled), [9, 7, None],
+                            max_loras=3, vocab_size=100)
+    assert (wrapper._compiled_slots is not None) == runs_compiled
+    slots = wrapper.token_lora_indices.clone()
+    g = torch.Generator().manual_seed(1)
+    lora_a = tuple(torch.randn(3, 1, 8, 32, generator=g) for _ in range(2))
+    lora_b = tuple(torch.randn(3, 1, 24, 8, generator=g) for _ in range(2))
+    x = torch.randn(len(index_mapping), 32, generator=g)
+    out = torch.randn(len(index_mapping), 48, generator=g)
+    expected = reference.add_lora_linear(out.clone(), x, lora_a, lora_b, slots, 0.5, (24, 24))
+    wrapper.add_lora_linear(out, x, lora_a, lora_b, 0.5, (24, 24))
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_without_a_cache_the_torch_ops_run(monkeypatch):
+    from loraplex.kernels import cpu_wrapper
+
+    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
+        monkeypatch.setenv(name, "")
+    vllm_plugin.select_lora_kernels("loraplex")
+    assert vllm_plugin.compiled_ops_cache() is None
+    assert cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=8, max_batches=2, device="cpu")._compiled is None

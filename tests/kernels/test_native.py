@@ -1,0 +1,115 @@
+"""The compiled small-step op (``kernels/csrc/lora_small.cpp``) against the pure-torch reference,
+over ranks, batch sizes, adapter counts, popularity and dtypes; and tenant isolation: a NaN/Inf
+slot never reaches another token, a slot past the weights is refused."""
+
+import pytest
+import torch
+
+from loraplex.kernels import cpu_lora, native, reference
+from loraplex.kernels.workloads import POPULARITIES, token_slots
+from loraplex.server.default_model import default_cache_dir
+
+from .conftest import HIDDEN_IN, NUM_ADAPTERS, RANKS, SLICE_WIDTHS, make_weights, tolerances
+from .isolation import POISONS, assert_others_identical, base_output, isolation_case
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if not native.cpu_supported():
+        pytest.skip("the compiled op is built for x86-64 with AVX2 only")
+    module = native.load(default_cache_dir())  # built there by the install script (else now, once)
+    assert module is not None, "x86-64 with AVX2 and a compiler: the op must build"
+    return module
+
+
+def run_compiled(compiled, out, x, lora_a, lora_b, slots, scale, offset=0, weight_dtype=None):
+    fused_a = cpu_lora.fuse_slices(lora_a, weight_dtype)
+    slices_b = [reference.as_3d(b).to(weight_dtype or b.dtype).contiguous() for b in lora_b]
+    compiled.add_lora_linear(out, x, slots, fused_a, slices_b, scale, offset)
+    return out
+
+
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("num_adapters", NUM_ADAPTERS)
+@pytest.mark.parametrize("num_tokens", (1, 2, 7, 32, 64))
+@pytest.mark.parametrize("rank", RANKS)
+def test_matches_reference(compiled, rank, num_tokens, num_adapters, popularity, dtype):
+    seed = rank * 1000 + num_tokens * 10 + num_adapters
+    slots = token_slots(num_tokens, num_adapters, popularity, seed=seed)
+    lora_a, lora_b = make_weights(num_adapters, rank, dtype, seed)
+    x = torch.randn(num_tokens, HIDDEN_IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    base = torch.randn(num_tokens, sum(SLICE_WIDTHS) + 8).to(dtype)
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, SLICE_WIDTHS, offset_start=4)
+    actual = run_compiled(compiled, base.clone(), x, lora_a, lora_b, slots, 0.5, offset=4)
+    torch.testing.assert_close(actual, expected, **tolerances(dtype))
+    untouched = slots == -1
+    assert torch.equal(actual[untouched], base[untouched]), "a no-adapter token was modified"
+
+
+@pytest.mark.parametrize("popularity", POPULARITIES)
+def test_float32_weights_on_bfloat16_activations(compiled, popularity):
+    """What the wrapper hands it on CPUs without native bf16: bf16 rows, float32 weight copies."""
+    slots = token_slots(16, 4, popularity, seed=3)
+    lora_a, lora_b = make_weights(4, 16, torch.bfloat16, seed=3)
+    x = torch.randn(16, HIDDEN_IN).to(torch.bfloat16)
+    base = torch.randn(16, sum(SLICE_WIDTHS)).to(torch.bfloat16)
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 1.0, SLICE_WIDTHS)
+    actual = run_compiled(compiled, base.clone(), x, lora_a, lora_b, slots, 1.0, weight_dtype=torch.float32)
+    torch.testing.assert_close(actual, expected, **tolerances(torch.bfloat16))
+
+
+def test_rows_past_the_tokens_and_strided_rows(compiled):
+    """vLLM may hand over buffers with spare rows; only the tokens' rows are touched."""
+    slots = torch.tensor([0, -1, 1])
+    lora_a, lora_b = make_weights(2, 8, torch.float32, seed=1)
+    x = torch.randn(5, HIDDEN_IN)
+    wide = torch.randn(5, sum(SLICE_WIDTHS) + 10)
+    out = wide[:, 3:3 + sum(SLICE_WIDTHS)]  # row stride > width
+    before = wide.clone()
+    run_compiled(compiled, out, x, lora_a, lora_b, slots, 1.0)
+    expected = reference.add_lora_linear(before[:3, 3:3 + sum(SLICE_WIDTHS)].clone(), x[:3], lora_a, lora_b,
+                                         slots, 1.0, SLICE_WIDTHS)
+    torch.testing.assert_close(wide[:3, 3:3 + sum(SLICE_WIDTHS)], expected)
+    assert torch.equal(wide[3:], before[3:]) and torch.equal(wide[:, :3], before[:, :3])
+    assert torch.equal(wide[:, 3 + sum(SLICE_WIDTHS):], before[:, 3 + sum(SLICE_WIDTHS):])
+
+
+@pytest.mark.parametrize("bad_in_batch", (True, False), ids=("bad-in-batch", "bad-idle"))
+@pytest.mark.parametrize("poison", POISONS, ids=("nan", "inf"))
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("num_tokens", (1, 7, 32))
+def test_a_bad_slot_never_reaches_other_tokens(compiled, num_tokens, popularity, poison, bad_in_batch):
+    slots, x, (a, b), (bad_a, bad_b), bad = isolation_case(num_tokens, popularity, poison, bad_in_batch)
+    clean = run_compiled(compiled, base_output(num_tokens), x, a, b, slots, 0.5)
+    poisoned = run_compiled(compiled, base_output(num_tokens), x, bad_a, bad_b, slots, 0.5)
+    assert_others_identical(slots, clean, poisoned, bad)
+    if bad_in_batch:
+        assert not torch.isfinite(poisoned[slots == bad]).all(), "the bad slot's own tokens must show it"
+
+
+@pytest.mark.parametrize("slot", (2, 99, -2))
+def test_a_slot_outside_the_weights_is_refused(compiled, slot):
+    lora_a, lora_b = make_weights(2, 8, torch.float32, seed=0)
+    out = torch.zeros(3, sum(SLICE_WIDTHS))
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        run_compiled(compiled, out, torch.randn(3, HIDDEN_IN), lora_a, lora_b, torch.tensor([0, slot, 1]), 1.0)
+    assert torch.equal(out, torch.zeros_like(out)), "nothing is written before the slots are checked"
+
+
+def test_shapes_that_disagree_are_refused(compiled):
+    lora_a, lora_b = make_weights(2, 8, torch.float32, seed=0)
+    slots = torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="columns out of range"):
+        run_compiled(compiled, torch.zeros(2, 10), torch.randn(2, HIDDEN_IN), lora_a, lora_b, slots, 1.0)
+    with pytest.raises(RuntimeError, match="disagree on H"):
+        run_compiled(compiled, torch.zeros(2, sum(SLICE_WIDTHS)), torch.randn(2, 3), lora_a, lora_b, slots, 1.0)
+    with pytest.raises(RuntimeError, match="int64"):
+        run_compiled(compiled, torch.zeros(2, sum(SLICE_WIDTHS)), torch.randn(2, HIDDEN_IN), lora_a, lora_b,
+                     slots.int(), 1.0)
+
+
+def test_a_stale_build_is_never_loaded(tmp_path):
+    """The build folder is named by the source, flags and torch version."""
+    first = native.build_dir(tmp_path)
+    assert first.parent == tmp_path / "native" and first.name.startswith("lora_small-")
+    assert native.build_dir(tmp_path) == first
