@@ -1,5 +1,6 @@
 """Op-level CPU microbenchmark: one fused q/k/v LoRA call (``add_lora_linear``) through vLLM's
-stock CPU punica wrapper, through ours, and through the pure-torch reference (small batches only).
+stock CPU punica wrapper, through ours with the torch ops only and with the compiled op for small
+steps, and through the pure-torch reference (small batches only).
 
     python -m loraplex.kernels.bench_ops --out bench-results/ops.json
 """
@@ -21,6 +22,10 @@ from .workloads import token_slots
 HIDDEN = 576
 SLICES = (576, 192, 192)
 CASES = [  # (name, tokens, is_prefill, popularity, requests; None: tokens // 8, at least one per adapter)
+    ("decode-1", 1, False, "distinct", 1),
+    ("decode-8-distinct", 8, False, "distinct", 8),
+    ("decode-32-distinct", 32, False, "distinct", 32),
+    ("prefill-40-one-adapter", 40, True, "identical", 1),
     ("decode-64-distinct", 64, False, "distinct", 64),
     ("decode-64-zipf", 64, False, "zipf", 64),
     ("prefill-1024-uniform", 1024, True, "uniform", None),
@@ -65,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+    from loraplex.server.default_model import default_cache_dir
+
+    from . import vllm_plugin
     from .cpu_wrapper import LoraplexPunicaWrapperCPU
 
     dtype = getattr(torch, args.dtype)
@@ -79,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(num_tokens, HIDDEN, generator=g).to(dtype)
         out = torch.zeros(num_tokens, sum(SLICES), dtype=dtype)
         row = {"case": name, "tokens": num_tokens}
-        for label, cls in (("vllm_us", PunicaWrapperCPU), ("loraplex_us", LoraplexPunicaWrapperCPU)):
+        for label, cls, compiled in (("vllm_us", PunicaWrapperCPU, False),
+                                     ("loraplex_torch_us", LoraplexPunicaWrapperCPU, False),
+                                     ("loraplex_us", LoraplexPunicaWrapperCPU, True)):
+            vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir() if compiled else None)
             wrapper = wrapper_for(cls, slots, args.num_adapters, is_prefill)
             row[label] = 1e6 * timed(lambda: wrapper.add_lora_linear(out, x, lora_a, lora_b, 1.0, SLICES))
         if num_tokens <= 64:
@@ -87,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: reference.add_lora_linear(out, x, lora_a, lora_b, slots, 1.0, SLICES), max_iters=5, rounds=1)
         row["speedup_vs_vllm"] = row["vllm_us"] / row["loraplex_us"]
         rows.append(row)
-        print(f"{name:>24}: vllm {row['vllm_us']:9.0f} us  loraplex {row['loraplex_us']:8.0f} us  "
+        print(f"{name:>24}: vllm {row['vllm_us']:9.0f} us  loraplex torch ops {row['loraplex_torch_us']:8.0f} us  "
+              f"loraplex {row['loraplex_us']:8.0f} us  "
               f"x{row['speedup_vs_vllm']:.1f}" + (f"  reference {row['reference_us']:9.0f} us"
                                                   if "reference_us" in row else ""), flush=True)
     result = {"rank": args.rank, "num_adapters": args.num_adapters, "dtype": args.dtype,

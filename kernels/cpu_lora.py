@@ -351,19 +351,24 @@ class PerTensorCache:
     is written in place (its version counter changes), as vLLM does when it loads new weights
     into a slot buffer. Holding the tensors keeps their ``id`` from being reused by others."""
 
+    MAX_ENTRIES = 4096  # a model's LoRA layers, several times over
+
     def __init__(self, fn) -> None:
         self._fn = fn
-        self._cache: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[torch.Tensor, ...], object]] = {}
+        # id(tensors) -> (tensors, the tensors as a tuple, their versions, value)
+        self._cache: dict[int, tuple[object, tuple[torch.Tensor, ...], list[int], object]] = {}
 
     def __call__(self, tensors):
+        # Called per layer per step: keyed by the argument itself (vLLM passes the same tensor or
+        # tuple every time), checked by identity and version counters.
+        hit = self._cache.get(id(tensors))
+        if hit is not None and hit[0] is tensors and [t._version for t in hit[1]] == hit[2]:
+            return hit[3]
         group = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-        key = tuple(id(t) for t in group)
-        versions = tuple(t._version for t in group)
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == versions and all(a is b for a, b in zip(hit[1], group)):
-            return hit[2]
         value = self._fn(tensors)
-        self._cache[key] = (versions, group, value)
+        if len(self._cache) >= self.MAX_ENTRIES:  # a caller passing a new container every time
+            self._cache.clear()
+        self._cache[id(tensors)] = (tensors, group, [t._version for t in group], value)
         return value
 
 

@@ -8,15 +8,16 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from . import cpu_lora, native, vllm_plugin
-from .reference import as_3d
+from .reference import NO_ADAPTER, as_3d
 
-# Steps made only of short runs (decode: one token per sequence), with at most this many tokens,
-# and at most COMPILED_MAX_TOKENS_PER_SLOT on any one slot, run the compiled op: one call per
-# layer, each token reading its own slot's weights. Past those the grouped torch ops, which read
-# a slot's weights once for all its tokens, catch up (bench_ops: level at ~48 tokens on one slot;
-# the compiled op still 2-3x ahead at 128 tokens over 16 or more slots).
-COMPILED_MAX_TOKENS = 128
-COMPILED_MAX_TOKENS_PER_SLOT = 32
+# Which tokens of a step the compiled op takes (``kernels/bench_ops.py`` and the tiled op's
+# measurements, README "Kernels"): those in runs shorter than COMPILED_MIN_TORCH_RUN consecutive
+# tokens on one slot (decode tokens, short prefills: it is 2-10x faster there), when there are at
+# most COMPILED_MAX_TOKENS of them and at most COMPILED_MAX_TOKENS_PER_SLOT on any one slot. Longer
+# runs go to the torch ops, which multiply a run in place and overtake it at ~128 tokens.
+COMPILED_MIN_TORCH_RUN = 64
+COMPILED_MAX_TOKENS = 256
+COMPILED_MAX_TOKENS_PER_SLOT = 64
 
 
 class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
@@ -35,11 +36,18 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         # Each layer's A slices concatenated along the rank (one shrink for q/k/v or gate/up).
         self._fused_lora_a = cpu_lora.PerTensorCache(
             lambda slices: cpu_lora.fuse_slices(slices, self._compute.dtype))
-        # Each layer's B slices as [S, N_i, R] in the compute dtype.
+        # Each layer's B slices as [S, N_i, R] in the compute dtype, and transposed, [S, R, N_i]
+        # contiguous, for the compiled op (made the first time it runs that layer).
         self._lora_b = cpu_lora.PerTensorCache(lambda slices: [as_3d(self._compute(b)) for b in slices])
+        self._lora_b_t = cpu_lora.PerTensorCache(
+            lambda slices: [b.transpose(1, 2).contiguous() for b in self._lora_b(slices)])
         cache = vllm_plugin.compiled_ops_cache()
         self._compiled = native.load(cache, build_if_missing=False) if cache is not None else None
-        self._compiled_slots: torch.Tensor | None = None  # this step's token slots when it runs the compiled op
+        # This step's linear layers: the token slots the compiled op takes (None: it does not run)
+        # and the plan left for the torch ops (None: nothing left; a step with prefill runs and
+        # decode tokens splits, the runs in place in torch, the decode tokens compiled).
+        self._compiled_slots: torch.Tensor | None = None
+        self._torch_plan: cpu_lora.LoraPlan | None = self._plan
         # Slots whose B is not all zero, per stacked B buffer (lm_head and embedding LoRA).
         self._slots_with_weights = cpu_lora.PerTensorCache(
             lambda b: torch.nonzero(b.reshape(b.shape[0], -1).abs().amax(dim=1) > 0).flatten().tolist())
@@ -47,13 +55,25 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
     def update_metadata(self, *args, **kwargs) -> None:
         super().update_metadata(*args, **kwargs)
         self._plan = cpu_lora.build_plan(self.token_lora_indices)
-        self._compiled_slots = self.token_lora_indices if self._runs_compiled(self._plan) else None
+        self._compiled_slots, self._torch_plan = self._split_for_compiled(self._plan, self.token_lora_indices)
 
-    def _runs_compiled(self, plan: cpu_lora.LoraPlan) -> bool:
-        if self._compiled is None or not plan.has_lora or plan.direct_segments:
-            return False
-        most_on_one_slot = max((end - start for start, end, _ in plan.gathered_segments), default=0)
-        return (plan.num_gathered <= COMPILED_MAX_TOKENS and most_on_one_slot <= COMPILED_MAX_TOKENS_PER_SLOT)
+    def _split_for_compiled(self, plan: cpu_lora.LoraPlan, token_slots: torch.Tensor):
+        """(slots for the compiled op, plan for the torch ops) of a step whose full plan is
+        ``plan``: tokens in short runs go to the compiled op when there are few enough; long runs
+        stay with the torch ops."""
+        if self._compiled is None or not plan.has_lora:
+            return None, plan
+        split = cpu_lora.build_plan(token_slots, min_direct_run=COMPILED_MIN_TORCH_RUN)
+        most_on_one_slot = max((end - start for start, end, _ in split.gathered_segments), default=0)
+        if (split.gather is None or split.num_gathered > COMPILED_MAX_TOKENS
+                or most_on_one_slot > COMPILED_MAX_TOKENS_PER_SLOT):
+            return None, plan
+        if not split.direct_segments:
+            return token_slots, None
+        short_run_slots = token_slots.clone()
+        for start, end, _ in split.direct_segments:
+            short_run_slots[start:end] = NO_ADAPTER
+        return short_run_slots, cpu_lora.LoraPlan(num_tokens=split.num_tokens, direct_segments=split.direct_segments)
 
     def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
         x = x.view(-1, x.shape[-1])
@@ -74,13 +94,15 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                         **kwargs):
         out, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        fused_lora_a = self._fused_lora_a(lora_a_stacked)
+        torch_plan = self._plan
         if self._compiled_slots is not None and x.dtype == out.dtype:
-            self._compiled.add_lora_linear(out, x, self._compiled_slots, self._fused_lora_a(lora_a_stacked),
-                                           self._lora_b(lora_b_stacked), scale, 0)
-        else:
-            cpu_lora.add_lora_linear(self._plan, out, x, lora_a_stacked, self._lora_b(lora_b_stacked), scale,
-                                     output_slices, workspace=self._workspace,
-                                     fused_lora_a=self._fused_lora_a(lora_a_stacked))
+            self._compiled.add_lora_linear(out, x, self._compiled_slots, fused_lora_a,
+                                           self._lora_b_t(lora_b_stacked), scale, 0)
+            torch_plan = self._torch_plan
+        if torch_plan is not None:
+            cpu_lora.add_lora_linear(torch_plan, out, x, lora_a_stacked, self._lora_b(lora_b_stacked), scale,
+                                     output_slices, workspace=self._workspace, fused_lora_a=fused_lora_a)
         return y
 
     def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):

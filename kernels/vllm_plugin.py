@@ -29,6 +29,9 @@ def select_lora_kernels(name: str, compiled_ops_cache: Path | None = None) -> No
 
         if native.load(compiled_ops_cache) is not None:
             os.environ[COMPILED_OPS_ENV] = str(compiled_ops_cache)
+            logger.info("loraplex LoRA kernels: small steps run the compiled op")
+        else:
+            logger.info("loraplex LoRA kernels: torch ops only (no compiled op for this machine)")
 
 
 def selected_lora_kernels() -> str:

@@ -22,6 +22,18 @@
   connections with half-sent headers (``loadtest/slow_clients.py``), in ABBA order: the steady
   traffic's p99 with the hostile clients against its p99 with their twins (target: within 1.2x).
 
+- lora_overhead: the same open-loop rate (``--rate``, e.g. 1 req/s) on the base model alone
+  (``--base``) and spread over adapters (``--models``), alternated ABAB: TTFT and TPOT p50 of
+  the adapters against the base model's.
+
+    python -m loraplex.loadtest.scenarios lora_overhead --url ... --rate 1 --base M --models A0 ... A15
+- adapter_scaling: one rate over the first 8, 16, 64, 256 adapters of ``--models`` (``--counts``),
+  uniform and zipf:1.2 (``--mixes``): TTFT p50/p99 of each against the 8-adapter run of its mix.
+  Run it against servers with ``--max-loras 8`` and ``16`` (and ``--max-cpu-loras`` below the
+  count) to see what more active adapters than slots cost.
+
+    python -m loraplex.loadtest.scenarios adapter_scaling --url ... --rate 0.8 --models A0 ... A255
+
 Each prints its numbers and writes them as JSON (``--out``). ``--capacity`` comes from
 ``loraplex loadtest --find-capacity``.
 """
@@ -85,6 +97,64 @@ def overload(args) -> dict:
     out["admitted_p99_e2e_vs_unloaded"] = (loaded["p99_e2e_ms"] / base["p99_e2e_ms"]
                                            if loaded["p99_e2e_ms"] and base["p99_e2e_ms"] else None)
     out["shed_fraction"] = loaded["shed_429"] / max(1, loaded["sent"])
+    return out
+
+
+def _latency_summary(results: list[RequestResult], warmup_s: float) -> dict:
+    measured = [r for r in results if r.sent_at >= warmup_s]
+    done = [r for r in measured if r.ok]
+
+    def ms(values: list[float], q: float) -> float | None:
+        return 1000 * percentile(values, q) if values else None
+
+    ttft = [r.ttft_s for r in done if r.ttft_s is not None]
+    tpot = [r.tpot_s for r in done if r.tpot_s is not None]
+    return {"sent": len(measured), "completed": len(done), "errors": len(measured) - len(done),
+            "p50_ttft_ms": ms(ttft, 50), "p99_ttft_ms": ms(ttft, 99), "p50_tpot_ms": ms(tpot, 50),
+            "p99_e2e_ms": _p99_ms(done, "e2e_s")}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def lora_overhead(args) -> dict:
+    """Base alone vs. adapters at one rate, ABAB (``--repeats`` pairs); ratios are medians over pairs."""
+    import statistics
+
+    phases = {"base": (args.base,), "adapters": tuple(args.models)}
+    out: dict = {"rate_rps": args.rate, "adapters": len(args.models), "pairs": []}
+    for repeat in range(args.repeats):
+        pair = {}
+        for label, models in phases.items():
+            print(f"== {label} ({len(models)} models) at {args.rate} req/s, pair {repeat + 1}", file=sys.stderr)
+            results, _, _ = _run(_config(args, models, args.rate))
+            pair[label] = _latency_summary(results, args.warmup)
+        out["pairs"].append(pair)
+    for metric in ("p50_tpot_ms", "p50_ttft_ms", "p99_ttft_ms"):
+        ratios = [_ratio(p["adapters"][metric], p["base"][metric]) for p in out["pairs"]]
+        ratios = [r for r in ratios if r is not None]
+        out[f"{metric.removesuffix('_ms')}_adapters_vs_base"] = statistics.median(ratios) if ratios else None
+    return out
+
+
+def adapter_scaling(args) -> dict:
+    """One rate over more and more adapters: the first N of ``--models`` for N in ``--counts``."""
+    counts = [int(n) for n in args.counts.split(",")]
+    if max(counts) > len(args.models):
+        raise SystemExit(f"adapter_scaling: --counts up to {max(counts)} needs that many --models")
+    out: dict = {"rate_rps": args.rate, "runs": []}
+    for mix in args.mixes.split(","):
+        first = None
+        for count in counts:
+            print(f"== {count} adapters, {mix}, {args.rate} req/s", file=sys.stderr)
+            results, _, _ = _run(_config(args, tuple(args.models[:count]), args.rate, adapter_mix=mix))
+            run = {"adapters": count, "mix": mix, **_latency_summary(results, args.warmup)}
+            first = first or run
+            run["p99_ttft_vs_first"] = _ratio(run["p99_ttft_ms"], first["p99_ttft_ms"])
+            run["p50_ttft_vs_first"] = _ratio(run["p50_ttft_ms"], first["p50_ttft_ms"])
+            out["runs"].append(run)
+            print(json.dumps(run), file=sys.stderr)
     return out
 
 
@@ -225,9 +295,15 @@ def slow_clients(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=("overload", "fairness", "soak", "chaos", "slow_clients"))
+    parser.add_argument("scenario", choices=("overload", "fairness", "soak", "chaos", "slow_clients", "lora_overhead",
+                                             "adapter_scaling"))
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--capacity", type=float, required=True, help="req/s the server sustains within its SLO")
+    parser.add_argument("--capacity", type=float, help="req/s the server sustains within its SLO")
+    parser.add_argument("--rate", type=float, help="lora_overhead/adapter_scaling: the fixed arrival rate, req/s")
+    parser.add_argument("--base", help="lora_overhead: the base model's name")
+    parser.add_argument("--repeats", type=int, default=2, help="lora_overhead: base/adapters pairs")
+    parser.add_argument("--counts", default="8,16,64,256", help="adapter_scaling: adapter counts")
+    parser.add_argument("--mixes", default="uniform,zipf:1.2", help="adapter_scaling: adapter mixes")
     parser.add_argument("--models", nargs="+", default=(), help="overload/soak: models to spread requests over")
     parser.add_argument("--hot", help="fairness: the adapter sending 10x")
     parser.add_argument("--cold", nargs="+", default=(), help="fairness: the other adapters")
@@ -246,6 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chaos-interval", type=float, default=3.0, help="chaos: seconds between actions")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers")
     args = parser.parse_args(argv)
+    fixed_rate = args.scenario in ("lora_overhead", "adapter_scaling")
+    if fixed_rate and (args.rate is None or args.rate <= 0 or not args.models):
+        parser.error(f"{args.scenario} needs --rate and --models")
+    if not fixed_rate and args.capacity is None:
+        parser.error(f"{args.scenario} needs --capacity")
+    if args.scenario == "lora_overhead" and not args.base:
+        parser.error("lora_overhead needs --base")
     if args.scenario == "chaos" and (not args.good_adapter or not args.admin_token or not args.models):
         parser.error("chaos needs --models, --good-adapter and --admin-token")
     if args.scenario in ("overload", "soak", "slow_clients") and not args.models:
@@ -257,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.churn_adapters and not args.admin_token:
         parser.error("--churn-adapters needs --admin-token")
     result = {"overload": overload, "fairness": fairness, "soak": soak, "chaos": chaos,
-              "slow_clients": slow_clients}[args.scenario](args)
+              "slow_clients": slow_clients, "lora_overhead": lora_overhead,
+              "adapter_scaling": adapter_scaling}[args.scenario](args)
     result = {"scenario": args.scenario, **result}
     print(json.dumps(result, indent=2))
     if args.out is not None:

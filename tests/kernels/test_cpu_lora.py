@@ -118,3 +118,18 @@ def test_a_bad_slot_never_reaches_other_tokens(num_tokens, popularity, poison, b
         outputs.append((fused, split))
     for clean, poisoned in zip(*outputs):
         assert_others_identical(slots, clean, poisoned, bad)
+
+
+def test_per_tensor_cache_refreshes_when_weights_are_written():
+    """The wrapper's caches (fused A, float32 and transposed copies) follow vLLM's in-place slot
+    loads: a write bumps the version counter and the value is made again."""
+    calls = []
+    cache = cpu_lora.PerTensorCache(lambda group: calls.append(1) or sum(float(t.sum()) for t in group))
+    stacked = (torch.ones(2, 3), torch.ones(2, 3))
+    assert cache(stacked) == 12 and cache(stacked) == 12 and len(calls) == 1
+    stacked[1][0] = 5.0  # vLLM loading an adapter into slot 0
+    assert cache(stacked) == 24 and len(calls) == 2
+    assert cache(tuple(stacked)) == 24 and len(calls) == 3, "another container is another key"
+    for _ in range(cpu_lora.PerTensorCache.MAX_ENTRIES + 1):
+        cache(tuple(stacked))
+    assert len(cache._cache) <= cpu_lora.PerTensorCache.MAX_ENTRIES

@@ -24,14 +24,14 @@ def compiled():
 
 def run_compiled(compiled, out, x, lora_a, lora_b, slots, scale, offset=0, weight_dtype=None):
     fused_a = cpu_lora.fuse_slices(lora_a, weight_dtype)
-    slices_b = [reference.as_3d(b).to(weight_dtype or b.dtype).contiguous() for b in lora_b]
-    compiled.add_lora_linear(out, x, slots, fused_a, slices_b, scale, offset)
+    slices_b_t = [reference.as_3d(b).to(weight_dtype or b.dtype).transpose(1, 2).contiguous() for b in lora_b]
+    compiled.add_lora_linear(out, x, slots, fused_a, slices_b_t, scale, offset)
     return out
 
 
 @pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("num_adapters", NUM_ADAPTERS)
-@pytest.mark.parametrize("num_tokens", (1, 2, 7, 32, 64))
+@pytest.mark.parametrize("num_tokens", (1, 2, 7, 32, 64, 150))
 @pytest.mark.parametrize("rank", RANKS)
 def test_matches_reference(compiled, rank, num_tokens, num_adapters, popularity, dtype):
     seed = rank * 1000 + num_tokens * 10 + num_adapters
@@ -77,7 +77,7 @@ def test_rows_past_the_tokens_and_strided_rows(compiled):
 @pytest.mark.parametrize("bad_in_batch", (True, False), ids=("bad-in-batch", "bad-idle"))
 @pytest.mark.parametrize("poison", POISONS, ids=("nan", "inf"))
 @pytest.mark.parametrize("popularity", POPULARITIES)
-@pytest.mark.parametrize("num_tokens", (1, 7, 32))
+@pytest.mark.parametrize("num_tokens", (1, 7, 32, 128))
 def test_a_bad_slot_never_reaches_other_tokens(compiled, num_tokens, popularity, poison, bad_in_batch):
     slots, x, (a, b), (bad_a, bad_b), bad = isolation_case(num_tokens, popularity, poison, bad_in_batch)
     clean = run_compiled(compiled, base_output(num_tokens), x, a, b, slots, 0.5)

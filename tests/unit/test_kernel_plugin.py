@@ -177,12 +177,16 @@ def test_embedding_lora_matches_stock_and_skips_zero_slots(is_prefill):
     assert torch.equal(ours.add_lora_embedding(embeddings.clone(), x, lora_b), embeddings)
 
 
-@pytest.mark.parametrize("index_mapping, runs_compiled", [
-    ((7, 9, 0, 9), True),                # decode: one token per sequence
-    ((7,) * 40 + (9,) * 3, False),       # a prefill run: the grouped torch ops
+@pytest.mark.parametrize("index_mapping, runs_compiled, runs_torch", [
+    ((7, 9, 0, 9), True, False),               # decode: one token per sequence
+    ((7,) * 40, True, False),                  # a short prefill
+    ((7,) * 70 + (9, 0, 7), True, True),       # a long prefill run (torch ops) and decode tokens (compiled)
+    ((7,) * 70, False, True),                  # a long prefill alone
+    ((7, 9) * 140, False, True),               # too many tokens for the compiled op
 ])
-def test_small_steps_run_the_compiled_op(monkeypatch, index_mapping, runs_compiled):
-    """Selected with a cache that holds the op, small steps run it; the result is the reference's."""
+def test_small_steps_run_the_compiled_op(monkeypatch, index_mapping, runs_compiled, runs_torch):
+    """Selected with a cache that holds the op, short runs run it, long ones the torch ops; the
+    result is the reference's either way."""
     from vllm.lora.layers import LoRAMapping
 
     from loraplex.kernels import cpu_wrapper, native
@@ -194,10 +198,11 @@ def test_small_steps_run_the_compiled_op(monkeypatch, index_mapping, runs_compil
         monkeypatch.setenv(name, "")  # restored (removed) after the test
     vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir())
     assert vllm_plugin.compiled_ops_cache() == default_cache_dir()
-    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
-    wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=not runs_compiled), [9, 7, None],
+    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=512, device="cpu")
+    wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=True), [9, 7, None],
                             max_loras=3, vocab_size=100)
     assert (wrapper._compiled_slots is not None) == runs_compiled
+    assert (wrapper._torch_plan is not None) == runs_torch
     slots = wrapper.token_lora_indices.clone()
     g = torch.Generator().manual_seed(1)
     lora_a = tuple(torch.randn(3, 1, 8, 32, generator=g) for _ in range(2))
