@@ -129,7 +129,7 @@ def test_per_tensor_cache_refreshes_when_weights_are_written():
     assert cache(stacked) == 12 and cache(stacked) == 12 and len(calls) == 1
     stacked[1][0] = 5.0  # vLLM loading an adapter into slot 0
     assert cache(stacked) == 24 and len(calls) == 2
-    assert cache(tuple(stacked)) == 24 and len(calls) == 3, "another container is another key"
+    assert cache(list(stacked)) == 24 and len(calls) == 3, "another container is another key"
     for _ in range(cpu_lora.PerTensorCache.MAX_ENTRIES + 1):
-        cache(tuple(stacked))
+        cache(list(stacked))
     assert len(cache._cache) <= cpu_lora.PerTensorCache.MAX_ENTRIES
