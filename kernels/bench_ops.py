@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    from loraplex.server.default_model import default_cache_dir
-
-    from . import vllm_plugin
+    from . import native, vllm_plugin
     from .cpu_wrapper import LoraplexPunicaWrapperCPU
 
     dtype = getattr(torch, args.dtype)
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, cls, compiled in (("vllm_us", PunicaWrapperCPU, False),
                                      ("loraplex_torch_us", LoraplexPunicaWrapperCPU, False),
                                      ("loraplex_us", LoraplexPunicaWrapperCPU, True)):
-            vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir() if compiled else None)
+            vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=native.environment_root() if compiled else None)
             wrapper = wrapper_for(cls, slots, args.num_adapters, is_prefill)
             row[label] = 1e6 * timed(lambda: wrapper.add_lora_linear(out, x, lora_a, lora_b, 1.0, SLICES))
         if num_tokens <= 64:

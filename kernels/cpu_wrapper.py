@@ -93,6 +93,8 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                         **kwargs):
+        if not self._plan.has_lora:  # no token of this step has an adapter
+            return y
         out, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
         fused_lora_a = self._fused_lora_a(lora_a_stacked)
         torch_plan = self._plan

@@ -109,16 +109,14 @@ def load(cache_root: Path, build_if_missing: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build loraplex's compiled CPU LoRA op.")
-    where = parser.add_mutually_exclusive_group()
+    where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--prefix", action="store_true", help=f"into the environment ({environment_root()})")
-    where.add_argument("--cache-dir", type=Path, default=None, help="into this cache (default: loraplex's)")
+    where.add_argument("--cache-dir", type=Path, default=None, help="into this cache folder")
     args = parser.parse_args(argv)
-    from loraplex.server.default_model import default_cache_dir
-
     if not cpu_supported():
         print(f"skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) runs the torch ops")
         return 0
-    print(build(environment_root() if args.prefix else args.cache_dir or default_cache_dir()))
+    print(build(environment_root() if args.prefix else args.cache_dir))
     return 0
 
 

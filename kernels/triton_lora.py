@@ -2,9 +2,17 @@
 slices (q/k/v, gate/up) fused into one launch. Correctness is tested on CPU under
 ``TRITON_INTERPRET=1`` (the interpreter runs them on torch CPU tensors); speed is only real on a GPU.
 
-Segments follow Punica's convention: tokens are ordered by adapter slot once per step
-(:func:`build_meta`); ``segment_starts[0] = 0`` and ``segment_starts[-1]`` = number of tokens that
-use an adapter; tokens on slot -1 are in no segment and never touched.
+Segments follow Punica's convention: tokens are ordered by adapter slot once per step; segment
+``g`` is the sorted rows ``[segment_starts[g], segment_starts[g + 1])``, all on slot
+``segment_slots[g]``; tokens on slot -1 are in no segment and never touched. Two ways to build it:
+
+* :func:`build_meta` -- only the slots present, exact launch sizes (reads counts back to the host);
+* :class:`MetaBuffers` -- for CUDA graphs: one segment per slot (empty ones exit at once),
+  preallocated at the maximum size and filled in place with no host sync; launch grids come from
+  the step's token count (a shape, fixed inside a captured graph), never from data.
+
+Split-K shrinks write each K split's partial sums to its own plane and add them in a second
+kernel, in a fixed order: no atomics, so a replayed graph gives bit-identical results.
 
 Tile sizes come from :data:`TILE_CONFIGS`, keyed by op and rank bucket (not inline heuristics).
 """
@@ -83,22 +91,57 @@ def build_meta(token_slots: torch.Tensor) -> TritonLoraMeta:
     )
 
 
+class MetaBuffers:
+    """Per-step metadata at its maximum size, filled in place by :meth:`fill` (graph-safe: no host
+    sync, no allocation). Segment ``g`` is slot ``g``; the tokens without an adapter sort first
+    and lie before ``segment_starts[0]``."""
+
+    def __init__(self, max_loras: int, max_num_tokens: int, device) -> None:
+        self.max_loras, self.max_num_tokens = max_loras, max_num_tokens
+        self.sorted_slots = torch.empty(max_num_tokens, dtype=torch.long, device=device)       # scratch
+        self.order = torch.empty(max_num_tokens, dtype=torch.long, device=device)              # scratch
+        self.sorted_token_ids = torch.empty(max_num_tokens, dtype=torch.int32, device=device)  # [T_max]
+        self.ones = torch.ones(max_num_tokens, dtype=torch.long, device=device)
+        self.slot_counts = torch.empty(max_loras + 1, dtype=torch.long, device=device)         # [-1, 0..S-1]
+        self.cumulative = torch.empty(max_loras + 1, dtype=torch.long, device=device)
+        self.segment_starts = torch.empty(max_loras + 1, dtype=torch.int32, device=device)     # [S + 1]
+        self.segment_slots = torch.arange(max_loras, dtype=torch.int32, device=device)         # [S]
+
+    def fill(self, token_slots: torch.Tensor) -> TritonLoraMeta:
+        """Semantics: sort the step's tokens by slot (stable, no-adapter first); segment_starts[g] =
+        #tokens with slot < g (no-adapter ones included). ``token_slots`` [T] int, on the device."""
+        num_tokens = int(token_slots.shape[0])
+        if num_tokens > self.max_num_tokens:
+            raise ValueError(f"{num_tokens} tokens, buffers sized for {self.max_num_tokens}")
+        sorted_slots, order = self.sorted_slots[:num_tokens], self.order[:num_tokens]
+        torch.sort(token_slots.long(), stable=True, out=(sorted_slots, order))
+        self.sorted_token_ids[:num_tokens].copy_(order)
+        self.slot_counts.zero_()
+        self.slot_counts.scatter_add_(0, sorted_slots + 1, self.ones[:num_tokens])
+        torch.cumsum(self.slot_counts, 0, out=self.cumulative)
+        self.segment_starts.copy_(self.cumulative)
+        return TritonLoraMeta(sorted_token_ids=self.sorted_token_ids[:num_tokens], segment_starts=self.segment_starts,
+                              segment_slots=self.segment_slots, max_segment_len=num_tokens, num_tokens=num_tokens)
+
+
 if triton is not None:
 
     @triton.jit
     def _shrink_kernel(
-        x_ptr, a0_ptr, a1_ptr, a2_ptr, y_ptr,
+        x_ptr, a0_ptr, a1_ptr, a2_ptr, y_ptr, partials_ptr,
         sorted_tokens_ptr, segment_starts_ptr, segment_slots_ptr,
         hidden, rank, scale, k_per_split,
         stride_xt, stride_xh,
         stride_as, stride_ar, stride_ah,
         stride_yslice, stride_yt, stride_yr,
+        stride_pk, stride_pslice, stride_pt,
         num_n_tiles,
         NUM_SLICES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     ):
         """One (segment, slice, token tile, rank tile, K split):
-        y[slice, t, n] (+)= scale * sum_k x[t, k] * A_slice[slot, n, k]  for t in the tile."""
+        y[slice, t, n] = scale * sum_k x[t, k] * A_slice[slot, n, k]  for t in the tile
+        (with SPLIT_K > 1, this split's share of the sum goes to partials[split, slice, t, n])."""
         pid_mn = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_gs = tl.program_id(2)
@@ -131,12 +174,46 @@ if triton is not None:
                                  mask=mask_n[None, :] & mask_k[:, None], other=0.0)
                 acc += tl.dot(x_tile.to(tl.float32), a_tile.to(tl.float32))
             acc = acc * scale
-            y_ptrs = y_ptr + slice_id * stride_yslice + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yr
             mask = mask_m[:, None] & mask_n[None, :]
             if SPLIT_K == 1:
+                y_ptrs = y_ptr + slice_id * stride_yslice + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yr
                 tl.store(y_ptrs, acc, mask=mask)
             else:
-                tl.atomic_add(y_ptrs, acc, mask=mask)
+                p_ptrs = (partials_ptr + pid_k * stride_pk + slice_id * stride_pslice + tokens[:, None] * stride_pt
+                          + offs_n[None, :])
+                tl.store(p_ptrs, acc, mask=mask)
+
+    @triton.jit
+    def _split_k_sum_kernel(
+        partials_ptr, y_ptr,
+        sorted_tokens_ptr, segment_starts_ptr,
+        rank,
+        stride_pk, stride_pslice, stride_pt,
+        stride_yslice, stride_yt, stride_yr,
+        num_n_tiles,
+        NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """y[slice, t, n] = sum over k of partials[k, slice, t, n], k in order, for the segment's tokens."""
+        pid_mn = tl.program_id(0)
+        pid_gs = tl.program_id(2)
+        segment = pid_gs // NUM_SLICES
+        slice_id = pid_gs % NUM_SLICES
+        pid_m = pid_mn // num_n_tiles
+        pid_n = pid_mn % num_n_tiles
+        seg_start = tl.load(segment_starts_ptr + segment)
+        seg_end = tl.load(segment_starts_ptr + segment + 1)
+        if pid_m * BLOCK_M < seg_end - seg_start:
+            offs_m = seg_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < seg_end
+            tokens = tl.load(sorted_tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = mask_m[:, None] & (offs_n < rank)[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(SPLIT_K):
+                acc += tl.load(partials_ptr + k * stride_pk + slice_id * stride_pslice + tokens[:, None] * stride_pt
+                               + offs_n[None, :], mask=mask, other=0.0)
+            tl.store(y_ptr + slice_id * stride_yslice + tokens[:, None] * stride_yt + offs_n[None, :] * stride_yr,
+                     acc, mask=mask)
 
     @triton.jit
     def _expand_kernel(
@@ -201,11 +278,14 @@ def _padded(items: list, fill) -> list:
     return items + [fill] * (MAX_SLICES - len(items))
 
 
-def lora_shrink(meta: TritonLoraMeta, x: torch.Tensor, lora_a_slices, y: torch.Tensor, scale: float) -> None:
+def lora_shrink(meta: TritonLoraMeta, x: torch.Tensor, lora_a_slices, y: torch.Tensor, scale: float,
+                partials: torch.Tensor | None = None) -> None:
     """Semantics (in place on ``y`` [num_slices, T, R] float32; no-adapter rows untouched):
         for s, A in enumerate(lora_a_slices):
             y[s, t] = scale * x[t] @ A[slot[t]].T      for every token t with slot[t] >= 0
-    x [T, H_in]; each A [S, R, H_in] (or [S, 1, R, H_in]), all slices of one shape.
+    x [T, H_in]; each A [S, R, H_in] (or [S, 1, R, H_in]), all slices of one shape. ``partials``
+    (float32, at least [SPLIT_K, num_slices, T, R], contiguous rows): scratch for split-K, made
+    here when not given.
     """
     if meta.num_segments == 0:
         return
@@ -215,23 +295,35 @@ def lora_shrink(meta: TritonLoraMeta, x: torch.Tensor, lora_a_slices, y: torch.T
     num_slots, rank, hidden = slices[0].shape
     config = tile_config("shrink", rank)
     split_k = config.pop("SPLIT_K")
+    num_tokens = x.shape[0]
     if split_k > 1:
-        for s in range(len(slices)):
-            y[s].index_fill_(0, meta.sorted_token_ids.long(), 0.0)  # atomics accumulate into zeros
+        if partials is None:
+            partials = torch.empty(split_k, len(slices), num_tokens, rank, dtype=torch.float32, device=x.device)
+        partials = partials[:split_k, :len(slices), :num_tokens, :rank]
+    else:
+        partials = y  # unused
     num_n_tiles = triton.cdiv(rank, config["BLOCK_N"])
     grid = (triton.cdiv(meta.max_segment_len, config["BLOCK_M"]) * num_n_tiles, split_k,
             meta.num_segments * len(slices))
     a = _padded(slices, slices[0])
     k_per_split = triton.cdiv(triton.cdiv(hidden, split_k), config["BLOCK_K"]) * config["BLOCK_K"]
     _shrink_kernel[grid](
-        x, a[0], a[1], a[2], y,
+        x, a[0], a[1], a[2], y, partials,
         meta.sorted_token_ids, meta.segment_starts, meta.segment_slots,
         hidden, rank, scale, k_per_split,
         x.stride(0), x.stride(1),
         slices[0].stride(0), slices[0].stride(1), slices[0].stride(2),
         y.stride(0), y.stride(1), y.stride(2),
+        partials.stride(0), partials.stride(1), partials.stride(2),
         num_n_tiles,
         NUM_SLICES=len(slices), SPLIT_K=split_k, **config)
+    if split_k > 1:
+        _split_k_sum_kernel[(grid[0], 1, grid[2])](
+            partials, y, meta.sorted_token_ids, meta.segment_starts, rank,
+            partials.stride(0), partials.stride(1), partials.stride(2),
+            y.stride(0), y.stride(1), y.stride(2),
+            num_n_tiles,
+            NUM_SLICES=len(slices), SPLIT_K=split_k, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"])
 
 
 def lora_expand(meta: TritonLoraMeta, y: torch.Tensor, lora_b_slices, out: torch.Tensor, output_slices,
@@ -272,11 +364,16 @@ def lora_expand(meta: TritonLoraMeta, y: torch.Tensor, lora_b_slices, out: torch
 
 
 def add_lora_linear(meta: TritonLoraMeta, out: torch.Tensor, x: torch.Tensor, lora_a_slices, lora_b_slices,
-                    scale: float, output_slices, offset_start: int = 0) -> None:
-    """Fused multi-slice LoRA; same semantics as ``reference.add_lora_linear``."""
+                    scale: float, output_slices, offset_start: int = 0, add_inputs: bool = True,
+                    buffer: torch.Tensor | None = None, partials: torch.Tensor | None = None) -> None:
+    """Fused multi-slice LoRA; same semantics as ``reference.add_lora_linear``. ``buffer`` (float32,
+    at least [num_slices, T, R]) and ``partials`` (see :func:`lora_shrink`): preallocated scratch,
+    so a captured graph allocates nothing; made here when not given."""
     if meta.num_segments == 0:
         return
     rank = as_3d(lora_a_slices[0]).shape[1]
-    y = torch.zeros(len(lora_a_slices), x.shape[0], rank, dtype=torch.float32, device=x.device)
-    lora_shrink(meta, x, lora_a_slices, y, scale)
-    lora_expand(meta, y, lora_b_slices, out, output_slices, offset_start)
+    if buffer is None:
+        buffer = torch.empty(len(lora_a_slices), x.shape[0], rank, dtype=torch.float32, device=x.device)
+    y = buffer[:len(lora_a_slices), :x.shape[0], :rank]
+    lora_shrink(meta, x, lora_a_slices, y, scale, partials)
+    lora_expand(meta, y, lora_b_slices, out, output_slices, offset_start, add_inputs)

@@ -19,12 +19,13 @@ COMPILED_OPS_ENV = "LORAPLEX_COMPILED_OPS_DIR"
 
 
 def select_lora_kernels(name: str, compiled_ops_cache: Path | None = None) -> None:
-    """Called before the engine starts: ``loraplex`` or ``vllm``. With ``compiled_ops_cache``
-    (``loraplex`` on a CPU), our compiled op for small steps is built there if missing, here,
-    before the engine's processes start, and they load it (None: our torch ops only)."""
+    """Called before the engine starts: ``loraplex``, ``vllm`` or ``auto`` (ours on CPUs, vLLM's on
+    GPUs). With ``compiled_ops_cache`` (our ops on a CPU), our compiled op for small steps is
+    built there if missing, here, before the engine's processes start, and they load it (None:
+    our torch ops only)."""
     os.environ[SELECTION_ENV] = name
     os.environ.pop(COMPILED_OPS_ENV, None)
-    if name == "loraplex" and compiled_ops_cache is not None and not _has_cuda():
+    if name in ("auto", "loraplex") and compiled_ops_cache is not None and not _has_cuda():
         from . import native
 
         if native.load(compiled_ops_cache) is not None:
@@ -52,13 +53,25 @@ def _has_cuda() -> bool:
 
 def register() -> None:
     """vLLM plugin hook: point the platform's punica wrapper at ours when selected."""
-    if selected_lora_kernels() != "loraplex":
+    selected = selected_lora_kernels()
+    if selected not in ("auto", "loraplex"):
         return
     _install_cpu_wrapper()
+    if selected == "loraplex" and _has_cuda():
+        _install_gpu_wrapper()
 
 
 CPU_WRAPPER = "loraplex.kernels.cpu_wrapper.LoraplexPunicaWrapperCPU"
 STOCK_CPU_WRAPPER = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+GPU_WRAPPER = "loraplex.kernels.gpu_wrapper.LoraplexPunicaWrapperGPU"
+STOCK_GPU_WRAPPER = "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU"
+
+
+def _install_gpu_wrapper() -> None:
+    from vllm.platforms.cuda import CudaPlatformBase
+
+    CudaPlatformBase.get_punica_wrapper = classmethod(lambda cls: GPU_WRAPPER)
+    logger.info("loraplex LoRA kernels installed for the CUDA platform (pid %d)", os.getpid())
 
 
 def _install_cpu_wrapper() -> None:

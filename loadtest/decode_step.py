@@ -1,5 +1,6 @@
 """Decode-step profile: what LoRA adds to one engine step with 1, 2, 8 and 32 sequences, each on
-its own adapter, against the same sequences without one, on one in-process vLLM engine.
+its own adapter, against the same sequences without one, on one in-process vLLM engine (and
+what it adds to their prefill: ``--prompt-len`` tokens each, plus the first step).
 
 Three kinds of step, alternated within one engine (a shared machine's slow spells spread over
 all three): ``base`` (no adapter), ``torch`` (loraplex's grouped torch ops), ``compiled``
@@ -118,21 +119,25 @@ def main(argv: list[str] | None = None) -> int:
                 prefill, spent_prefill = run(kind, num_sequences, 1)
                 per_step = {name: 1000 * (spent_full.get(name, 0.0) - spent_prefill.get(name, 0.0)) / args.steps
                             for name in TIMED_METHODS}
-                samples[kind].append({"step_ms": 1000 * (full - prefill) / args.steps, **per_step})
+                samples[kind].append({"step_ms": 1000 * (full - prefill) / args.steps, "prefill_ms": 1000 * prefill,
+                                      **per_step})
         row = {"sequences": num_sequences}
         for kind, runs in samples.items():
             median = statistics.median(r["step_ms"] for r in runs)
             row[kind] = {"step_ms": median, "step_ms_of_each_run": [r["step_ms"] for r in runs],
+                         "prefill_ms": statistics.median(r["prefill_ms"] for r in runs),
                          **{f"{name}_ms": statistics.median(r[name] for r in runs) for name in TIMED_METHODS}}
         for kind in ("torch", "compiled"):
             row[kind]["vs_base"] = row[kind]["step_ms"] / row["base"]["step_ms"]
+            row[kind]["prefill_vs_base"] = row[kind]["prefill_ms"] / row["base"]["prefill_ms"]
         rows.append(row)
         print(f"{num_sequences:3d} sequences: base {row['base']['step_ms']:6.1f} ms | torch ops "
               f"{row['torch']['step_ms']:6.1f} ms ({row['torch']['vs_base']:.2f}x; linear LoRA "
               f"{row['torch']['add_lora_linear_ms']:5.1f}, metadata {row['torch']['update_metadata_ms']:4.1f}) | "
               f"compiled {row['compiled']['step_ms']:6.1f} ms ({row['compiled']['vs_base']:.2f}x; linear LoRA "
-              f"{row['compiled']['add_lora_linear_ms']:5.1f}, metadata {row['compiled']['update_metadata_ms']:4.1f})",
-              flush=True)
+              f"{row['compiled']['add_lora_linear_ms']:5.1f}, metadata {row['compiled']['update_metadata_ms']:4.1f})"
+              f" | prefill + 1 step: base {row['base']['prefill_ms']:6.1f}, torch ops {row['torch']['prefill_ms']:6.1f},"
+              f" compiled {row['compiled']['prefill_ms']:6.1f} ms", flush=True)
     result = {"rank": args.rank, "steps": args.steps, "prompt_len": args.prompt_len, "repeats": args.repeats,
               "dtype": resolve_dtype(args.dtype), "compiled_available": compiled is not None, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         help="JSON from response_format: compact (default: fewer tokens, no runaway newlines "
                              "from small models) or any (whitespace as the model likes, vLLM's default)")
     engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=defaults_engine.enforce_eager,
-                        help="--no-enforce-eager: let vLLM capture CUDA graphs (GPU)")
+                        help="eager execution; default: on for CPUs, off for GPUs (CUDA graphs)")
     engine.add_argument("--tensor-parallel-size", type=int, default=defaults_engine.tensor_parallel_size, help="vLLM: GPUs per model shard group")
     engine.add_argument("--pipeline-parallel-size", type=int, default=defaults_engine.pipeline_parallel_size, help="vLLM: pipeline stages")
     engine.add_argument("--data-parallel-size", type=int, default=defaults_engine.data_parallel_size, help="vLLM: engine replicas in this server")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LORA_KERNEL_CHOICES = ("loraplex", "vllm")
+LORA_KERNEL_CHOICES = ("auto", "loraplex", "vllm")
 JSON_WHITESPACE_CHOICES = ("compact", "any")
 
 
@@ -43,11 +43,12 @@ class EngineConfig:
     # Modules vLLM wraps with LoRA layers; None = every supported module (embeddings and lm_head
     # too, whose per-token ops then run on every step even if no adapter targets them).
     lora_target_modules: tuple[str, ...] | None = None
-    # Which batched-LoRA ops vLLM uses: ours ("loraplex") or vLLM's stock ones ("vllm").
-    lora_kernels: str = "loraplex"
+    # Which batched-LoRA ops vLLM uses: ours ("loraplex"), vLLM's stock ones ("vllm"), or "auto":
+    # ours on CPUs, vLLM's on GPUs (ours have not been measured ahead of vLLM's on a GPU yet).
+    lora_kernels: str = "auto"
     enable_lora: bool = True
     seed: int = 0
-    enforce_eager: bool = True  # False: CUDA graphs on GPUs
+    enforce_eager: bool | None = None  # None: eager on CPUs, CUDA graphs on GPUs
     # JSON from structured outputs: "compact" (no whitespace between tokens: fewer tokens, and a
     # small model cannot loop on newlines until max_tokens) or "any" (vLLM's default).
     json_whitespace: str = "compact"

@@ -144,6 +144,13 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if native else "float32"
 
 
+def resolve_enforce_eager(enforce_eager: bool | None) -> bool:
+    """None: CUDA graphs where there is CUDA (every LoRA op in the path is graph-safe), eager elsewhere."""
+    import torch
+
+    return (not torch.cuda.is_available()) if enforce_eager is None else enforce_eager
+
+
 def build_engine_args(config: EngineConfig):
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -162,7 +169,7 @@ def build_engine_args(config: EngineConfig):
         max_cpu_loras=config.max_cpu_loras,
         lora_target_modules=list(config.lora_target_modules) if config.lora_target_modules else None,
         seed=config.seed,
-        enforce_eager=config.enforce_eager,
+        enforce_eager=resolve_enforce_eager(config.enforce_eager),
         tensor_parallel_size=config.tensor_parallel_size,
         pipeline_parallel_size=config.pipeline_parallel_size,
         data_parallel_size=config.data_parallel_size,

@@ -71,7 +71,7 @@ async def _generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: 
     from ..config import EngineConfig
     from ..engine import Engine, SamplingOptions
 
-    select_lora_kernels("loraplex")
+    select_lora_kernels("auto")
     longest = max((len(p) for p in prompts), default=1)
     engine = Engine.start(EngineConfig(
         model_path=str(config.model_dir), max_model_len=max(config.max_model_len, longest + config.max_new_tokens),

@@ -86,3 +86,87 @@ def test_a_bad_slot_never_reaches_other_tokens(popularity, poison, bad_in_batch)
                                     [on(t) for t in lora_b], 0.5, SLICE_WIDTHS)
         outputs.append(out.cpu())
     assert_others_identical(slots, *outputs, bad)
+
+
+def test_fixed_meta_has_one_segment_per_slot_no_adapter_first():
+    buffers = triton_lora.MetaBuffers(max_loras=4, max_num_tokens=16, device=DEVICE)
+    meta = buffers.fill(torch.tensor([2, -1, 0, 2, 0, 0], device=DEVICE))
+    assert meta.segment_starts.tolist() == [1, 4, 4, 6, 6]  # 1 no-adapter token sorts first
+    assert meta.segment_slots.tolist() == [0, 1, 2, 3]
+    assert meta.sorted_token_ids.tolist() == [1, 2, 4, 5, 0, 3]
+    assert meta.max_segment_len == 6  # the launch bound is the token count, not a device value
+    assert meta.sorted_token_ids.data_ptr() == buffers.sorted_token_ids.data_ptr(), "filled in place"
+    with pytest.raises(ValueError, match="sized for 16"):
+        buffers.fill(torch.zeros(17, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.parametrize("popularity", POPULARITIES)
+def test_fixed_meta_reused_across_steps_matches_reference(popularity):
+    """The graph-safe path: one set of buffers (metadata, shrink output, split-K partials), filled
+    again for every step, as a replayed CUDA graph sees them."""
+    num_slots, rank = 5, 16
+    buffers = triton_lora.MetaBuffers(max_loras=num_slots, max_num_tokens=64, device=DEVICE)
+    split_k = triton_lora.tile_config("shrink", rank)["SPLIT_K"]
+    shrink_out = torch.empty(3, 64, rank, dtype=torch.float32, device=DEVICE)
+    partials = torch.empty(split_k, 3, 64, rank, dtype=torch.float32, device=DEVICE)
+    lora_a, lora_b = make_weights(num_slots, rank, torch.float32, seed=11)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    for step, num_tokens in enumerate((40, 7, 64)):
+        slots = token_slots(num_tokens, num_slots, popularity, seed=step)
+        x = torch.randn(num_tokens, HIDDEN_IN, generator=torch.Generator().manual_seed(step))
+        base = base_output(num_tokens)
+        expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, SLICE_WIDTHS)
+        actual = on(base.clone())
+        triton_lora.add_lora_linear(buffers.fill(on(slots)), actual, on(x), [on(a) for a in lora_a],
+                                    [on(b) for b in lora_b], 0.5, SLICE_WIDTHS, buffer=shrink_out, partials=partials)
+        torch.testing.assert_close(actual.cpu(), expected, atol=1e-4, rtol=1e-4)
+        assert torch.equal(actual.cpu()[slots == -1], base[slots == -1])
+
+
+def test_split_k_is_deterministic():
+    """Partial sums added in a fixed order (no atomics): the same inputs give the same bits."""
+    slots = token_slots(48, 4, "zipf", seed=5)
+    lora_a, lora_b = make_weights(4, 16, torch.float32, seed=5)
+    x = torch.randn(48, HIDDEN_IN, generator=torch.Generator().manual_seed(5))
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    outputs = []
+    for _ in range(2):
+        out = on(base_output(48))
+        triton_lora.add_lora_linear(triton_lora.build_meta(on(slots)), out, on(x), [on(a) for a in lora_a],
+                                    [on(b) for b in lora_b], 0.5, SLICE_WIDTHS)
+        outputs.append(out.cpu())
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_cuda_graph_replay_on_new_metadata_is_bit_identical_to_eager():
+    num_slots, rank, rows = 4, 16, 32
+    buffers = triton_lora.MetaBuffers(max_loras=num_slots, max_num_tokens=rows, device="cuda")
+    shrink_out = torch.empty(3, rows, rank, dtype=torch.float32, device="cuda")
+    partials = torch.empty(4, 3, rows, rank, dtype=torch.float32, device="cuda")
+    lora_a, lora_b = [[t.cuda() for t in ts] for ts in make_weights(num_slots, rank, torch.float32, seed=2)]
+    x = torch.randn(rows, HIDDEN_IN, device="cuda")
+    out = torch.zeros(rows, sum(SLICE_WIDTHS), device="cuda")
+
+    def step():
+        out.zero_()
+        meta = triton_lora.TritonLoraMeta(buffers.sorted_token_ids[:rows], buffers.segment_starts,
+                                          buffers.segment_slots, rows, rows)
+        triton_lora.add_lora_linear(meta, out, x, lora_a, lora_b, 0.5, SLICE_WIDTHS, buffer=shrink_out,
+                                    partials=partials)
+
+    buffers.fill(token_slots(rows, num_slots, "uniform", seed=0).cuda())
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed, popularity in enumerate(("zipf", "distinct", "identical", "skewed")):
+        slots = token_slots(rows, num_slots, popularity, seed=seed + 1).cuda()
+        buffers.fill(slots)
+        graph.replay()
+        replayed = out.clone()
+        step()
+        assert torch.equal(replayed, out), popularity
+        expected = reference.add_lora_linear(torch.zeros(rows, sum(SLICE_WIDTHS)), x.cpu(), [a.cpu() for a in lora_a],
+                                             [b.cpu() for b in lora_b], slots.cpu(), 0.5, SLICE_WIDTHS)
+        torch.testing.assert_close(out.cpu(), expected, atol=1e-3, rtol=1e-3)

@@ -34,10 +34,19 @@ def test_wrapper_api_has_not_moved():
         "add_lora_embedding": ["self", "y", "x", "lora_b_stacked", "add_inputs", "kwargs"],
         "add_lora_logits": ["self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "buffer", "kwargs"],
     }
-    for method, params in expected.items():
-        assert list(inspect.signature(getattr(PunicaWrapperCPU, method)).parameters) == params, method
+    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+    for cls in (PunicaWrapperCPU, PunicaWrapperGPU):
+        for method, params in expected.items():
+            assert list(inspect.signature(getattr(cls, method)).parameters) == params, (cls.__name__, method)
+        assert "token_lora_indices" in dir(cls) and "sampler_indices" in dir(cls)
     assert inspect.getattr_static(CpuPlatform, "get_punica_wrapper") is not None
-    assert "token_lora_indices" in dir(PunicaWrapperCPU)
+    # The CUDA wrapper's constructor and the base-metadata step it calls without vLLM's Triton
+    assert list(inspect.signature(PunicaWrapperGPU.__init__).parameters) == [
+        "self", "max_num_batched_tokens", "max_batches", "device", "kwargs"]
+    assert list(inspect.signature(PunicaWrapperBase._update_base_metadata).parameters) == [
+        "self", "mapping", "lora_index_to_id", "max_loras", "vocab_size"]
 
 
 @pytest.fixture

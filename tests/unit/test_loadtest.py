@@ -135,3 +135,44 @@ def test_closed_loop_specs_ignore_the_rate_sized_request_count():
     assert len(request_specs(RunConfig(url="http://127.0.0.1:1", workload=workload, duration_s=1))) == 2
     closed = RunConfig(url="http://127.0.0.1:1", workload=workload, duration_s=1, concurrency=2)
     assert len(request_specs(closed)) >= 2 * 100 * 1
+
+
+def _result(index, model, sent_at, ok=True, ttft=0.2, e2e=1.0, tokens=16):
+    return RequestResult(index=index, model=model, sent_at=sent_at, ok=ok, ttft_s=ttft if ok else None,
+                         e2e_s=e2e if ok else None, output_tokens=tokens, error=None if ok else "http_5xx")
+
+
+def test_latency_summary_leaves_out_the_warmup_and_counts_errors():
+    from loraplex.loadtest.scenarios import _latency_summary
+
+    results = [_result(0, "a", 0.5, ttft=9.0, e2e=20.0)]  # warm-up: left out
+    results += [_result(i, "a", 5.0 + i, ttft=0.1 * i, e2e=0.1 * i + 1.5) for i in range(1, 11)]
+    results.append(_result(11, "a", 20.0, ok=False))
+    summary = _latency_summary(results, warmup_s=5.0)
+    assert summary["sent"] == 11 and summary["completed"] == 10 and summary["errors"] == 1
+    assert summary["p50_ttft_ms"] == pytest.approx(1000 * percentile([0.1 * i for i in range(1, 11)], 50))
+    assert summary["p50_tpot_ms"] == pytest.approx(100.0)  # (e2e - ttft) / (16 - 1) = 1.5 s / 15
+    assert summary["p99_ttft_ms"] < 9000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lora_overhead", "--models", "a"], "needs --rate"),
+    (["lora_overhead", "--rate", "1", "--models", "a"], "needs --base"),
+    (["adapter_scaling", "--rate", "1"], "needs --rate and --models"),
+    (["overload", "--models", "m"], "needs --capacity"),
+])
+def test_scenario_arguments_are_checked_before_any_request(argv, message, capsys):
+    from loraplex.loadtest.scenarios import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_adapter_scaling_needs_as_many_models_as_its_largest_count():
+    import argparse
+
+    from loraplex.loadtest.scenarios import adapter_scaling
+
+    with pytest.raises(SystemExit, match="needs that many --models"):
+        adapter_scaling(argparse.Namespace(counts="8,16", models=["a"] * 8, rate=1.0, mixes="uniform"))

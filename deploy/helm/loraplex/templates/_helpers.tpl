@@ -52,7 +52,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - --max-lora-rank={{ .maxLoraRank }}
 - --max-cpu-loras={{ .maxCpuLoras }}
 - --lora-kernels={{ .loraKernels }}
+{{- if not (kindIs "invalid" .enforceEager) }}
 - {{ if .enforceEager }}--enforce-eager{{ else }}--no-enforce-eager{{ end }}
+{{- end }}
 - --tensor-parallel-size={{ .tensorParallelSize }}
 - --pipeline-parallel-size={{ .pipelineParallelSize }}
 - --data-parallel-size={{ .dataParallelSize }}
