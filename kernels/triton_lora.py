@@ -127,6 +127,24 @@ class MetaBuffers:
 if triton is not None:
 
     @triton.jit
+    def _program_tile(segment_starts_ptr, num_n_tiles, NUM_SLICES: tl.constexpr):
+        """This program's (segment, slice, token tile, column tile) and the segment's sorted rows
+        [seg_start, seg_end): grid axis 0 = token tile x column tile, axis 2 = segment x slice."""
+        pid_mn = tl.program_id(0)
+        pid_gs = tl.program_id(2)
+        segment = pid_gs // NUM_SLICES
+        seg_start = tl.load(segment_starts_ptr + segment)
+        seg_end = tl.load(segment_starts_ptr + segment + 1)
+        return segment, pid_gs % NUM_SLICES, pid_mn // num_n_tiles, pid_mn % num_n_tiles, seg_start, seg_end
+
+    @triton.jit
+    def _tile_tokens(sorted_tokens_ptr, seg_start, seg_end, pid_m, BLOCK_M: tl.constexpr):
+        """The token rows of token tile ``pid_m`` of a segment, and which of them exist."""
+        offs_m = seg_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seg_end
+        return tl.load(sorted_tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64), mask_m
+
+    @triton.jit
     def _shrink_kernel(
         x_ptr, a0_ptr, a1_ptr, a2_ptr, y_ptr, partials_ptr,
         sorted_tokens_ptr, segment_starts_ptr, segment_slots_ptr,
@@ -142,15 +160,9 @@ if triton is not None:
         """One (segment, slice, token tile, rank tile, K split):
         y[slice, t, n] = scale * sum_k x[t, k] * A_slice[slot, n, k]  for t in the tile
         (with SPLIT_K > 1, this split's share of the sum goes to partials[split, slice, t, n])."""
-        pid_mn = tl.program_id(0)
         pid_k = tl.program_id(1)
-        pid_gs = tl.program_id(2)
-        segment = pid_gs // NUM_SLICES
-        slice_id = pid_gs % NUM_SLICES
-        pid_m = pid_mn // num_n_tiles
-        pid_n = pid_mn % num_n_tiles
-        seg_start = tl.load(segment_starts_ptr + segment)
-        seg_end = tl.load(segment_starts_ptr + segment + 1)
+        segment, slice_id, pid_m, pid_n, seg_start, seg_end = _program_tile(segment_starts_ptr, num_n_tiles,
+                                                                            NUM_SLICES)
         if pid_m * BLOCK_M < seg_end - seg_start:
             slot = tl.load(segment_slots_ptr + segment).to(tl.int64)
             a_ptr = a0_ptr
@@ -158,9 +170,7 @@ if triton is not None:
                 a_ptr = a1_ptr
             if slice_id == 2:
                 a_ptr = a2_ptr
-            offs_m = seg_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < seg_end
-            tokens = tl.load(sorted_tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+            tokens, mask_m = _tile_tokens(sorted_tokens_ptr, seg_start, seg_end, pid_m, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < rank
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -194,18 +204,9 @@ if triton is not None:
         NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """y[slice, t, n] = sum over k of partials[k, slice, t, n], k in order, for the segment's tokens."""
-        pid_mn = tl.program_id(0)
-        pid_gs = tl.program_id(2)
-        segment = pid_gs // NUM_SLICES
-        slice_id = pid_gs % NUM_SLICES
-        pid_m = pid_mn // num_n_tiles
-        pid_n = pid_mn % num_n_tiles
-        seg_start = tl.load(segment_starts_ptr + segment)
-        seg_end = tl.load(segment_starts_ptr + segment + 1)
+        _, slice_id, pid_m, pid_n, seg_start, seg_end = _program_tile(segment_starts_ptr, num_n_tiles, NUM_SLICES)
         if pid_m * BLOCK_M < seg_end - seg_start:
-            offs_m = seg_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < seg_end
-            tokens = tl.load(sorted_tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+            tokens, mask_m = _tile_tokens(sorted_tokens_ptr, seg_start, seg_end, pid_m, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mask = mask_m[:, None] & (offs_n < rank)[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -229,12 +230,8 @@ if triton is not None:
     ):
         """One (segment, slice, token tile, output tile):
         out[t, off_s + n] (+)= sum_r y[slice, t, r] * B_slice[slot, n, r]  for t in the tile."""
-        pid_mn = tl.program_id(0)
-        pid_gs = tl.program_id(2)
-        segment = pid_gs // NUM_SLICES
-        slice_id = pid_gs % NUM_SLICES
-        pid_m = pid_mn // num_n_tiles
-        pid_n = pid_mn % num_n_tiles
+        segment, slice_id, pid_m, pid_n, seg_start, seg_end = _program_tile(segment_starts_ptr, num_n_tiles,
+                                                                            NUM_SLICES)
         b_ptr = b0_ptr
         width = width0
         offset = offset0
@@ -249,13 +246,9 @@ if triton is not None:
             width = width2
             offset = offset2
             stride_bs = stride_b2s
-        seg_start = tl.load(segment_starts_ptr + segment)
-        seg_end = tl.load(segment_starts_ptr + segment + 1)
         if (pid_m * BLOCK_M < seg_end - seg_start) and (pid_n * BLOCK_N < width):
             slot = tl.load(segment_slots_ptr + segment).to(tl.int64)
-            offs_m = seg_start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < seg_end
-            tokens = tl.load(sorted_tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+            tokens, mask_m = _tile_tokens(sorted_tokens_ptr, seg_start, seg_end, pid_m, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < width
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

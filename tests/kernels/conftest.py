@@ -28,6 +28,26 @@ def make_weights(num_slots: int, rank: int, dtype: torch.dtype, seed: int):
     return lora_a, lora_b
 
 
+def check_against_reference(run, rank: int, num_tokens: int, num_adapters: int, popularity: str,
+                            dtype: torch.dtype) -> None:
+    """``run(out, x, lora_a, lora_b, slots, scale, offset_start)`` (in place on ``out``) against the
+    reference on one workload; tokens without an adapter must stay bit-identical."""
+    from loraplex.kernels import reference
+    from loraplex.kernels.workloads import token_slots
+
+    seed = rank * 1000 + num_tokens * 10 + num_adapters
+    slots = token_slots(num_tokens, num_adapters, popularity, seed=seed)
+    lora_a, lora_b = make_weights(num_adapters, rank, dtype, seed)
+    x = torch.randn(num_tokens, HIDDEN_IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    base = torch.randn(num_tokens, sum(SLICE_WIDTHS) + 8).to(dtype)
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, SLICE_WIDTHS, offset_start=4)
+    actual = base.clone()
+    run(actual, x, lora_a, lora_b, slots, 0.5, 4)
+    torch.testing.assert_close(actual, expected, **tolerances(dtype))
+    untouched = slots == -1
+    assert torch.equal(actual[untouched], base[untouched]), "a no-adapter token was modified"
+
+
 def tolerances(dtype: torch.dtype) -> dict:
     return {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
 

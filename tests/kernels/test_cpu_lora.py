@@ -7,7 +7,8 @@ import torch
 from loraplex.kernels import cpu_lora, reference
 from loraplex.kernels.workloads import POPULARITIES, token_slots
 
-from .conftest import HIDDEN_IN, NUM_ADAPTERS, NUM_TOKENS, RANKS, SLICE_WIDTHS, make_weights, tolerances
+from .conftest import (HIDDEN_IN, NUM_ADAPTERS, NUM_TOKENS, RANKS, SLICE_WIDTHS, check_against_reference,
+                       make_weights, tolerances)
 from .isolation import POISONS, assert_others_identical, base_output, isolation_case
 
 
@@ -16,17 +17,11 @@ from .isolation import POISONS, assert_others_identical, base_output, isolation_
 @pytest.mark.parametrize("num_tokens", NUM_TOKENS)
 @pytest.mark.parametrize("rank", RANKS)
 def test_add_lora_linear_matches_reference(rank, num_tokens, num_adapters, popularity, dtype):
-    seed = rank * 1000 + num_tokens * 10 + num_adapters
-    slots = token_slots(num_tokens, num_adapters, popularity, seed=seed)
-    lora_a, lora_b = make_weights(num_adapters, rank, dtype, seed)
-    x = torch.randn(num_tokens, HIDDEN_IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    base = torch.randn(num_tokens, sum(SLICE_WIDTHS) + 8).to(dtype)
-    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, SLICE_WIDTHS, offset_start=4)
-    actual = base.clone()
-    cpu_lora.add_lora_linear(cpu_lora.build_plan(slots), actual, x, lora_a, lora_b, 0.5, SLICE_WIDTHS, offset_start=4)
-    torch.testing.assert_close(actual, expected, **tolerances(dtype))
-    untouched = slots == -1
-    assert torch.equal(actual[untouched], base[untouched]), "a no-adapter token was modified"
+    def run(out, x, lora_a, lora_b, slots, scale, offset_start):
+        cpu_lora.add_lora_linear(cpu_lora.build_plan(slots), out, x, lora_a, lora_b, scale, SLICE_WIDTHS,
+                                 offset_start=offset_start)
+
+    check_against_reference(run, rank, num_tokens, num_adapters, popularity, dtype)
 
 
 @pytest.mark.parametrize("popularity", POPULARITIES)

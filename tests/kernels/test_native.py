@@ -9,7 +9,7 @@ from loraplex.kernels import cpu_lora, native, reference
 from loraplex.kernels.workloads import POPULARITIES, token_slots
 from loraplex.server.default_model import default_cache_dir
 
-from .conftest import HIDDEN_IN, NUM_ADAPTERS, RANKS, SLICE_WIDTHS, make_weights, tolerances
+from .conftest import HIDDEN_IN, NUM_ADAPTERS, RANKS, SLICE_WIDTHS, check_against_reference, make_weights, tolerances
 from .isolation import POISONS, assert_others_identical, base_output, isolation_case
 
 
@@ -34,16 +34,10 @@ def run_compiled(compiled, out, x, lora_a, lora_b, slots, scale, offset=0, weigh
 @pytest.mark.parametrize("num_tokens", (1, 2, 7, 32, 64, 150))
 @pytest.mark.parametrize("rank", RANKS)
 def test_matches_reference(compiled, rank, num_tokens, num_adapters, popularity, dtype):
-    seed = rank * 1000 + num_tokens * 10 + num_adapters
-    slots = token_slots(num_tokens, num_adapters, popularity, seed=seed)
-    lora_a, lora_b = make_weights(num_adapters, rank, dtype, seed)
-    x = torch.randn(num_tokens, HIDDEN_IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    base = torch.randn(num_tokens, sum(SLICE_WIDTHS) + 8).to(dtype)
-    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, SLICE_WIDTHS, offset_start=4)
-    actual = run_compiled(compiled, base.clone(), x, lora_a, lora_b, slots, 0.5, offset=4)
-    torch.testing.assert_close(actual, expected, **tolerances(dtype))
-    untouched = slots == -1
-    assert torch.equal(actual[untouched], base[untouched]), "a no-adapter token was modified"
+    def run(out, x, lora_a, lora_b, slots, scale, offset_start):
+        run_compiled(compiled, out, x, lora_a, lora_b, slots, scale, offset=offset_start)
+
+    check_against_reference(run, rank, num_tokens, num_adapters, popularity, dtype)
 
 
 @pytest.mark.parametrize("popularity", POPULARITIES)
