@@ -24,8 +24,9 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
     """vLLM's CPU punica wrapper with loraplex's grouped ops for every linear layer.
 
     The token -> slot plan is built once per step in :meth:`update_metadata`; the layers'
-    calls (``add_shrink``, ``add_expand``, ``add_lora_linear``) reuse it. Small steps' linear
-    layers run the compiled op (``native``) when it was built for this machine.
+    calls (``add_shrink``, ``add_expand``, ``add_lora_linear``) reuse it. In the linear layers the
+    tokens of short runs (decode, short prefills) go to the compiled op (``native``) when it was
+    built for this machine, long runs to the torch ops.
     """
 
     def __init__(self, *args, **kwargs) -> None:
