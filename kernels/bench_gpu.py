@@ -13,6 +13,8 @@ and run from it:
     PYTHONPATH=.cache/gpu-bench python -m loraplex.kernels.bench_gpu --out bench-results/gpu.json
 
 ``--smoke`` runs a few tiny cases (on CPU: under TRITON_INTERPRET=1) and checks all three agree.
+``--tune`` times candidate tile configs per op and rank bucket on this GPU and writes its table
+(``--out``, the format of ``kernels/tile_configs.json``, to merge there under the device's name).
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def timed_us(fn, device) -> float:
     return 1e6 * (time.perf_counter() - start)
 
 
-def run_case(projection, rank, num_adapters, num_tokens, requests, dtype, device, peak, check: bool) -> dict:
+def run_case(projection, rank, num_adapters, num_tokens, requests, dtype, device, peak, check: bool,
+             timer=None) -> dict:
     from . import reference, triton_lora
 
     hidden, widths = PROJECTIONS[projection]
@@ -151,7 +154,7 @@ def run_case(projection, rank, num_adapters, num_tokens, requests, dtype, device
     x = torch.randn(num_tokens, hidden, device=device, dtype=dtype, generator=g)
     base = torch.randn(num_tokens, sum(widths), device=device, dtype=dtype, generator=g)
     out = base.clone()
-    split_k = triton_lora.tile_config("shrink", rank)["SPLIT_K"]
+    split_k = triton_lora.max_split_k(rank, triton_lora.device_name(device))
     buffers = triton_lora.MetaBuffers(num_adapters, num_tokens, device)
     shrink_out = torch.empty(len(widths), num_tokens, rank, dtype=torch.float32, device=device)
     partials = torch.empty(split_k, len(widths), num_tokens, rank, dtype=torch.float32, device=device)
@@ -160,6 +163,8 @@ def run_case(projection, rank, num_adapters, num_tokens, requests, dtype, device
     def ours():
         triton_lora.add_lora_linear(meta, out, x, lora_a, lora_b, 1.0, widths, buffer=shrink_out, partials=partials)
 
+    if timer is not None:  # tuning: ours only
+        return {"ours_us": timer(ours)}
     vllm_ops = VllmOps(num_adapters, num_tokens, device)
     vllm_ops.prepare(slots)
     vllm_buffer = torch.empty(len(widths), num_tokens, rank, dtype=torch.float32, device=device)
@@ -197,6 +202,46 @@ def run_case(projection, rank, num_adapters, num_tokens, requests, dtype, device
     return row
 
 
+TUNE_CANDIDATES = {
+    "shrink": [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}
+               for m in (16, 32, 64) for n in (16, 32, 64) for k in (32, 64, 128) for split in (1, 2, 4, 8)],
+    "expand": [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k} for m in (16, 32, 64) for n in (32, 64, 128)
+               for k in (16, 32, 64)],
+}
+TUNE_RANK_BOUNDS = ((16, 16), (64, 64), (None, 128))  # (table bound, rank timed for it)
+TUNE_WORKLOADS = (("qkv", 32, 64, 64), ("qkv", 8, 2048, 8), ("gate_up", 32, 64, 64))  # projection, adapters, tokens, requests
+
+
+def tune(device: str, device_label: str, dtype) -> dict:
+    """The fastest candidate per op and rank bucket over TUNE_WORKLOADS (sum of their times)."""
+    import triton
+
+    from . import triton_lora
+
+    tables = triton_lora.tile_tables()
+    table: dict[str, list] = {"shrink": [], "expand": []}
+    for bound, rank in TUNE_RANK_BOUNDS:
+        for op in ("shrink", "expand"):
+            best = None
+            for candidate in TUNE_CANDIDATES[op]:
+                trial = {o: list(rows) for o, rows in tables[triton_lora.DEFAULT_DEVICE].items()}
+                trial[op] = [(None, candidate)]
+                tables[device_label] = trial
+                try:
+                    total = 0.0
+                    for projection, adapters, tokens, requests in TUNE_WORKLOADS:
+                        total += run_case(projection, rank, adapters, tokens, requests, dtype, device, None,
+                                          check=False, timer=lambda fn: 1e3 * triton.testing.do_bench(fn))["ours_us"]
+                except Exception:  # noqa: BLE001 - a config the compiler refuses (shared memory) is skipped
+                    continue
+                if best is None or total < best[0]:
+                    best = (total, candidate)
+            table[op].append([bound, best[1]])
+            print(f"{op:>6} rank <= {bound}: {best[1]} ({best[0]:.1f} us over the workloads)", flush=True)
+    tables.pop(device_label, None)
+    return table
+
+
 def cases(smoke: bool):
     if smoke:
         for projection in ("qkv", "down"):
@@ -217,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=Path, default=None, help="copy vLLM's ops and our kernels here, then exit")
     parser.add_argument("--smoke", action="store_true", help="tiny cases, correctness only (CPU: interpreter)")
+    parser.add_argument("--tune", action="store_true", help="tune this GPU's tile table; --out gets it")
     parser.add_argument("--out", type=Path, default=Path("bench-results/gpu.json"))
     args = parser.parse_args(argv)
     if args.stage is not None:
@@ -232,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = peak_bandwidth(device_name)
     dtype = torch.bfloat16  # vLLM's ops take fp16/bf16 only
+    if args.tune:
+        if device != "cuda":
+            print("--tune needs CUDA", file=sys.stderr)
+            return 2
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({device_name: tune(device, device_name, dtype)}, indent=2))
+        return 0
     rows = []
     for projection, rank, num_adapters, num_tokens, requests in cases(args.smoke):
         row = run_case(projection, rank, num_adapters, num_tokens, requests, dtype, device, peak, check=True)

@@ -35,7 +35,7 @@ class LoraplexPunicaWrapperGPU(PunicaWrapperGPU):
         self._sampler_meta = self._sampler_meta_buffers.fill(torch.empty(0, dtype=torch.long, device=device))
         self._has_lora = False  # from the host-side mapping: no device read
         # Shrink results and split-K partial sums for the largest step, reused by every layer.
-        split_k = triton_lora.tile_config("shrink", max_rank)["SPLIT_K"]
+        split_k = triton_lora.max_split_k(max_rank, triton_lora.device_name(device))
         rows = max(max_num_batched_tokens, max_batches)
         self._buffer = torch.empty(triton_lora.MAX_SLICES, rows, max_rank, dtype=torch.float32, device=device)
         self._partials = torch.empty(split_k, triton_lora.MAX_SLICES, rows, max_rank, dtype=torch.float32,

@@ -14,12 +14,15 @@ Segments follow Punica's convention: tokens are ordered by adapter slot once per
 Split-K shrinks write each K split's partial sums to its own plane and add them in a second
 kernel, in a fixed order: no atomics, so a replayed graph gives bit-identical results.
 
-Tile sizes come from :data:`TILE_CONFIGS`, keyed by op and rank bucket (not inline heuristics).
+Tile sizes are data (``tile_configs.json``): per GPU, per op and rank bucket, with a default.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -34,26 +37,38 @@ except ImportError:  # pragma: no cover - triton ships with torch/vLLM builds th
 
 MAX_SLICES = 3
 
-# (op, max rank) -> tile config. The first row whose rank bound covers the adapter's rank is used.
-TILE_CONFIGS: dict[str, list[tuple[int, dict]]] = {
-    "shrink": [
-        (16, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 4}),
-        (64, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2}),
-        (1 << 30, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 1}),
-    ],
-    "expand": [
-        (16, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 16}),
-        (64, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32}),
-        (1 << 30, {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}),
-    ],
-}
+TILE_CONFIG_FILE = Path(__file__).with_name("tile_configs.json")
+DEFAULT_DEVICE = "default"
 
 
-def tile_config(op: str, rank: int) -> dict:
-    for max_rank, config in TILE_CONFIGS[op]:
-        if rank <= max_rank:
+@functools.lru_cache(maxsize=None)
+def tile_tables() -> dict[str, dict[str, list[tuple[int | None, dict]]]]:
+    """{device name: {op: [(max rank or None, config), ...]}} from ``tile_configs.json`` (data,
+    not inline heuristics; one table per GPU, tuned on it, and a default)."""
+    tables = json.loads(TILE_CONFIG_FILE.read_text())
+    return {device: {op: [(bound, dict(config)) for bound, config in rows] for op, rows in ops.items()}
+            for device, ops in tables.items() if not device.startswith("_")}
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def tile_config(op: str, rank: int, device: str = DEFAULT_DEVICE) -> dict:
+    """The tile config of ``op`` for ``rank`` on the GPU named ``device`` (its own table if it has
+    one, else the default)."""
+    tables = tile_tables()
+    for max_rank, config in tables.get(device, tables[DEFAULT_DEVICE])[op]:
+        if max_rank is None or rank <= max_rank:
             return dict(config)
     raise ValueError(f"no tile config for {op} rank {rank}")
+
+
+def max_split_k(rank: int, device: str = DEFAULT_DEVICE) -> int:
+    """Split-K planes the shrink of ``rank`` uses on ``device`` (to size preallocated partials)."""
+    return tile_config("shrink", rank, device)["SPLIT_K"]
 
 
 @dataclass
@@ -286,7 +301,7 @@ def lora_shrink(meta: TritonLoraMeta, x: torch.Tensor, lora_a_slices, y: torch.T
     if not 1 <= len(slices) <= MAX_SLICES:
         raise ValueError(f"1 to {MAX_SLICES} slices are fused, got {len(slices)}")
     num_slots, rank, hidden = slices[0].shape
-    config = tile_config("shrink", rank)
+    config = tile_config("shrink", rank, device_name(x.device))
     split_k = config.pop("SPLIT_K")
     num_tokens = x.shape[0]
     if split_k > 1:
@@ -339,7 +354,7 @@ def lora_expand(meta: TritonLoraMeta, y: torch.Tensor, lora_b_slices, out: torch
     for w in widths:
         offsets.append(offset)
         offset += w
-    config = tile_config("expand", rank)
+    config = tile_config("expand", rank, device_name(out.device))
     num_n_tiles = triton.cdiv(max(widths), config["BLOCK_N"])
     grid = (triton.cdiv(meta.max_segment_len, config["BLOCK_M"]) * num_n_tiles, 1, meta.num_segments * len(slices))
     b = _padded(slices, slices[0])

@@ -170,3 +170,18 @@ def test_cuda_graph_replay_on_new_metadata_is_bit_identical_to_eager():
         expected = reference.add_lora_linear(torch.zeros(rows, sum(SLICE_WIDTHS)), x.cpu(), [a.cpu() for a in lora_a],
                                              [b.cpu() for b in lora_b], slots.cpu(), 0.5, SLICE_WIDTHS)
         torch.testing.assert_close(out.cpu(), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_tile_configs_are_data_per_device_with_a_default(monkeypatch):
+    tables = triton_lora.tile_tables()
+    assert triton_lora.DEFAULT_DEVICE in tables
+    for op in ("shrink", "expand"):
+        bounds = [bound for bound, _ in tables["default"][op]]
+        assert bounds[-1] is None, "the last row takes any rank"
+        assert triton_lora.tile_config(op, 4096)  # any rank has a config
+    assert triton_lora.tile_config("shrink", 16, "no such GPU") == triton_lora.tile_config("shrink", 16)
+    tuned = {op: [(None, dict(rows[0][1], BLOCK_M=64))] for op, rows in tables["default"].items()}
+    monkeypatch.setitem(tables, "NVIDIA Test GPU", tuned)
+    assert triton_lora.tile_config("expand", 8, "NVIDIA Test GPU")["BLOCK_M"] == 64
+    assert triton_lora.max_split_k(8, "NVIDIA Test GPU") == tuned["shrink"][0][1]["SPLIT_K"]
+    assert triton_lora.device_name("cpu") == "cpu"
