@@ -39,6 +39,13 @@ def cpu_supported() -> bool:
             and torch.backends.cpu.get_cpu_capability() in SUPPORTED_CAPABILITIES)
 
 
+def can_build() -> bool:
+    """A C++ compiler is on PATH (torch's extension builder uses ``$CXX``, else ``c++``)."""
+    import shutil
+
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
 def build_dir(cache_root: Path) -> Path:
     """One folder per source, flags and torch version: a stale build is never loaded."""
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode())
