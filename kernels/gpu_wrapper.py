@@ -34,6 +34,7 @@ class LoraplexPunicaWrapperGPU(PunicaWrapperGPU):
         self._token_meta = self._token_meta_buffers.fill(torch.empty(0, dtype=torch.long, device=device))
         self._sampler_meta = self._sampler_meta_buffers.fill(torch.empty(0, dtype=torch.long, device=device))
         self._has_lora = False  # from the host-side mapping: no device read
+        self._cuda = torch.cuda.is_available()
         # Shrink results and split-K partial sums for the largest step, reused by every layer.
         split_k = triton_lora.max_split_k(max_rank, triton_lora.device_name(device))
         rows = max(max_num_batched_tokens, max_batches)
@@ -54,7 +55,7 @@ class LoraplexPunicaWrapperGPU(PunicaWrapperGPU):
     def _skip(self) -> bool:
         """No token has an adapter (known on the host). Never skipped while a graph is captured:
         the graph must hold the launches (they exit at once on empty segments)."""
-        return not self._has_lora and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        return not self._has_lora and not (self._cuda and torch.cuda.is_current_stream_capturing())
 
     def _meta(self, meta: triton_lora.TritonLoraMeta, num_rows: int) -> triton_lora.TritonLoraMeta:
         """The launch bound is the layer's row count (a shape: fixed in a captured graph)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -46,10 +47,15 @@ def can_build() -> bool:
     return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
+@functools.cache
+def _build_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode())
+    return f"lora_small-{digest.hexdigest()[:16]}"
+
+
 def build_dir(cache_root: Path) -> Path:
     """One folder per source, flags and torch version: a stale build is never loaded."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode())
-    return cache_root / "native" / f"lora_small-{digest.hexdigest()[:16]}"
+    return cache_root / "native" / _build_name()
 
 
 def module_name(directory: Path) -> str:
@@ -110,7 +116,8 @@ def load(cache_root: Path, build_if_missing: bool = True):
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the torch ops still work
         logger.warning("loraplex's compiled CPU LoRA op is unavailable (%s); using the torch ops", exc)
         module = None
-    _loaded[directory] = module
+    if module is not None or build_if_missing:  # a lookup without building may be followed by a build
+        _loaded[directory] = module
     return module
 
 

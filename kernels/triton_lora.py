@@ -132,7 +132,7 @@ class MetaBuffers:
         torch.sort(token_slots.long(), stable=True, out=(sorted_slots, order))
         self.sorted_token_ids[:num_tokens].copy_(order)
         self.slot_counts.zero_()
-        self.slot_counts.scatter_add_(0, sorted_slots + 1, self.ones[:num_tokens])
+        self.slot_counts.scatter_add_(0, sorted_slots.add_(1), self.ones[:num_tokens])  # slot -1 -> row 0
         torch.cumsum(self.slot_counts, 0, out=self.cumulative)
         self.segment_starts.copy_(self.cumulative)
         return TritonLoraMeta(sorted_token_ids=self.sorted_token_ids[:num_tokens], segment_starts=self.segment_starts,

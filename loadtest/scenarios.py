@@ -77,6 +77,10 @@ def _p99_ms(results: list[RequestResult], attr: str, models: set[str] | None = N
     return 1000 * percentile(values, 99) if values else None
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
 def overload(args) -> dict:
     models = tuple(args.models)
     out = {"capacity_rps": args.capacity}
@@ -94,8 +98,7 @@ def overload(args) -> dict:
                       if shed else None,
                       "shed_after_queueing": sum(r.error_after_s > 0.5 for r in shed)}
     base, loaded = out["unloaded"], out["overload_3x"]
-    out["admitted_p99_e2e_vs_unloaded"] = (loaded["p99_e2e_ms"] / base["p99_e2e_ms"]
-                                           if loaded["p99_e2e_ms"] and base["p99_e2e_ms"] else None)
+    out["admitted_p99_e2e_vs_unloaded"] = _ratio(loaded["p99_e2e_ms"], base["p99_e2e_ms"])
     out["shed_fraction"] = loaded["shed_429"] / max(1, loaded["sent"])
     return out
 
@@ -112,10 +115,6 @@ def _latency_summary(results: list[RequestResult], warmup_s: float) -> dict:
     return {"sent": len(measured), "completed": len(done), "errors": len(measured) - len(done),
             "p50_ttft_ms": ms(ttft, 50), "p99_ttft_ms": ms(ttft, 99), "p50_tpot_ms": ms(tpot, 50),
             "p99_e2e_ms": _p99_ms(done, "e2e_s")}
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator and denominator else None
 
 
 def lora_overhead(args) -> dict:
@@ -183,8 +182,8 @@ def fairness(args) -> dict:
                             "errors": sum(not r.ok for r in cold_mixed)}
     out["hot"] = {"sent": len(hot_mixed), "completed": sum(r.ok for r in hot_mixed),
                   "shed_429": sum(r.error == "http_429" for r in hot_mixed), "p99_e2e_ms": _p99_ms(hot_mixed, "e2e_s")}
-    a, b = out["cold_alone"]["p99_e2e_ms"], out["cold_with_hot"]["p99_e2e_ms"]
-    out["cold_p99_e2e_with_hot_vs_alone"] = b / a if a and b else None
+    out["cold_p99_e2e_with_hot_vs_alone"] = _ratio(out["cold_with_hot"]["p99_e2e_ms"],
+                                                   out["cold_alone"]["p99_e2e_ms"])
     return out
 
 
@@ -286,10 +285,9 @@ def slow_clients(args) -> dict:
     for label, rs in measured.items():
         out[label] = {"sent": len(rs), "errors": sum(not r.ok for r in rs), "p99_ttft_ms": _p99_ms(rs, "ttft_s"),
                       "p99_e2e_ms": _p99_ms(rs, "e2e_s"), "clients": counts[label]}
-    a, b = out["with_polite_twins"]["p99_e2e_ms"], out["with_slow_clients"]["p99_e2e_ms"]
-    out["p99_e2e_slow_vs_polite"] = b / a if a and b else None
-    a, b = out["with_polite_twins"]["p99_ttft_ms"], out["with_slow_clients"]["p99_ttft_ms"]
-    out["p99_ttft_slow_vs_polite"] = b / a if a and b else None
+    for metric in ("e2e", "ttft"):
+        out[f"p99_{metric}_slow_vs_polite"] = _ratio(out["with_slow_clients"][f"p99_{metric}_ms"],
+                                                     out["with_polite_twins"][f"p99_{metric}_ms"])
     return out
 
 

@@ -109,3 +109,24 @@ def test_a_stale_build_is_never_loaded(tmp_path):
     first = native.build_dir(tmp_path)
     assert first.parent == tmp_path / "native" and first.name.startswith("lora_small-")
     assert native.build_dir(tmp_path) == first
+
+
+@pytest.mark.parametrize("damage", ("truncated", "garbage", "deleted"))
+def test_a_damaged_build_falls_back_to_the_torch_ops(tmp_path, monkeypatch, damage, caplog):
+    """A build rewritten, truncated or deleted after it was made: the op is unavailable (a
+    warning), nothing raises, and a later lookup that may build is not answered from memory."""
+    if not native.cpu_supported():
+        pytest.skip("the compiled op is built for x86-64 with AVX2 only")
+    monkeypatch.setattr(native, "environment_root", lambda: tmp_path / "env")  # no prebuilt op there
+    monkeypatch.setattr(native, "_loaded", {})
+    directory = native.build_dir(tmp_path / "cache")
+    directory.mkdir(parents=True)
+    library = directory / f"{native.module_name(directory)}.so"
+    if damage == "truncated":
+        library.write_bytes(b"\x7fELF\x02\x01\x01")
+    elif damage == "garbage":
+        library.write_bytes(b"not a shared object \xff\xfe" * 100)
+    assert native.load(tmp_path / "cache", build_if_missing=False) is None
+    if damage != "deleted":
+        assert "unavailable" in caplog.text
+    assert directory not in native._loaded, "a no-build miss must not stop a later build"
