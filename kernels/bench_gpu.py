@@ -71,6 +71,9 @@ VLLM_SHIMS = {
 }
 
 
+STAGE_MARKER = ".loraplex-gpu-bench"
+
+
 def stage(dest: Path) -> None:
     """Copy vLLM's LoRA op files (from the installed vLLM), their shims, and our kernels into
     ``dest``, importable from there as ``vllm`` and ``loraplex.kernels``."""
@@ -80,8 +83,12 @@ def stage(dest: Path) -> None:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("--stage needs vLLM installed (it copies vLLM's op files)")
     ops_dir = Path(next(iter(spec.submodule_search_locations))) / "lora" / "ops" / "triton_ops"
-    if dest.exists():
+    if dest.exists():  # only a folder this function staged is replaced: never a mistyped path's contents
+        if not (dest / STAGE_MARKER).is_file():
+            raise SystemExit(f"--stage {dest}: exists and is not a staged benchmark folder; choose a new path")
         shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    (dest / STAGE_MARKER).write_text("staged by python -m loraplex.kernels.bench_gpu --stage\n")
     for relative, text in VLLM_SHIMS.items():
         (dest / relative).parent.mkdir(parents=True, exist_ok=True)
         (dest / relative).write_text(text)

@@ -110,3 +110,20 @@ def test_a_step_without_adapters_launches_nothing(monkeypatch):
     out = torch.randn(3, 40)
     wrapper.add_lora_linear(out, torch.randn(3, 32), (torch.zeros(4, 1, 16, 32),) * 3,
                             tuple(torch.zeros(4, 1, w, 16) for w in (24, 8, 8)), 1.0, (24, 8, 8))
+
+
+def test_staging_never_replaces_a_folder_it_did_not_make(tmp_path):
+    """A mistyped --stage path (the repository, a home folder) is refused, not emptied."""
+    from loraplex.kernels import bench_gpu
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "work.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="not a staged benchmark folder"):
+        bench_gpu.stage(precious)
+    assert (precious / "work.txt").read_text() == "keep"
+    staged = tmp_path / "stage"
+    bench_gpu.stage(staged)
+    bench_gpu.stage(staged)  # a folder it staged is replaced
+    assert (staged / "vllm" / "lora" / "ops" / "triton_ops" / "lora_shrink_op.py").is_file()
+    assert (staged / "loraplex" / "kernels" / "triton_lora.py").is_file()

@@ -76,14 +76,18 @@ def test_meta_follows_the_segment_convention():
 @pytest.mark.parametrize("bad_in_batch", (True, False), ids=("bad-in-batch", "bad-idle"))
 @pytest.mark.parametrize("poison", POISONS, ids=("nan", "inf"))
 @pytest.mark.parametrize("popularity", ("distinct", "zipf", "skewed"))
-def test_a_bad_slot_never_reaches_other_tokens(popularity, poison, bad_in_batch):
+@pytest.mark.parametrize("fixed_meta", (False, True), ids=("exact-meta", "graph-safe-meta"))
+def test_a_bad_slot_never_reaches_other_tokens(popularity, poison, bad_in_batch, fixed_meta):
+    """Also on the graph-safe path: one segment per slot, split-K partial planes reused."""
     slots, x, (a, b), (bad_a, bad_b), bad = isolation_case(40, popularity, poison, bad_in_batch)
     on = lambda t: t.to(DEVICE)  # noqa: E731
+    buffers = triton_lora.MetaBuffers(max_loras=len(a[0]), max_num_tokens=40, device=DEVICE)
     outputs = []
     for lora_a, lora_b in ((a, b), (bad_a, bad_b)):
         out = on(base_output(40))
-        triton_lora.add_lora_linear(triton_lora.build_meta(on(slots)), out, on(x), [on(t) for t in lora_a],
-                                    [on(t) for t in lora_b], 0.5, SLICE_WIDTHS)
+        meta = buffers.fill(on(slots)) if fixed_meta else triton_lora.build_meta(on(slots))
+        triton_lora.add_lora_linear(meta, out, on(x), [on(t) for t in lora_a], [on(t) for t in lora_b], 0.5,
+                                    SLICE_WIDTHS)
         outputs.append(out.cpu())
     assert_others_identical(slots, *outputs, bad)
 
