@@ -270,6 +270,16 @@ def fuse_slices(lora_a_slices: Sequence[torch.Tensor], dtype: torch.dtype | None
     return torch.cat([a.to(dtype) for a in slices], dim=1)
 
 
+def fused_slice_copies(lora_a_slices: Sequence[torch.Tensor], fused: torch.Tensor):
+    """(part of ``fused``, slice) pairs: where each slice's A sits in :func:`fuse_slices`' result."""
+    pairs, start = [], 0
+    for a in lora_a_slices:
+        a = as_3d(a)
+        pairs.append((fused[:, start:start + a.shape[1]], a))
+        start += a.shape[1]
+    return pairs
+
+
 def _token_rows(plan: LoraPlan, t: torch.Tensor) -> torch.Tensor:
     """The step's token rows of ``t`` (vLLM may hand over buffers with spare rows)."""
     return t if t.shape[0] == plan.num_tokens else t[: plan.num_tokens]
@@ -349,36 +359,82 @@ def lora_expand(plan: LoraPlan, y: torch.Tensor, lora_b: torch.Tensor, out: torc
 class PerTensorCache:
     """``fn(tensors)`` computed once per tensor (or tuple of tensors) and reused until one of them
     is written in place (its version counter changes), as vLLM does when it loads new weights
-    into a slot buffer. Holding the tensors keeps their ``id`` from being reused by others."""
+    into a slot buffer. Holding the tensors keeps their ``id`` from being reused by others.
+
+    With ``slot_writes`` (``kernels/slot_writes.SlotWrites``), a write to some slots recomputes
+    only those slots, in place: through ``copies(tensors, value)`` when given (pairs ``(dst,
+    src)``, slot dimension first, such that ``dst[s].copy_(src[s])`` makes slot ``s`` current: one
+    copy per pair, views made once), otherwise by ``fn`` on the written slots alone (``fn`` must
+    then work slot by slot). A version change with no noted slot rebuilds everything."""
 
     MAX_ENTRIES = 4096  # a model's LoRA layers, several times over
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn, slot_writes=None, copies=None) -> None:
         self._fn = fn
-        # id(tensors) -> (tensors, the tensors as a tuple, their versions, value)
-        self._cache: dict[int, tuple[object, tuple[torch.Tensor, ...], list[int], object]] = {}
+        self._slot_writes = slot_writes
+        self._copies = copies
+        # id(tensors) -> [tensors, the tensors as a tuple, their versions, value, slot-write mark,
+        #                 per slot: its (dst, src) views to copy (None: recompute with fn)]
+        self._cache: dict[int, list] = {}
 
     def __call__(self, tensors):
         # Called per layer per step: keyed by the argument itself (vLLM passes the same tensor or
         # tuple every time), checked by identity and version counters.
         hit = self._cache.get(id(tensors))
-        if hit is not None and hit[0] is tensors and [t._version for t in hit[1]] == hit[2]:
-            return hit[3]
+        if hit is not None and hit[0] is tensors:
+            if [t._version for t in hit[1]] == hit[2] or self._refresh_written_slots(hit):
+                return hit[3]
         group = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
         value = self._fn(tensors)
         if len(self._cache) >= self.MAX_ENTRIES:  # a caller passing a new container every time
             self._cache.clear()
-        self._cache[id(tensors)] = (tensors, group, [t._version for t in group], value)
+        mark = per_slot = None
+        if self._slot_writes is not None:
+            mark = self._slot_writes.snapshot()
+            if self._copies is not None:
+                sources = {t.untyped_storage().data_ptr() for t in group}
+                pairs = [(dst, src) for dst, src in self._copies(tensors, value)
+                         if dst.untyped_storage().data_ptr() not in sources]  # a view of the buffer is current
+                per_slot = [[(dst[slot], src[slot]) for dst, src in pairs] for slot in range(group[0].shape[0])]
+        self._cache[id(tensors)] = [tensors, group, [t._version for t in group], value, mark, per_slot]
         return value
+
+    def _refresh_written_slots(self, entry: list) -> bool:
+        """Recompute, in place, the slots of ``entry`` written since it was made; False when
+        that is not known (or not possible) and the whole value must be rebuilt."""
+        if self._slot_writes is None:
+            return False
+        tensors, group, _, value, mark, per_slot = entry
+        num_slots = group[0].shape[0]
+        slots = [slot for slot in self._slot_writes.changed_since(mark) or () if slot < num_slots]
+        if not slots or any(t.shape[0] != num_slots for t in group):
+            return False
+        for slot in slots:
+            if per_slot is not None:
+                for dst, src in per_slot[slot]:
+                    dst.copy_(src)
+                continue
+            narrowed = tensors[slot:slot + 1] if isinstance(tensors, torch.Tensor) else type(tensors)(
+                t[slot:slot + 1] for t in tensors)
+            fresh = self._fn(narrowed)
+            targets = [value] if isinstance(value, torch.Tensor) else list(value)
+            sources = {t.untyped_storage().data_ptr() for t in group}
+            for target, part in zip(targets, [fresh] if isinstance(fresh, torch.Tensor) else fresh, strict=True):
+                if target.untyped_storage().data_ptr() not in sources:  # a view of the buffer is current
+                    target[slot:slot + 1].copy_(part)
+        entry[2] = [t._version for t in group]
+        entry[4] = self._slot_writes.snapshot()
+        return True
 
 
 class ComputeWeights:
     """Float32 copies of low-precision adapter weights (for CPUs without native bf16 matmuls),
     made once per slot buffer and refreshed when vLLM writes new weights into it."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, slot_writes=None) -> None:
         self.enabled = enabled
-        self._copies = PerTensorCache(lambda weights: weights.float())
+        self._copies = PerTensorCache(lambda weights: weights.float(), slot_writes,
+                                      copies=lambda weights, copy: [(copy, weights)])
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -386,9 +442,16 @@ class ComputeWeights:
         return torch.float32 if self.enabled else None
 
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights`` in the compute dtype (a cached copy, refreshed when they are rewritten)."""
         if not self.enabled or weights.dtype == torch.float32:
             return weights
         return self._copies(weights)
+
+    def convert(self, weights: torch.Tensor) -> torch.Tensor:
+        """``weights`` in the compute dtype, uncached (for a cache of one's own)."""
+        if not self.enabled or weights.dtype == torch.float32:
+            return weights
+        return weights.float()
 
 
 def native_bf16_matmul() -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-from . import cpu_lora, native, vllm_plugin
+from . import cpu_lora, native, slot_writes, vllm_plugin
 from .reference import NO_ADAPTER, as_3d
 
 # Which tokens of a step the compiled op takes (``kernels/bench_ops.py`` and the tiled op's
@@ -32,16 +32,24 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._plan = cpu_lora.build_plan(torch.empty(0, dtype=torch.long))
-        self._compute = cpu_lora.ComputeWeights(enabled=not cpu_lora.native_bf16_matmul())
+        # vLLM rewrites one slot when it activates an adapter; the caches below refresh that slot only.
+        self._slot_writes = slot_writes.SlotWrites()
+        slot_writes.install_activation_hook()
+        self._compute = cpu_lora.ComputeWeights(enabled=not cpu_lora.native_bf16_matmul(),
+                                                slot_writes=self._slot_writes)
         self._workspace = cpu_lora.Workspace()
         # Each layer's A slices concatenated along the rank (one shrink for q/k/v or gate/up).
         self._fused_lora_a = cpu_lora.PerTensorCache(
-            lambda slices: cpu_lora.fuse_slices(slices, self._compute.dtype))
+            lambda slices: cpu_lora.fuse_slices(slices, self._compute.dtype), self._slot_writes,
+            copies=cpu_lora.fused_slice_copies)
         # Each layer's B slices as [S, N_i, R] in the compute dtype, and transposed, [S, R, N_i]
         # contiguous, for the compiled op (made the first time it runs that layer).
-        self._lora_b = cpu_lora.PerTensorCache(lambda slices: [as_3d(self._compute(b)) for b in slices])
+        self._lora_b = cpu_lora.PerTensorCache(
+            lambda slices: [as_3d(self._compute.convert(b)) for b in slices], self._slot_writes,
+            copies=lambda slices, value: list(zip(value, (as_3d(b) for b in slices))))
         self._lora_b_t = cpu_lora.PerTensorCache(
-            lambda slices: [b.transpose(1, 2).contiguous() for b in self._lora_b(slices)])
+            lambda slices: [as_3d(self._compute.convert(b)).transpose(1, 2).contiguous() for b in slices],
+            self._slot_writes, copies=lambda slices, value: list(zip(value, (as_3d(b).transpose(1, 2) for b in slices))))
         cache = vllm_plugin.compiled_ops_cache()
         self._compiled = native.load(cache, build_if_missing=False) if cache is not None else None
         # This step's linear layers: the token slots the compiled op takes (None: it does not run)
@@ -49,9 +57,13 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         # decode tokens splits, the runs in place in torch, the decode tokens compiled).
         self._compiled_slots: torch.Tensor | None = None
         self._torch_plan: cpu_lora.LoraPlan | None = self._plan
-        # Slots whose B is not all zero, per stacked B buffer (lm_head and embedding LoRA).
-        self._slots_with_weights = cpu_lora.PerTensorCache(
-            lambda b: torch.nonzero(b.reshape(b.shape[0], -1).abs().amax(dim=1) > 0).flatten().tolist())
+        # Whether each slot's B is not all zero, [S] bool, per stacked B buffer (lm_head and embedding LoRA).
+        self._slot_has_weights = cpu_lora.PerTensorCache(
+            lambda b: b.reshape(b.shape[0], -1).abs().amax(dim=1) > 0, self._slot_writes)
+
+    def note_slot_written(self, slot: int) -> None:
+        """vLLM wrote adapter weights into ``slot`` (-1: into some slot it could not say)."""
+        self._slot_writes.written(slot)
 
     def update_metadata(self, *args, **kwargs) -> None:
         super().update_metadata(*args, **kwargs)
@@ -134,7 +146,7 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
 
     def _plan_for_slots_with_weights(self, slots, lora_b_stacked):
         """A plan over the tokens whose slot has a non-zero B in ``lora_b_stacked`` (None: no slot has one)."""
-        active = self._slots_with_weights(lora_b_stacked)
+        active = torch.nonzero(self._slot_has_weights(lora_b_stacked)).flatten().tolist()
         if not active:
             return None
         with_weights = torch.isin(slots, torch.tensor(active, dtype=slots.dtype))

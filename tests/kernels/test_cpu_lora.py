@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from loraplex.kernels import cpu_lora, reference
+from loraplex.kernels.slot_writes import SlotWrites
 from loraplex.kernels.workloads import POPULARITIES, token_slots
 
 from .conftest import (HIDDEN_IN, NUM_ADAPTERS, NUM_TOKENS, RANKS, SLICE_WIDTHS, check_against_reference,
@@ -128,3 +129,71 @@ def test_per_tensor_cache_refreshes_when_weights_are_written():
     for _ in range(cpu_lora.PerTensorCache.MAX_ENTRIES + 1):
         cache(list(stacked))
     assert len(cache._cache) <= cpu_lora.PerTensorCache.MAX_ENTRIES
+
+
+def test_slot_writes_bookkeeping():
+    writes = SlotWrites()
+    mark = writes.snapshot()
+    assert writes.changed_since(mark) == []
+    writes.written(3)
+    writes.written(1)
+    assert writes.changed_since(mark) == [1, 3]
+    later = writes.snapshot()
+    writes.written(3)
+    assert writes.changed_since(later) == [3]
+    writes.written(-1)  # a write whose slot is not known: everything counts as written
+    assert writes.changed_since(later) is None and writes.changed_since(writes.snapshot()) == []
+
+
+def _fused_and_transposed(slices):
+    """A slot-wise value like the wrapper's: a copy (fused along dim 1) and a view of the first slice."""
+    return [torch.cat(list(slices), dim=1), slices[0]]
+
+
+@pytest.mark.parametrize("noted", [True, False])
+def test_per_tensor_cache_refreshes_only_the_written_slot(noted):
+    """After vLLM writes one slot (noted by the activation hook), only that slot is recomputed,
+    and the value equals a full rebuild; a write nobody noted rebuilds everything."""
+    writes = SlotWrites()
+    shapes = []
+
+    def fn(slices):
+        shapes.append(slices[0].shape[0])
+        return _fused_and_transposed(slices)
+
+    cache = cpu_lora.PerTensorCache(fn, writes)
+    generator = torch.Generator().manual_seed(0)
+    stacked = (torch.randn(4, 2, 3, generator=generator), torch.randn(4, 5, 3, generator=generator))
+    first = cache(stacked)
+    assert shapes == [4]
+    stacked[0][2] = torch.randn(2, 3, generator=generator)  # slot 2 rewritten, as set_lora does
+    stacked[1][2] = 0.0
+    if noted:
+        writes.written(2)
+    value = cache(stacked)
+    expected = _fused_and_transposed(stacked)
+    assert all(torch.equal(v, e) for v, e in zip(value, expected))
+    if noted:
+        assert shapes == [4, 1] and value[0] is first[0], "one slot recomputed in place"
+    else:
+        assert shapes == [4, 4], "an unnoted write rebuilds the whole value"
+    assert cache(stacked) is value and len(shapes) == 2
+
+
+def test_per_tensor_cache_refresh_keeps_other_slots_and_caches_apart():
+    """A refreshed slot never disturbs the others, and a refresh of a copy never writes into the
+    buffer (which would bump its version and make other caches rebuild)."""
+    writes = SlotWrites()
+    buffer = torch.arange(24, dtype=torch.float32).reshape(4, 2, 3)
+    copies = cpu_lora.PerTensorCache(lambda b: b.transpose(1, 2).contiguous(), writes)
+    views = cpu_lora.PerTensorCache(lambda b: b.reshape(b.shape[0], -1), writes)
+    transposed, flat = copies(buffer), views(buffer)
+    before = transposed.clone()
+    buffer[1] = -1.0
+    writes.written(1)
+    version = buffer._version
+    assert torch.equal(copies(buffer)[1], buffer[1].T) and torch.equal(views(buffer), buffer.reshape(4, -1))
+    assert buffer._version == version
+    for slot in (0, 2, 3):
+        assert torch.equal(transposed[slot], before[slot])
+    assert flat is views(buffer)

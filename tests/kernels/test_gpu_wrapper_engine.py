@@ -37,19 +37,20 @@ def tiny_model(tmp_path_factory):
     return root / "model", adapters, model
 
 
-def engine_tokens(model_dir: Path, adapters, wrapper: str, out: Path) -> list[list[int]]:
-    env = {**os.environ, "ENGINE_CHILD_PROMPTS": json.dumps(PROMPTS), "ENGINE_CHILD_MAX_TOKENS": str(MAX_TOKENS)}
+def engine_tokens(model_dir: Path, adapters, wrapper: str, out: Path, prompts=PROMPTS):
+    env = {**os.environ, "ENGINE_CHILD_PROMPTS": json.dumps(prompts), "ENGINE_CHILD_MAX_TOKENS": str(MAX_TOKENS),
+           "ENGINE_CHILD_COMPILED_OPS_DIR": str(out.parent / "compiled-ops")}
     subprocess.run([sys.executable, "-m", "tests.kernels.engine_child", str(model_dir), str(out), wrapper,
                     *map(str, adapters)], check=True, cwd=ROOT, env=env, timeout=600,
                    stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
-def hf_peft_tokens(model, adapters) -> list[list[int]]:
+def hf_peft_tokens(model, adapters, prompts=PROMPTS) -> list[list[int]]:
     from peft import PeftModel
 
     results = []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = torch.tensor([prompt])
         for adapter in [None, *adapters]:
             with torch.no_grad():
@@ -71,3 +72,22 @@ def test_cuda_wrapper_in_the_engine_matches_stock_ours_and_hf_peft(tiny_model, t
     assert len({tuple(t) for t in expected}) > 1, "the adapters must change the output"
     for wrapper in ("gpu", "stock", "cpu"):
         assert engine_tokens(model_dir, adapters, wrapper, tmp_path / f"{wrapper}.json") == expected, wrapper
+
+
+@pytest.mark.timeout(1200)
+def test_slots_rewritten_between_steps_serve_each_adapter_its_own_weights(tiny_model, tmp_path):
+    """Four adapters taking turns on two slots (vLLM rewrites a slot, and our caches refresh just
+    that slot, between steps), short runs on the compiled op and a long prompt on the torch ops:
+    every round's tokens equal HF+peft's for that adapter."""
+    model_dir, adapters, model = tiny_model
+    adapters = [*adapters, *(make_adapter(model, tmp_path / f"extra-{i}", seed=10 + i, rank=8, b_std=0.5)
+                             for i in range(2))]
+    prompts = [*PROMPTS, list(range(3, 83))]  # 80 tokens: a run the torch ops take
+    expected = hf_peft_tokens(model.eval(), adapters, prompts)
+    per_request = {f"{p}:{a}": expected[p * (len(adapters) + 1) + a]
+                   for p in range(len(prompts)) for a in range(len(adapters) + 1)}
+    assert len({tuple(t) for t in expected}) > len(prompts), "the adapters must change the output"
+    batches = engine_tokens(model_dir, adapters, "cpu-churn", tmp_path / "churn.json", prompts)
+    assert len(batches) == 6 and all(len(batch) == 3 * len(prompts) for batch in batches)
+    for batch in batches:
+        assert batch == {key: per_request[key] for key in batch}

@@ -232,3 +232,43 @@ def test_without_a_cache_the_torch_ops_run(monkeypatch):
     vllm_plugin.select_lora_kernels("loraplex")
     assert vllm_plugin.compiled_ops_cache() is None
     assert cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=8, max_batches=2, device="cpu")._compiled is None
+
+
+class _NotingWrapper:
+    def __init__(self) -> None:
+        self.noted: list[int] = []
+
+    def note_slot_written(self, slot: int) -> None:
+        self.noted.append(slot)
+
+
+def test_activation_hook_notes_the_written_slot_and_every_slot_on_failure():
+    """vLLM writes adapter weights into slots only in ``LoRAModelManager.activate_adapter`` (via
+    the layers' reset_lora/set_lora); the hook tells our wrapper which slot, or -1 (every slot)
+    when activation fails part way."""
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from loraplex.kernels import slot_writes
+
+    source = inspect.getsource(LoRAModelManager.activate_adapter.__wrapped__
+                               if hasattr(LoRAModelManager.activate_adapter, "__wrapped__")
+                               else LoRAModelManager.activate_adapter)
+    assert "set_lora(" in source and "reset_lora(" in source
+    slot_writes.install_activation_hook()
+    slot_writes.install_activation_hook()  # idempotent: wrapped once
+    assert not hasattr(LoRAModelManager.activate_adapter.__wrapped__, "__wrapped__")
+
+    class FakeLora:
+        id = 7
+
+    manager = object.__new__(LoRAModelManager)
+    wrapper = _NotingWrapper()
+    manager.punica_wrapper_mapping = {"language_model": wrapper, "other": object()}
+    manager._active_adapters, manager._registered_adapters = {}, {7: FakeLora()}
+    manager.lora_index_to_id, manager.modules = [3, None, None], {}
+    assert manager.activate_adapter(7) is True and wrapper.noted == [1]
+    assert manager.activate_adapter(7) is False and wrapper.noted == [1], "already active: nothing written"
+    del manager._registered_adapters
+    with pytest.raises(AttributeError):
+        manager.activate_adapter(8)
+    assert wrapper.noted == [1, -1]
