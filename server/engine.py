@@ -199,6 +199,10 @@ class Engine:
         # every refresh); the slots this server removed itself since the last refresh.
         self._resident: set[int] = set()
         self._removed_since_refresh: set[int] = set()
+        # Adapters the engine has loaded (explicitly, checked) and not removed since: after an
+        # LRU eviction the step that schedules one reloads its validated, read-only snapshot.
+        self._loaded_before: set[int] = set()
+        self._reloaded_since_refresh: set[int] = set()
         # Structured-output constraints are checked here, one at a time, off the event loop.
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-grammar")
 
@@ -347,14 +351,22 @@ class Engine:
                 raise EngineUnavailable("the engine has failed") from exc
             raise AdapterRejected(str(exc)) from exc
         self._resident.add(adapter.adapter_slot)
+        self._loaded_before.add(adapter.adapter_slot)
 
     async def ensure_adapter(self, adapter: AdapterVersion) -> bool:
-        """Before a request is scheduled: load its adapter explicitly unless it is resident, so a
-        load never happens for the first time inside an engine step. (If the engine's LRU evicts
-        it in between, the worker reloads the same validated, read-only snapshot.) Returns whether
-        it was resident (a hit of the engine's adapter cache)."""
-        if adapter.adapter_slot in self._resident:
+        """Before a request is scheduled: load its adapter explicitly the first time, so a load
+        never happens for the first time inside an engine step (where a refusal would kill the
+        engine). An adapter the engine loaded before and evicted since is reloaded by the step
+        that schedules its request, from the same validated, read-only snapshot: no separate
+        round trip to the engine (which would wait for a step to end, then the request for the
+        next). Returns whether it was resident (a hit of the engine's adapter cache)."""
+        slot = adapter.adapter_slot
+        if slot in self._resident:
             return True
+        if slot in self._loaded_before:
+            self._resident.add(slot)  # it is once its step runs
+            self._reloaded_since_refresh.add(slot)
+            return False
         await self.add_adapter(adapter)
         return False
 
@@ -363,13 +375,16 @@ class Engine:
         the last refresh without this server removing them, i.e. LRU evictions)."""
         resident = set(await self._llm.list_loras())
         gone = self._resident - resident
-        evicted = len(gone - self._removed_since_refresh)
+        # (one reloaded since the last refresh and not yet scheduled is not an eviction)
+        evicted = len(gone - self._removed_since_refresh - self._reloaded_since_refresh)
         self._resident = resident
         self._removed_since_refresh.clear()
+        self._reloaded_since_refresh.clear()
         return len(resident), evicted
 
     async def remove_adapter(self, adapter: AdapterVersion) -> None:
         self._resident.discard(adapter.adapter_slot)
+        self._loaded_before.discard(adapter.adapter_slot)
         self._removed_since_refresh.add(adapter.adapter_slot)
         await self._llm.remove_lora(adapter.adapter_slot)
 

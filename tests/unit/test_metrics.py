@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -75,8 +76,7 @@ def test_evictions_are_slots_that_left_the_cache_without_an_unload():
         def __init__(self, slot):
             self.adapter_slot = slot
 
-    engine = Engine.__new__(Engine)  # no vLLM: only the residency bookkeeping is under test
-    engine._llm, engine._resident, engine._removed_since_refresh = FakeLLM(), set(), set()
+    engine = _bookkeeping_only(Engine, FakeLLM())
 
     async def scenario():
         assert await engine.refresh_residency() == (3, 0)
@@ -90,6 +90,56 @@ def test_evictions_are_slots_that_left_the_cache_without_an_unload():
     metrics.adapter_states({"ready": 1}, num_resident, evictions=num_evicted)
     assert list(samples(metrics, "loraplex:adapter_evictions_total").values()) == [1.0]
     assert list(samples(metrics, "loraplex:adapters_resident").values()) == [2.0]
+
+
+def _bookkeeping_only(engine_class, llm):
+    engine = engine_class.__new__(engine_class)  # no vLLM: only the residency bookkeeping is under test
+    engine._llm = llm
+    engine._resident, engine._removed_since_refresh = set(), set()
+    engine._loaded_before, engine._reloaded_since_refresh = set(), set()
+    return engine
+
+
+def test_only_an_adapters_first_load_is_a_separate_call_to_the_engine():
+    """The first load is explicit and checked; after an eviction the step reloads the adapter
+    (no extra round trip), and that reload is neither an eviction nor a hit; after an unload
+    the next load is explicit again."""
+    import asyncio
+
+    from loraplex.server.engine import Engine
+
+    class FakeLLM:
+        def __init__(self):
+            self.resident, self.add_calls = set(), []
+
+        async def add_lora(self, request):
+            self.add_calls.append(request.lora_int_id)
+            self.resident.add(request.lora_int_id)
+
+        async def list_loras(self):
+            return set(self.resident)
+
+        async def remove_lora(self, slot):
+            self.resident.discard(slot)
+
+    class Version:
+        def __init__(self, slot):
+            self.adapter_slot, self.name, self.version, self.snapshot_path = slot, f"a{slot}", 1, Path("/x")
+
+    llm = FakeLLM()
+    engine = _bookkeeping_only(Engine, llm)
+
+    async def scenario():
+        assert await engine.ensure_adapter(Version(5)) is False and llm.add_calls == [5]
+        assert await engine.ensure_adapter(Version(5)) is True
+        llm.resident.clear()  # the engine's LRU evicted it
+        assert await engine.refresh_residency() == (0, 1)
+        assert await engine.ensure_adapter(Version(5)) is False and llm.add_calls == [5], "the step reloads it"
+        assert await engine.refresh_residency() == (0, 0), "not scheduled yet: no eviction"
+        await engine.remove_adapter(Version(5))
+        assert await engine.ensure_adapter(Version(5)) is False and llm.add_calls == [5, 5], "explicit again"
+
+    asyncio.run(scenario())
 
 
 def test_text_log_lines_cannot_be_forged():
