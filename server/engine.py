@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adapters.registry import AdapterVersion
+from .adapters.store import snapshot_fingerprint
 from .config import EngineConfig
 from .structured import StructuredSpec
 
@@ -199,9 +200,10 @@ class Engine:
         # every refresh); the slots this server removed itself since the last refresh.
         self._resident: set[int] = set()
         self._removed_since_refresh: set[int] = set()
-        # Adapters the engine has loaded (explicitly, checked) and not removed since: after an
-        # LRU eviction the step that schedules one reloads its validated, read-only snapshot.
-        self._loaded_before: set[int] = set()
+        # Adapters the engine has loaded (explicitly, checked) and not removed since, with their
+        # snapshot's fingerprint then: after an LRU eviction the step that schedules one reloads
+        # its validated, read-only snapshot, if that is unchanged.
+        self._loaded_before: dict[int, tuple | None] = {}
         self._reloaded_since_refresh: set[int] = set()
         # Structured-output constraints are checked here, one at a time, off the event loop.
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-grammar")
@@ -351,7 +353,7 @@ class Engine:
                 raise EngineUnavailable("the engine has failed") from exc
             raise AdapterRejected(str(exc)) from exc
         self._resident.add(adapter.adapter_slot)
-        self._loaded_before.add(adapter.adapter_slot)
+        self._loaded_before[adapter.adapter_slot] = snapshot_fingerprint(Path(adapter.snapshot_path))
 
     async def ensure_adapter(self, adapter: AdapterVersion) -> bool:
         """Before a request is scheduled: load its adapter explicitly the first time, so a load
@@ -359,11 +361,15 @@ class Engine:
         engine). An adapter the engine loaded before and evicted since is reloaded by the step
         that schedules its request, from the same validated, read-only snapshot: no separate
         round trip to the engine (which would wait for a step to end, then the request for the
-        next). Returns whether it was resident (a hit of the engine's adapter cache)."""
+        next). If the snapshot's files changed since that load (they are read-only, but a
+        privileged hand could still touch them), the load is explicit and checked again, so a
+        broken file fails only its own adapter. Returns whether it was resident (a hit of the
+        engine's adapter cache)."""
         slot = adapter.adapter_slot
         if slot in self._resident:
             return True
-        if slot in self._loaded_before:
+        fingerprint = self._loaded_before.get(slot)
+        if fingerprint is not None and fingerprint == snapshot_fingerprint(Path(adapter.snapshot_path)):
             self._resident.add(slot)  # it is once its step runs
             self._reloaded_since_refresh.add(slot)
             return False
@@ -384,7 +390,7 @@ class Engine:
 
     async def remove_adapter(self, adapter: AdapterVersion) -> None:
         self._resident.discard(adapter.adapter_slot)
-        self._loaded_before.discard(adapter.adapter_slot)
+        self._loaded_before.pop(adapter.adapter_slot, None)
         self._removed_since_refresh.add(adapter.adapter_slot)
         await self._llm.remove_lora(adapter.adapter_slot)
 

@@ -99,6 +99,17 @@ class SnapshotStore:
             return len(self._refs)
 
 
+def snapshot_fingerprint(path: Path) -> tuple | None:
+    """What ``stat`` says of a snapshot's files (inode, size, change time): equal fingerprints
+    mean the files were not rewritten, replaced or truncated in between (the change time cannot be
+    set back). None when a file is gone."""
+    try:
+        return tuple((info.st_ino, info.st_size, info.st_ctime_ns)
+                     for info in (os.stat(path / name) for name in SNAPSHOT_FILES))
+    except OSError:
+        return None
+
+
 def _copy_regular_file(source: Path, destination: Path, budget: int, digest) -> int:
     """Copy one file, refusing anything but a regular file (a FIFO would block the copy forever)
     and anything over ``budget`` bytes; the digest covers the name and the bytes copied."""

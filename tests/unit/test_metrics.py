@@ -96,16 +96,17 @@ def _bookkeeping_only(engine_class, llm):
     engine = engine_class.__new__(engine_class)  # no vLLM: only the residency bookkeeping is under test
     engine._llm = llm
     engine._resident, engine._removed_since_refresh = set(), set()
-    engine._loaded_before, engine._reloaded_since_refresh = set(), set()
+    engine._loaded_before, engine._reloaded_since_refresh = {}, set()
     return engine
 
 
-def test_only_an_adapters_first_load_is_a_separate_call_to_the_engine():
+def test_only_an_adapters_first_load_is_a_separate_call_to_the_engine(tmp_path):
     """The first load is explicit and checked; after an eviction the step reloads the adapter
-    (no extra round trip), and that reload is neither an eviction nor a hit; after an unload
-    the next load is explicit again."""
+    (no extra round trip), and that reload is neither an eviction nor a hit. After an unload, or
+    when the snapshot's files changed since, the next load is explicit (checked) again."""
     import asyncio
 
+    from loraplex.server.adapters.store import SNAPSHOT_FILES
     from loraplex.server.engine import Engine
 
     class FakeLLM:
@@ -122,22 +123,37 @@ def test_only_an_adapters_first_load_is_a_separate_call_to_the_engine():
         async def remove_lora(self, slot):
             self.resident.discard(slot)
 
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for name in SNAPSHOT_FILES:
+        (snapshot / name).write_text("{}")
+
     class Version:
         def __init__(self, slot):
-            self.adapter_slot, self.name, self.version, self.snapshot_path = slot, f"a{slot}", 1, Path("/x")
+            self.adapter_slot, self.name, self.version, self.snapshot_path = slot, f"a{slot}", 1, snapshot
 
     llm = FakeLLM()
     engine = _bookkeeping_only(Engine, llm)
 
+    async def evicted():
+        llm.resident.clear()  # the engine's LRU evicted it
+        await engine.refresh_residency()
+
     async def scenario():
         assert await engine.ensure_adapter(Version(5)) is False and llm.add_calls == [5]
         assert await engine.ensure_adapter(Version(5)) is True
-        llm.resident.clear()  # the engine's LRU evicted it
+        llm.resident.clear()
         assert await engine.refresh_residency() == (0, 1)
         assert await engine.ensure_adapter(Version(5)) is False and llm.add_calls == [5], "the step reloads it"
         assert await engine.refresh_residency() == (0, 0), "not scheduled yet: no eviction"
         await engine.remove_adapter(Version(5))
         assert await engine.ensure_adapter(Version(5)) is False and llm.add_calls == [5, 5], "explicit again"
+        await evicted()
+        (snapshot / SNAPSHOT_FILES[-1]).write_text("{} ")  # rewritten behind the store's back
+        assert await engine.ensure_adapter(Version(5)) is False and llm.add_calls == [5, 5, 5], "checked again"
+        await evicted()
+        (snapshot / SNAPSHOT_FILES[-1]).unlink()
+        assert await engine.ensure_adapter(Version(5)) is False and llm.add_calls == [5, 5, 5, 5]
 
     asyncio.run(scenario())
 
