@@ -409,19 +409,20 @@ class PerTensorCache:
         slots = [slot for slot in self._slot_writes.changed_since(mark) or () if slot < num_slots]
         if not slots or any(t.shape[0] != num_slots for t in group):
             return False
-        for slot in slots:
-            if per_slot is not None:
+        if per_slot is not None:
+            for slot in slots:
                 for dst, src in per_slot[slot]:
                     dst.copy_(src)
-                continue
-            narrowed = tensors[slot:slot + 1] if isinstance(tensors, torch.Tensor) else type(tensors)(
-                t[slot:slot + 1] for t in tensors)
-            fresh = self._fn(narrowed)
-            targets = [value] if isinstance(value, torch.Tensor) else list(value)
+        else:
             sources = {t.untyped_storage().data_ptr() for t in group}
-            for target, part in zip(targets, [fresh] if isinstance(fresh, torch.Tensor) else fresh, strict=True):
-                if target.untyped_storage().data_ptr() not in sources:  # a view of the buffer is current
-                    target[slot:slot + 1].copy_(part)
+            targets = [value] if isinstance(value, torch.Tensor) else list(value)
+            for slot in slots:
+                narrowed = tensors[slot:slot + 1] if isinstance(tensors, torch.Tensor) else type(tensors)(
+                    t[slot:slot + 1] for t in tensors)
+                fresh = self._fn(narrowed)
+                for target, part in zip(targets, [fresh] if isinstance(fresh, torch.Tensor) else fresh, strict=True):
+                    if target.untyped_storage().data_ptr() not in sources:  # a view of the buffer is current
+                        target[slot:slot + 1].copy_(part)
         entry[2] = [t._version for t in group]
         entry[4] = self._slot_writes.snapshot()
         return True
