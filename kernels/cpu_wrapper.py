@@ -44,9 +44,9 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
             copies=cpu_lora.fused_slice_copies)
         # Each layer's B slices as [S, N_i, R] in the compute dtype, and transposed, [S, R, N_i]
         # contiguous, for the compiled op (made the first time it runs that layer).
-        self._lora_b = cpu_lora.PerTensorCache(
-            lambda slices: [as_3d(self._compute.convert(b)) for b in slices], self._slot_writes,
-            copies=lambda slices, value: list(zip(value, (as_3d(b) for b in slices))))
+        # (views of the weights or of ``_compute``'s float copies, which refresh the written slot
+        # themselves: remaking the views is all a write costs here)
+        self._lora_b = cpu_lora.PerTensorCache(lambda slices: [as_3d(self._compute(b)) for b in slices])
         self._lora_b_t = cpu_lora.PerTensorCache(
             lambda slices: [as_3d(self._compute.convert(b)).transpose(1, 2).contiguous() for b in slices],
             self._slot_writes, copies=lambda slices, value: list(zip(value, (as_3d(b).transpose(1, 2) for b in slices))))

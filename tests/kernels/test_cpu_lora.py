@@ -197,3 +197,15 @@ def test_per_tensor_cache_refresh_keeps_other_slots_and_caches_apart():
     for slot in (0, 2, 3):
         assert torch.equal(transposed[slot], before[slot])
     assert flat is views(buffer)
+
+
+def test_float_copies_follow_a_noted_slot_write():
+    """bf16 adapters on a CPU computing in float32: the float copy's written slot is refreshed,
+    the others kept, and the copy is the same tensor (views made of it stay valid)."""
+    writes = SlotWrites()
+    compute = cpu_lora.ComputeWeights(enabled=True, slot_writes=writes)
+    buffer = torch.randn(3, 1, 4, 2).to(torch.bfloat16)
+    copy = compute(buffer)
+    buffer[2] = 7.0
+    writes.written(2)
+    assert compute(buffer) is copy and torch.equal(copy, buffer.float())
