@@ -40,6 +40,9 @@ class EvalEngineConfig:
     max_model_len: int
     kv_cache_gib: float = 4.0
     max_num_seqs: int = 256
+    # Where the server's compiled op for small CPU steps is built (None: our torch ops only). The
+    # evaluation runs the kernels that will serve the adapter: the same as ``loraplex serve``'s.
+    compiled_ops_cache: Path | None = None
 
 
 def checked_schema(schema: dict):
@@ -57,21 +60,22 @@ def max_lora_rank(rank: int) -> int:
 
 
 def generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: list[Variant],
-             schema: dict | None) -> tuple[dict[str, list[str]], str]:
-    """({variant label: one completion per prompt}, the dtype served). Starts and stops its own
-    engine."""
+             schema: dict | None) -> tuple[dict[str, list[str]], dict]:
+    """({variant label: one completion per prompt}, what served them: dtype, kernels). Starts and
+    stops its own engine."""
     return asyncio.run(_generate(config, prompts, wanted, schema))
 
 
 async def _generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: list[Variant],
-                    schema: dict | None) -> tuple[dict[str, list[str]], str]:
-    from loraplex.kernels.vllm_plugin import select_lora_kernels
+                    schema: dict | None) -> tuple[dict[str, list[str]], dict]:
+    from loraplex.kernels.vllm_plugin import compiled_ops_cache, select_lora_kernels
 
     from ..adapters.registry import AdapterRegistry
     from ..config import EngineConfig
     from ..engine import Engine, SamplingOptions
 
-    select_lora_kernels("auto")
+    select_lora_kernels("auto", compiled_ops_cache=config.compiled_ops_cache)
+    served = {"kernels": "loraplex", "compiled_op": compiled_ops_cache() is not None}
     longest = max((len(p) for p in prompts), default=1)
     engine = Engine.start(EngineConfig(
         model_path=str(config.model_dir), max_model_len=max(config.max_model_len, longest + config.max_new_tokens),
@@ -97,5 +101,5 @@ async def _generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: 
         outputs = await asyncio.gather(*[one(v, i, p) for v in wanted for i, p in enumerate(prompts)])
     finally:
         engine.shutdown()
-    return {v.label: outputs[k * len(prompts):(k + 1) * len(prompts)] for k, v in enumerate(wanted)}, \
-        engine.served_dtype
+    return ({v.label: outputs[k * len(prompts):(k + 1) * len(prompts)] for k, v in enumerate(wanted)},
+            {**served, "dtype": engine.served_dtype})

@@ -50,15 +50,16 @@ def _evaluate_on_engine(config: TrainConfig, model_dir: Path, tokenizer, example
     wanted = engine_eval.variants(config.compare_base, config.eval_schema)
     prompts = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in chosen]
     started = time.monotonic()
-    predictions, dtype = engine_eval.generate(engine_eval.EvalEngineConfig(
+    predictions, served = engine_eval.generate(engine_eval.EvalEngineConfig(
         model_dir=model_dir, adapter_dir=config.out_dir, rank=config.rank, target_modules=config.target_modules,
-        max_new_tokens=config.eval_max_new_tokens, max_model_len=config.max_length), prompts, wanted,
-        config.eval_schema) if chosen else ({v.label: [] for v in wanted}, None)
+        max_new_tokens=config.eval_max_new_tokens, max_model_len=config.max_length,
+        compiled_ops_cache=config.cache_dir), prompts, wanted,
+        config.eval_schema) if chosen else ({v.label: [] for v in wanted}, {})
     seconds = time.monotonic() - started
     results = {label: evaluate(chosen, texts, eval_losses.get(label)).as_dict() for label, texts in predictions.items()}
     for label, result in results.items():
         logger.info("%s: exact match %.1f%%", label, 100 * result["exact_match"])
-    results["evaluation"] = {"engine": "vllm", "kernels": "loraplex", "dtype": dtype, "seconds": round(seconds, 1),
+    results["evaluation"] = {"engine": "vllm", **served, "seconds": round(seconds, 1),
                              "generations": len(chosen) * len(wanted)}
     return results
 
