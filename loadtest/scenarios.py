@@ -23,7 +23,7 @@
   traffic's p99 with the hostile clients against its p99 with their twins (target: within 1.2x).
 
 - lora_overhead: the same open-loop rate (``--rate``, e.g. 1 req/s) on the base model alone
-  (``--base``) and spread over adapters (``--models``), alternated ABAB: TTFT and TPOT p50 of
+  (``--base``) and spread over adapters (``--models``), alternated ABBA: TTFT and TPOT p50 of
   the adapters against the base model's.
 
     python -m loraplex.loadtest.scenarios lora_overhead --url ... --rate 1 --base M --models A0 ... A15
@@ -118,22 +118,32 @@ def _latency_summary(results: list[RequestResult], warmup_s: float) -> dict:
 
 
 def lora_overhead(args) -> dict:
-    """Base alone vs. adapters at one rate, ABAB (``--repeats`` pairs); ratios are medians over pairs."""
+    """Base alone vs. adapters at one rate, ``--repeats`` pairs in ABBA order (base first in even
+    pairs, adapters first in odd ones, so a machine that speeds up or slows down over the run
+    favours neither side); ratios are medians over pairs."""
     import statistics
 
     phases = {"base": (args.base,), "adapters": tuple(args.models)}
     out: dict = {"rate_rps": args.rate, "adapters": len(args.models), "pairs": []}
+    pooled: dict[str, list[RequestResult]] = {label: [] for label in phases}
     for repeat in range(args.repeats):
         pair = {}
-        for label, models in phases.items():
+        order = list(phases.items())
+        for label, models in (order if repeat % 2 == 0 else order[::-1]):
             print(f"== {label} ({len(models)} models) at {args.rate} req/s, pair {repeat + 1}", file=sys.stderr)
             results, _, _ = _run(_config(args, models, args.rate))
             pair[label] = _latency_summary(results, args.warmup)
+            pooled[label] += results
         out["pairs"].append(pair)
+    out["pooled"] = {label: _latency_summary(results, args.warmup) for label, results in pooled.items()}
     for metric in ("p50_tpot_ms", "p50_ttft_ms", "p99_ttft_ms"):
         ratios = [_ratio(p["adapters"][metric], p["base"][metric]) for p in out["pairs"]]
         ratios = [r for r in ratios if r is not None]
-        out[f"{metric.removesuffix('_ms')}_adapters_vs_base"] = statistics.median(ratios) if ratios else None
+        name = metric.removesuffix("_ms")
+        out[f"{name}_adapters_vs_base"] = statistics.median(ratios) if ratios else None
+        # every pair's requests together: less swayed by one pair on a slow minute
+        out[f"pooled_{name}_adapters_vs_base"] = _ratio(out["pooled"]["adapters"][metric],
+                                                        out["pooled"]["base"][metric])
     return out
 
 

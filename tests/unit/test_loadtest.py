@@ -176,3 +176,38 @@ def test_adapter_scaling_needs_as_many_models_as_its_largest_count():
 
     with pytest.raises(SystemExit, match="needs that many --models"):
         adapter_scaling(argparse.Namespace(counts="8,16", models=["a"] * 8, rate=1.0, mixes="uniform"))
+
+
+def test_lora_overhead_alternates_abba_and_pools_every_pair(monkeypatch):
+    """Pairs run base-first, then adapters-first (a drifting machine favours neither side); the
+    pooled ratio takes every pair's requests together, the other is the median of the pairs'."""
+    import argparse
+
+    from loraplex.loadtest import scenarios
+
+    order, run = [], iter(range(100))
+
+    def fake_run(config):
+        side = "base" if config.models == ("base",) else "adapters"
+        order.append(side)
+        slow = 2.0 if next(run) == 0 else 1.0  # the first run lands on a slow minute
+        ttft = (0.2 if side == "base" else 0.25) * slow
+        return [_result(i, config.models[0], 5.0 + i, ttft=ttft, e2e=ttft + 1.5) for i in range(10)], {}, []
+
+    monkeypatch.setattr(scenarios, "_run", fake_run)
+    monkeypatch.setattr(scenarios, "_config", lambda args, models, rate: argparse.Namespace(models=models))
+    out = scenarios.lora_overhead(argparse.Namespace(base="base", models=["a0", "a1"], rate=1.0, repeats=4,
+                                                     warmup=5.0))
+    assert order == ["base", "adapters", "adapters", "base"] * 2
+    assert len(out["pairs"]) == 4 and out["pooled"]["base"]["completed"] == 40
+    assert out["p50_ttft_adapters_vs_base"] == pytest.approx(1.25)  # median of 0.625, 1.25, 1.25, 1.25
+    assert out["pooled_p50_ttft_adapters_vs_base"] == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("argv", (["--adapter", "a", "--examples", "0"], ["--adapter", "a", "--repeats", "0"], []))
+def test_eval_benchmark_checks_its_arguments_before_loading_anything(argv, capsys):
+    from loraplex.loadtest.bench_eval import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "error" in capsys.readouterr().err
