@@ -7,8 +7,9 @@
 //   out[t, offset + col_i : offset + col_i + N_i] += y[r_i : r_i + R_i] @ lora_b_t_i[slot[t]]
 // lora_a [S, R_total, H] (the slices' A concatenated along the rank); lora_b_t_i [S, R_i, N_i]
 // (B transposed: each rank row is a contiguous run of the output). Tokens are taken in tiles of
-// up to TILE consecutive tokens on one slot (a prefill run), which share each weight row they
-// read. Each token reads only its own slot's rows: no padding, no gathered weights.
+// up to TILE tokens on one slot, grouped by slot wherever they sit in the batch (a prefill run,
+// or a decode step's sequences on one adapter), which share each weight row they read. Each
+// token reads only its own slot's rows: no padding, no gathered weights.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -46,29 +47,36 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& token_
     widths.push_back(b.size(2));
     width_total += b.size(2);
   }
-  std::vector<std::pair<int64_t, int64_t>> tiles;  // (first token, tokens): consecutive, one slot
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    if (slots[t] < 0) continue;
+  // The tokens with an adapter, by slot (stable: a run keeps its order), then tiles of them:
+  // (first position in `order`, tokens), all on one slot.
+  std::vector<int64_t> order;
+  order.reserve(num_tokens);
+  for (int64_t t = 0; t < num_tokens; ++t)
+    if (slots[t] >= 0) order.push_back(t);
+  std::stable_sort(order.begin(), order.end(), [slots](int64_t a, int64_t b) { return slots[a] < slots[b]; });
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++i) {
     if (!tiles.empty()) {
       auto& last = tiles.back();
-      if (last.first + last.second == t && slots[last.first] == slots[t] && last.second < TILE) {
+      if (slots[order[last.first]] == slots[order[i]] && last.second < TILE) {
         ++last.second;
         continue;
       }
     }
-    tiles.emplace_back(t, 1);
+    tiles.emplace_back(i, 1);
   }
   const float s = static_cast<float>(scale);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> y(TILE * rank_total), acc(TILE * width_total);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t t0 = tiles[i].first, count = tiles[i].second, slot = slots[t0];
+      const int64_t* tokens = order.data() + tiles[i].first;  // this tile's tokens, one slot
+      const int64_t count = tiles[i].second, slot = slots[tokens[0]];
       const W* a = a_data + slot * rank_total * hidden;  // [R_total, H]
       if (count == TILE) {
-        const A* x0 = x_data + t0 * x_stride;
-        const A* x1 = x0 + x_stride;
-        const A* x2 = x1 + x_stride;
-        const A* x3 = x2 + x_stride;
+        const A* x0 = x_data + tokens[0] * x_stride;
+        const A* x1 = x_data + tokens[1] * x_stride;
+        const A* x2 = x_data + tokens[2] * x_stride;
+        const A* x3 = x_data + tokens[3] * x_stride;
         for (int64_t r = 0; r < rank_total; ++r) {
           const W* w = a + r * hidden;
           float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
@@ -87,7 +95,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& token_
       } else {
         for (int64_t j = 0; j < count; ++j)
           for (int64_t r = 0; r < rank_total; ++r)
-            y[j * rank_total + r] = s * dot(a + r * hidden, x_data + (t0 + j) * x_stride, hidden);
+            y[j * rank_total + r] = s * dot(a + r * hidden, x_data + tokens[j] * x_stride, hidden);
       }
       std::fill(acc.begin(), acc.begin() + count * width_total, 0.f);
       int64_t rank_start = 0, col = 0;
@@ -106,7 +114,7 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& token_
         col += width;
       }
       for (int64_t j = 0; j < count; ++j) {
-        A* ot = out_data + (t0 + j) * out_stride + offset;
+        A* ot = out_data + tokens[j] * out_stride + offset;
         const float* accj = acc.data() + j * width_total;
         for (int64_t n = 0; n < width_total; ++n) ot[n] = static_cast<A>(static_cast<float>(ot[n]) + accj[n]);
       }
