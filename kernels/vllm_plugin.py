@@ -51,6 +51,15 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def effective_lora_kernels() -> str:
+    """Whose ops this process's engine runs: ``loraplex`` or ``vllm`` (``auto``: ours on CPUs,
+    vLLM's on GPUs)."""
+    selected = selected_lora_kernels()
+    if selected == "auto":
+        return "vllm" if _has_cuda() else "loraplex"
+    return "loraplex" if selected == "loraplex" else "vllm"
+
+
 def register() -> None:
     """vLLM plugin hook: point the platform's punica wrapper at ours when selected."""
     selected = selected_lora_kernels()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -110,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
                                                     args.batch_size)
             out["runs"].append({"side": side, "seconds": round(seconds, 1)})
             print(f"{side}: {seconds:.1f} s", file=sys.stderr)
-    import statistics
-
     for side in ("engine", "hf"):
         out[f"{side}_seconds"] = statistics.median(r["seconds"] for r in out["runs"] if r["side"] == side)
     out["hf_vs_engine"] = round(out["hf_seconds"] / out["engine_seconds"], 2)

@@ -68,14 +68,14 @@ def generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: list[Va
 
 async def _generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: list[Variant],
                     schema: dict | None) -> tuple[dict[str, list[str]], dict]:
-    from loraplex.kernels.vllm_plugin import compiled_ops_cache, select_lora_kernels
+    from loraplex.kernels.vllm_plugin import compiled_ops_cache, effective_lora_kernels, select_lora_kernels
 
     from ..adapters.registry import AdapterRegistry
     from ..config import EngineConfig
     from ..engine import Engine, SamplingOptions
 
     select_lora_kernels("auto", compiled_ops_cache=config.compiled_ops_cache)
-    served = {"kernels": "loraplex", "compiled_op": compiled_ops_cache() is not None}
+    served = {"kernels": effective_lora_kernels(), "compiled_op": compiled_ops_cache() is not None}
     longest = max((len(p) for p in prompts), default=1)
     engine = Engine.start(EngineConfig(
         model_path=str(config.model_dir), max_model_len=max(config.max_model_len, longest + config.max_new_tokens),

@@ -65,6 +65,7 @@ def test_train_a_tiny_adapter_and_serve_it(tmp_path, server, client, cache_dir, 
     # the kernels that serve: on an x86-64 CPU with AVX2, the compiled op for small steps too
     from loraplex.kernels import native
     assert report["evaluation"]["compiled_op"] == (native.load(cache_dir) is not None)
+    assert report["evaluation"]["kernels"] == "loraplex"  # `auto` on a CPU
     for label in ("base+schema", "adapter+schema"):  # forced into the schema (compact, in its key order)
         assert report[label]["num_generated"] == 2
         for sample in report[label]["samples"]:

@@ -73,6 +73,15 @@ def test_register_installs_our_wrapper_only_when_selected(selected, monkeypatch)
     assert issubclass(cls, PunicaWrapperCPU)
 
 
+@pytest.mark.parametrize("selected, has_cuda, expected", [
+    ("auto", False, "loraplex"), ("auto", True, "vllm"), ("loraplex", True, "loraplex"),
+    ("loraplex", False, "loraplex"), ("vllm", False, "vllm"), ("vllm", True, "vllm")])
+def test_effective_kernels_follow_the_selection_and_the_device(selected, has_cuda, expected, monkeypatch):
+    monkeypatch.setenv(vllm_plugin.SELECTION_ENV, selected)
+    monkeypatch.setattr(vllm_plugin, "_has_cuda", lambda: has_cuda)
+    assert vllm_plugin.effective_lora_kernels() == expected
+
+
 def test_wrapper_applies_lora_through_vllm_metadata():
     from vllm.lora.layers import LoRAMapping
 
