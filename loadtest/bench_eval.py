@@ -52,6 +52,13 @@ def run_hf(model_dir: Path, adapter_dir: Path, prompts: list[str], max_new_token
     return time.monotonic() - started, {"base": base, "adapter": adapter}
 
 
+def _target_modules(adapter_config: dict) -> tuple[str, ...] | None:
+    """The engine's LoRA modules from a PEFT config: its list, or None (every module vLLM supports)
+    when PEFT holds a regex string, which vLLM's module list cannot express."""
+    modules = adapter_config.get("target_modules")
+    return tuple(modules) if isinstance(modules, (list, tuple)) else None
+
+
 def run_engine(model_dir: Path, adapter_dir: Path, token_ids: list[list[int]], max_new_tokens: int,
                max_length: int, cache_dir: Path) -> tuple[float, dict[str, list[str]], dict]:
     from loraplex.server.training import engine_eval
@@ -60,7 +67,7 @@ def run_engine(model_dir: Path, adapter_dir: Path, token_ids: list[list[int]], m
     started = time.monotonic()
     predictions, served = engine_eval.generate(engine_eval.EvalEngineConfig(
         model_dir=model_dir, adapter_dir=adapter_dir, rank=int(config["r"]),
-        target_modules=tuple(config["target_modules"]), max_new_tokens=max_new_tokens, max_model_len=max_length,
+        target_modules=_target_modules(config), max_new_tokens=max_new_tokens, max_model_len=max_length,
         compiled_ops_cache=cache_dir), token_ids, engine_eval.variants(compare_base=True, schema=None), None)
     return time.monotonic() - started, predictions, served
 

@@ -53,6 +53,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         help="KV cache budget in GiB (RAM on CPU)")
     engine.add_argument("--max-num-seqs", type=int, default=defaults_engine.max_num_seqs)
     engine.add_argument("--max-num-batched-tokens", type=int, default=defaults_engine.max_num_batched_tokens)
+    engine.add_argument("--block-size", type=int, default=defaults_engine.block_size,
+                        help="tokens per KV-cache block, the prefix cache's unit (default: vLLM's, 128 on CPUs)")
     engine.add_argument("--max-loras", type=int, default=defaults_engine.max_loras,
                         help="adapters that can share one batch")
     engine.add_argument("--max-lora-rank", type=int, default=defaults_engine.max_lora_rank)
@@ -148,28 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(args: argparse.Namespace) -> int:
-    from . import default_model
-    from .app import run
-
-    model_config = ModelConfig(model_dir=args.model, served_model_name=args.served_model_name,
-                               cache_dir=args.cache_dir or default_model.default_cache_dir())
-    if model_config.model_dir is None:
-        model_path = default_model.ensure_default_model(model_config.cache_dir)
-        default_name = default_model.DEFAULT_MODEL_NAME
-    else:
-        if not (model_config.model_dir / "config.json").is_file():
-            print(f"loraplex: --model {model_config.model_dir} has no config.json", file=sys.stderr)
-            return 2
-        model_path = model_config.model_dir
-        default_name = model_config.model_dir.resolve().name
-    if args.adapter_dir is not None and not args.adapter_dir.is_dir():
-        print(f"loraplex: --adapter-dir {args.adapter_dir} is not a directory", file=sys.stderr)
-        return 2
+def _serve_configs(args: argparse.Namespace, model_path) -> tuple | int:
+    """(engine, adapter, server) configs from the serve arguments, or an exit status; raises
+    ``ValueError`` for a value out of range."""
     engine_config = EngineConfig(
         model_path=str(model_path), dtype=args.dtype, max_model_len=args.max_model_len,
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_kernels=args.lora_kernels,
         seed=args.seed, enforce_eager=args.enforce_eager, json_whitespace=args.json_whitespace,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -195,6 +182,35 @@ def serve(args: argparse.Namespace) -> int:
     adapter_config = AdapterConfig(adapter_dir=args.adapter_dir, allowed_roots=tuple(args.allowed_adapter_roots),
                                    watch_interval_s=args.watch_interval, preload=tuple(args.preload),
                                    pinned=tuple(args.pin), store_dir=args.adapter_store)
+    return engine_config, adapter_config, server_config
+
+
+def serve(args: argparse.Namespace) -> int:
+    from . import default_model
+    from .app import run
+
+    model_config = ModelConfig(model_dir=args.model, served_model_name=args.served_model_name,
+                               cache_dir=args.cache_dir or default_model.default_cache_dir())
+    if model_config.model_dir is None:
+        model_path = default_model.ensure_default_model(model_config.cache_dir)
+        default_name = default_model.DEFAULT_MODEL_NAME
+    else:
+        if not (model_config.model_dir / "config.json").is_file():
+            print(f"loraplex: --model {model_config.model_dir} has no config.json", file=sys.stderr)
+            return 2
+        model_path = model_config.model_dir
+        default_name = model_config.model_dir.resolve().name
+    if args.adapter_dir is not None and not args.adapter_dir.is_dir():
+        print(f"loraplex: --adapter-dir {args.adapter_dir} is not a directory", file=sys.stderr)
+        return 2
+    try:  # a value out of range is the operator's mistake: one line, not a traceback
+        configs = _serve_configs(args, model_path)
+    except ValueError as exc:
+        print(f"loraplex: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(configs, int):
+        return configs
+    engine_config, adapter_config, server_config = configs
 
     from loraplex.kernels.vllm_plugin import select_lora_kernels
 

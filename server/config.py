@@ -36,6 +36,9 @@ class EngineConfig:
     kv_cache_gib: float = 2.0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    # Tokens per KV-cache block: also the prefix cache's unit (only whole blocks are shared). None =
+    # vLLM's default (128 on CPUs, where prompts sharing a 70-token system prompt then share nothing).
+    block_size: int | None = None
     # LoRA: adapters resident in one batch, their max rank, and the CPU-side LRU cache size.
     max_loras: int = 8
     max_lora_rank: int = 16
@@ -70,6 +73,8 @@ class EngineConfig:
             raise ValueError("need 1 <= max_loras <= max_cpu_loras")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
+        if self.block_size is not None and (self.block_size < 16 or self.block_size % 16):
+            raise ValueError("block_size must be a positive multiple of 16")
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,13 @@ class LimitsConfig:
     max_regex_chars: int = 2048
     max_choices: int = 256
     max_choice_chars: int = 256
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if name == "max_prompt_tokens" and value is None:
+                continue
+            if value < (0 if name == "max_logprobs" else 1):
+                raise ValueError(f"{name} must be {'>= 0' if name == 'max_logprobs' else 'positive'}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,16 @@ class ServerConfig:
     log_level: str = "info"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+
+    def __post_init__(self) -> None:
+        for name, port in (("port", self.port), ("grpc_port", self.grpc_port)):
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in 0..65535, got {port}")
+        for name in ("stream_send_timeout_s", "header_timeout_s", "max_header_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.drain_timeout_s >= 0 or self.metrics_max_adapters < 0:
+            raise ValueError("drain_timeout_s and metrics_max_adapters must not be negative")
 
 
 DEFAULT_TRAIN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

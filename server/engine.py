@@ -164,6 +164,7 @@ def build_engine_args(config: EngineConfig):
         kv_cache_memory_bytes=int(config.kv_cache_gib * GiB),
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
+        block_size=config.block_size,
         enable_lora=config.enable_lora,
         max_loras=config.max_loras,
         max_lora_rank=config.max_lora_rank,

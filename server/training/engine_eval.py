@@ -35,11 +35,16 @@ class EvalEngineConfig:
     model_dir: Path
     adapter_dir: Path
     rank: int
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...] | None  # None: every module vLLM supports
     max_new_tokens: int
     max_model_len: int
     kv_cache_gib: float = 4.0
     max_num_seqs: int = 256
+    # The prefix cache shares whole blocks only: at vLLM's CPU default (128) prompts that open with
+    # the same ~70 tokens (chat template, system prompt, the task's instruction) share nothing; at
+    # 32 they share their first two blocks, and the schema variants reuse almost all of their plain
+    # twins' prompts. The evaluation is prefill-bound, so this is its largest cut (~1.3x measured).
+    block_size: int = 32
     # Where the server's compiled op for small CPU steps is built (None: our torch ops only). The
     # evaluation runs the kernels that will serve the adapter: the same as ``loraplex serve``'s.
     compiled_ops_cache: Path | None = None
@@ -79,7 +84,8 @@ async def _generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: 
     longest = max((len(p) for p in prompts), default=1)
     engine = Engine.start(EngineConfig(
         model_path=str(config.model_dir), max_model_len=max(config.max_model_len, longest + config.max_new_tokens),
-        kv_cache_gib=config.kv_cache_gib, max_num_seqs=config.max_num_seqs, max_loras=1, max_cpu_loras=1,
+        kv_cache_gib=config.kv_cache_gib, max_num_seqs=config.max_num_seqs, block_size=config.block_size,
+        max_loras=1, max_cpu_loras=1,
         max_lora_rank=max_lora_rank(config.rank), lora_target_modules=config.target_modules,
         cpu_reserved_cores=0))  # the training process waits: every core computes
     try:

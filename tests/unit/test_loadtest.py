@@ -211,3 +211,11 @@ def test_eval_benchmark_checks_its_arguments_before_loading_anything(argv, capsy
     with pytest.raises(SystemExit):
         main(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_eval_benchmark_reads_peft_target_modules_as_list_or_regex():
+    from loraplex.loadtest.bench_eval import _target_modules
+
+    assert _target_modules({"target_modules": ["q_proj", "v_proj"]}) == ("q_proj", "v_proj")
+    assert _target_modules({"target_modules": ".*proj"}) is None  # a regex: every module vLLM supports
+    assert _target_modules({}) is None

@@ -1,0 +1,49 @@
+"""Config bounds: a value out of range is refused where the config is built, and `loraplex serve`
+says so in one line (exit 2) before it starts anything."""
+
+import pytest
+
+from loraplex.server import cli
+from loraplex.server.config import EngineConfig, LimitsConfig, ServerConfig
+
+
+@pytest.mark.parametrize("kwargs", [{"block_size": 20}, {"block_size": 0}, {"max_loras": 0},
+                                    {"max_loras": 9, "max_cpu_loras": 8}, {"kv_cache_gib": 0}])
+def test_engine_config_refuses(kwargs):
+    with pytest.raises(ValueError):
+        EngineConfig(model_path="m", **kwargs)
+
+
+def test_engine_config_accepts_block_sizes():
+    assert EngineConfig(model_path="m").block_size is None
+    assert EngineConfig(model_path="m", block_size=32).block_size == 32
+
+
+@pytest.mark.parametrize("kwargs", [{"max_n": 0}, {"max_tokens": -1}, {"max_prompt_tokens": 0},
+                                    {"max_payload_bytes": 0}, {"max_logprobs": -1}, {"max_schema_depth": 0}])
+def test_limits_refuse(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        LimitsConfig(**kwargs)
+
+
+def test_limits_accept_edges():
+    assert LimitsConfig(max_logprobs=0, max_prompt_tokens=None, max_n=1).max_logprobs == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"port": 70000}, {"grpc_port": -2}, {"header_timeout_s": 0},
+                                    {"stream_send_timeout_s": -1}, {"drain_timeout_s": -1},
+                                    {"max_header_bytes": 0}, {"metrics_max_adapters": -1}])
+def test_server_config_refuses(kwargs):
+    with pytest.raises(ValueError):
+        ServerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-loras", "0"], "max_loras"), (["--block-size", "20"], "block_size"),
+    (["--max-n", "0"], "max_n"), (["--port", "99999"], "port"), (["--header-timeout", "0"], "header_timeout_s"),
+    (["--max-concurrent", "0"], "max_concurrent")])
+def test_serve_refuses_out_of_range_in_one_line(tmp_path, capsys, flags, message):
+    (tmp_path / "config.json").write_text("{}")  # --model given: nothing is converted or started
+    assert cli.main(["serve", "--model", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("loraplex: ") and message in err[0]
