@@ -42,6 +42,29 @@ def test_matches_reference(compiled, rank, num_tokens, num_adapters, popularity,
     check_against_reference(run, rank, num_tokens, num_adapters, popularity, dtype)
 
 
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("num_tokens", (1, 2, 5, 9))
+def test_real_widths_on_one_and_two_cores(compiled, num_tokens, threads):
+    """The default model's widths (q/k/v, a gate/up of 1536) and an odd one, tiles split over one
+    or two cores: the reference's result, no-adapter rows untouched."""
+    widths, rank, hidden, num_slots = (576, 192, 192, 1536, 300), 16, 576, 3
+    g = torch.Generator().manual_seed(num_tokens)
+    lora_a = [torch.randn(num_slots, 1, rank, hidden, generator=g) / hidden ** 0.5 for _ in widths]
+    lora_b = [torch.randn(num_slots, 1, width, rank, generator=g) / rank ** 0.5 for width in widths]
+    slots = torch.tensor([-1, 0, 2, 2, 1, -1, 0, 0, 2][:num_tokens])
+    x = torch.randn(num_tokens, hidden, generator=g)
+    base = torch.randn(num_tokens, sum(widths) + 3, generator=g)
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, widths, offset_start=3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        actual = run_compiled(compiled, base.clone(), x, lora_a, lora_b, slots, 0.5, offset=3)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(actual[slots == -1], base[slots == -1])
+
+
 @pytest.mark.parametrize("popularity", POPULARITIES)
 def test_float32_weights_on_bfloat16_activations(compiled, popularity):
     """What the wrapper hands it on CPUs without native bf16: bf16 rows, float32 weight copies."""
