@@ -108,7 +108,9 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
                         **kwargs):
         if not self._plan.has_lora:  # no token of this step has an adapter
             return y
-        out, x = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        # (called 120 times a step: a view costs more than the check that it is not needed)
+        out = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        x = x if x.dim() == 2 else x.view(-1, x.shape[-1])
         fused_lora_a = self._fused_lora_a(lora_a_stacked)
         torch_plan = self._plan
         if self._compiled_slots is not None and x.dtype == out.dtype:
