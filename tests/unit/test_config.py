@@ -47,3 +47,13 @@ def test_serve_refuses_out_of_range_in_one_line(tmp_path, capsys, flags, message
     assert cli.main(["serve", "--model", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("loraplex: ") and message in err[0]
+
+
+def test_block_size_reaches_vllm_and_the_evaluation_asks_for_32():
+    from loraplex.server.engine import build_engine_args
+    from loraplex.server.training.engine_eval import EvalEngineConfig
+
+    assert build_engine_args(EngineConfig(model_path="m", block_size=32)).block_size == 32
+    assert build_engine_args(EngineConfig(model_path="m")).block_size is None  # vLLM picks
+    assert EvalEngineConfig(model_dir="m", adapter_dir="a", rank=8, target_modules=None, max_new_tokens=8,
+                            max_model_len=64).block_size == 32
