@@ -8,6 +8,7 @@ Each builds its config dataclasses from flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import sys
@@ -150,11 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_configs(args: argparse.Namespace, model_path) -> tuple | int:
-    """(engine, adapter, server) configs from the serve arguments, or an exit status; raises
-    ``ValueError`` for a value out of range."""
+def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, AdapterConfig, ServerConfig]:
+    """(engine, adapter, server) configs from the serve arguments (the engine's model path left
+    empty: it is resolved after); raises ``ValueError`` for a value out of range or an unreadable
+    token file."""
     engine_config = EngineConfig(
-        model_path=str(model_path), dtype=args.dtype, max_model_len=args.max_model_len,
+        model_path="", dtype=args.dtype, max_model_len=args.max_model_len,
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_kernels=args.lora_kernels,
@@ -166,9 +168,8 @@ def _serve_configs(args: argparse.Namespace, model_path) -> tuple | int:
         if path is not None:
             try:
                 setattr(args, flag, path.read_text().strip() or None)
-            except OSError as exc:
-                print(f"loraplex: --{flag.replace('_', '-')}-file: {exc}", file=sys.stderr)
-                return 2
+            except (OSError, UnicodeDecodeError) as exc:  # gone, unreadable, or not text
+                raise ValueError(f"--{flag.replace('_', '-')}-file: {exc}") from exc
     server_config = ServerConfig(
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         api_key=args.api_key, admin_token=args.admin_token, log_level=args.log_level,
@@ -189,6 +190,11 @@ def serve(args: argparse.Namespace) -> int:
     from . import default_model
     from .app import run
 
+    try:  # a value out of range is the operator's mistake: one line, not a traceback, and before any work
+        engine_config, adapter_config, server_config = _serve_configs(args)
+    except ValueError as exc:
+        print(f"loraplex: {exc}", file=sys.stderr)
+        return 2
     model_config = ModelConfig(model_dir=args.model, served_model_name=args.served_model_name,
                                cache_dir=args.cache_dir or default_model.default_cache_dir())
     if model_config.model_dir is None:
@@ -203,14 +209,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.adapter_dir is not None and not args.adapter_dir.is_dir():
         print(f"loraplex: --adapter-dir {args.adapter_dir} is not a directory", file=sys.stderr)
         return 2
-    try:  # a value out of range is the operator's mistake: one line, not a traceback
-        configs = _serve_configs(args, model_path)
-    except ValueError as exc:
-        print(f"loraplex: {exc}", file=sys.stderr)
-        return 2
-    if isinstance(configs, int):
-        return configs
-    engine_config, adapter_config, server_config = configs
+    engine_config = dataclasses.replace(engine_config, model_path=str(model_path))
 
     from loraplex.kernels.vllm_plugin import select_lora_kernels
 

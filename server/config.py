@@ -73,8 +73,8 @@ class EngineConfig:
             raise ValueError("need 1 <= max_loras <= max_cpu_loras")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
-        if self.block_size is not None and (self.block_size < 16 or self.block_size % 16):
-            raise ValueError("block_size must be a positive multiple of 16")
+        if self.block_size is not None and not (16 <= self.block_size <= 256 and self.block_size % 16 == 0):
+            raise ValueError(f"block_size must be a multiple of 16 from 16 to 256, got {self.block_size}")
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,9 @@ class LimitsConfig:
         for name, value in vars(self).items():
             if name == "max_prompt_tokens" and value is None:
                 continue
-            if value < (0 if name == "max_logprobs" else 1):
-                raise ValueError(f"{name} must be {'>= 0' if name == 'max_logprobs' else 'positive'}, got {value}")
+            least = 0 if name == "max_logprobs" else 1
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from loraplex.server import cli
 from loraplex.server.config import EngineConfig, LimitsConfig, ServerConfig
 
 
-@pytest.mark.parametrize("kwargs", [{"block_size": 20}, {"block_size": 0}, {"max_loras": 0},
+@pytest.mark.parametrize("kwargs", [{"block_size": 20}, {"block_size": 0}, {"block_size": 512}, {"block_size": -16}, {"max_loras": 0},
                                     {"max_loras": 9, "max_cpu_loras": 8}, {"kv_cache_gib": 0}])
 def test_engine_config_refuses(kwargs):
     with pytest.raises(ValueError):
@@ -47,6 +47,28 @@ def test_serve_refuses_out_of_range_in_one_line(tmp_path, capsys, flags, message
     assert cli.main(["serve", "--model", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("loraplex: ") and message in err[0]
+
+
+def test_serve_refuses_before_converting_the_default_model(monkeypatch, capsys):
+    from loraplex.server import default_model
+
+    def convert(cache_dir):
+        raise AssertionError("converted the default model for a command that is refused")
+
+    monkeypatch.setattr(default_model, "ensure_default_model", convert)
+    assert cli.main(["serve", "--max-loras", "0"]) == 2
+    assert "max_loras" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, b"\xff\xfe\xed token"], ids=["deleted", "not-utf8"])
+def test_serve_refuses_an_unreadable_token_file_in_one_line(tmp_path, capsys, content):
+    (tmp_path / "config.json").write_text("{}")
+    token_file = tmp_path / "token.txt"
+    if content is not None:
+        token_file.write_bytes(content)
+    assert cli.main(["serve", "--model", str(tmp_path), "--admin-token-file", str(token_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("loraplex: --admin-token-file: ")
 
 
 def test_block_size_reaches_vllm_and_the_evaluation_asks_for_32():
