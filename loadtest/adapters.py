@@ -10,8 +10,10 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def make_adapter(base_model, out_dir: Path, *, seed: int, rank: int = 8,
-                 targets: tuple[str, ...] = ALL_TARGETS, b_std: float = 0.1) -> Path:
+                 targets: tuple[str, ...] | str = ALL_TARGETS, b_std: float = 0.1) -> Path:
     """Save an adapter to ``out_dir``; ``base_model`` (transformers) is left without LoRA layers.
+
+    ``targets``: module names, or one string, which PEFT reads as a regex over full module names.
 
     ``b_std`` sets how strongly the adapter moves the model (PEFT's default B is zero, which
     would make every adapter equal to the base model).
@@ -19,7 +21,8 @@ def make_adapter(base_model, out_dir: Path, *, seed: int, rank: int = 8,
     import torch
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0,
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets if isinstance(targets, str) else list(targets),
+                        lora_dropout=0.0,
                         bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base_model, config, adapter_name="default")
     generator = torch.Generator().manual_seed(seed)

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+MAX_LORA_RANK = 512  # the largest rank slot vLLM offers
+
 
 def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy completions in left-padded batches: the evaluation's engine before the serving one."""
@@ -52,22 +54,15 @@ def run_hf(model_dir: Path, adapter_dir: Path, prompts: list[str], max_new_token
     return time.monotonic() - started, {"base": base, "adapter": adapter}
 
 
-def _target_modules(adapter_config: dict) -> tuple[str, ...] | None:
-    """The engine's LoRA modules from a PEFT config: its list, or None (every module vLLM supports)
-    when PEFT holds a regex string, which vLLM's module list cannot express."""
-    modules = adapter_config.get("target_modules")
-    return tuple(modules) if isinstance(modules, (list, tuple)) else None
-
-
-def run_engine(model_dir: Path, adapter_dir: Path, token_ids: list[list[int]], max_new_tokens: int,
+def run_engine(model_dir: Path, adapter_dir: Path, adapter, token_ids: list[list[int]], max_new_tokens: int,
                max_length: int, cache_dir: Path) -> tuple[float, dict[str, list[str]], dict]:
+    """``adapter``: the server's ``AdapterInfo`` of ``adapter_dir`` (rank, the modules its weights adapt)."""
     from loraplex.server.training import engine_eval
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
     started = time.monotonic()
     predictions, served = engine_eval.generate(engine_eval.EvalEngineConfig(
-        model_dir=model_dir, adapter_dir=adapter_dir, rank=int(config["r"]),
-        target_modules=_target_modules(config), max_new_tokens=max_new_tokens, max_model_len=max_length,
+        model_dir=model_dir, adapter_dir=adapter_dir, rank=adapter.rank,
+        target_modules=adapter.target_modules or None, max_new_tokens=max_new_tokens, max_model_len=max_length,
         compiled_ops_cache=cache_dir), token_ids, engine_eval.variants(compare_base=True, schema=None), None)
     return time.monotonic() - started, predictions, served
 
@@ -92,10 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from loraplex.server import default_model
+    from loraplex.server.adapters.validation import BaseModelShapes, InvalidAdapter, inspect_adapter
     from loraplex.server.training import data, demo
 
     cache_dir = args.cache_dir or default_model.default_cache_dir()
-    model_dir = default_model.ensure_default_model(cache_dir)
+    try:  # the server's own checks: a wrong --adapter is one line, not a traceback from the engine
+        inspect_adapter(args.adapter, MAX_LORA_RANK)  # before the model is converted
+        model_dir = default_model.ensure_default_model(cache_dir)
+        adapter = inspect_adapter(args.adapter, MAX_LORA_RANK, BaseModelShapes.from_model_dir(model_dir))
+    except InvalidAdapter as exc:
+        parser.error(f"--adapter: {exc}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory() as scratch:
         eval_path = args.eval or demo.write_demo_data(Path(scratch), 1, args.examples)[1]
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         order = ("engine", "hf") if repeat % 2 == 0 else ("hf", "engine")
         for side in order:
             if side == "engine":
-                seconds, predictions[side], served = run_engine(model_dir, args.adapter, token_ids,
+                seconds, predictions[side], served = run_engine(model_dir, args.adapter, adapter, token_ids,
                                                                 args.max_new_tokens, args.max_length, cache_dir)
                 out["engine_served"] = served
             else:

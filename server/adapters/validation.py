@@ -180,16 +180,7 @@ def inspect_adapter(path: Path, max_lora_rank: int, base: BaseModelShapes | None
     if rank > max_lora_rank:
         raise InvalidAdapter(f"adapter rank {rank} exceeds the server's max LoRA rank {max_lora_rank}")
     scale = _scale(config, rank)
-    targets = config.get("target_modules") or ()
-    if isinstance(targets, str):
-        targets = (targets,)
-    if not all(isinstance(t, str) for t in targets):
-        raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'target_modules' must be a list of module names")
-    if base is not None:
-        unknown = sorted(set(targets) - set(base.modules))
-        if unknown:
-            raise InvalidAdapter(f"target modules {unknown} are not linear layers of the base model "
-                                 f"(known: {sorted(base.modules)})")
+    named_modules = _named_target_modules(config.get("target_modules"), base)
     size = weights_path.stat().st_size
     if size > max_bytes:
         raise InvalidAdapter(f"{ADAPTER_WEIGHTS} is {size} bytes; the limit is {max_bytes}")
@@ -199,7 +190,34 @@ def inspect_adapter(path: Path, max_lora_rank: int, base: BaseModelShapes | None
         raise InvalidAdapter(f"{ADAPTER_WEIGHTS} holds no tensors")
     if base is not None:
         _check_shapes(header, rank, base)
-    return AdapterInfo(rank=rank, scale=scale, target_modules=tuple(sorted(targets)))
+    weight_modules = {match.group(2) for key in header if (match := TENSOR_KEY.search(key))}
+    return AdapterInfo(rank=rank, scale=scale, target_modules=tuple(sorted(weight_modules or named_modules)))
+
+
+def _named_target_modules(targets: object, base: BaseModelShapes | None) -> set[str]:
+    """PEFT's ``target_modules``: a list of module names or dotted name suffixes (the last part
+    is the module checked against the base model), or one string, which PEFT reads as a regex
+    over full module names (or "all-linear") and which names no module by itself. What the
+    adapter adapts is recorded from its weights' names, which is what vLLM loads."""
+    if targets is None or targets == []:
+        return set()
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'target_modules' {targets!r} is not a valid regex: "
+                                     f"{exc}") from exc
+        return set()
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t.rsplit(".", 1)[-1] for t in targets):
+        raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'target_modules' must be a list of module names or a regex string")
+    named = {t.rsplit(".", 1)[-1] for t in targets}
+    if base is not None:
+        unknown = sorted(named - set(base.modules))
+        if unknown:
+            raise InvalidAdapter(f"target modules {unknown} are not linear layers of the base model "
+                                 f"(known: {sorted(base.modules)})")
+    return named
 
 
 def _scale(config: dict, rank: int) -> float:

@@ -52,6 +52,30 @@ def test_load_serve_replace_unload(server, client, hf_base_model, tmp_path, base
     assert client.completions.create(model=base_model_name, prompt="Hello", max_tokens=2).choices[0].text
 
 
+def test_an_adapter_targeted_by_regex_loads_and_matches_hf_peft(server, client, hf_base_model, hf_tokenizer,
+                                                               tmp_path, base_model_name):
+    """PEFT writes ``target_modules`` as a regex string when one is given (here: the attention
+    projections of the even layers only); such an adapter is valid and serves what HF+peft does."""
+    from tests.support.adapters import greedy_with_adapter
+
+    path = make_adapter(hf_base_model, tmp_path / "regex", seed=7003,
+                        targets=r".*layers\.\d*[02468]\.self_attn\.(q_proj|k_proj|v_proj|o_proj)")
+    assert isinstance(json.loads((path / "adapter_config.json").read_text())["target_modules"], str)
+    response = load(server, "regex-targeted", path)
+    assert response.status_code == 200, response.text
+    assert response.json()["adapter"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    try:
+        prompt = "The three primary colours are"
+        served = client.completions.create(model="regex-targeted", prompt=prompt, max_tokens=12,
+                                           temperature=0).choices[0].text
+        expected = greedy_with_adapter(hf_base_model, hf_tokenizer, path, prompt, 12)
+        assert served == hf_tokenizer.decode(expected)
+        assert served != client.completions.create(model=base_model_name, prompt=prompt, max_tokens=12,
+                                                   temperature=0).choices[0].text, "adapter not applied"
+    finally:
+        assert unload(server, "regex-targeted").status_code == 200
+
+
 def test_admin_routes_need_the_token(server, adapter_dir):
     assert load(server, "x", adapter_dir / "adapter-0", headers={}).status_code == 401
     assert load(server, "x", adapter_dir / "adapter-0", headers={"authorization": "Bearer wrong"}).status_code == 401

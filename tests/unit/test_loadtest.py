@@ -213,9 +213,12 @@ def test_eval_benchmark_checks_its_arguments_before_loading_anything(argv, capsy
     assert "error" in capsys.readouterr().err
 
 
-def test_eval_benchmark_reads_peft_target_modules_as_list_or_regex():
-    from loraplex.loadtest.bench_eval import _target_modules
+def test_eval_benchmark_refuses_a_wrong_adapter_in_one_line(tmp_path, capsys):
+    """The server's adapter checks run before any engine: a directory with no adapter is an
+    argument error naming what is missing."""
+    from loraplex.loadtest.bench_eval import main
 
-    assert _target_modules({"target_modules": ["q_proj", "v_proj"]}) == ("q_proj", "v_proj")
-    assert _target_modules({"target_modules": ".*proj"}) is None  # a regex: every module vLLM supports
-    assert _target_modules({}) is None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--adapter", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    assert exit_info.value.code == 2
+    assert "adapter_config.json is missing" in capsys.readouterr().err

@@ -46,6 +46,9 @@ def test_good_adapter(tmp_path):
     ({"lora_alpha": 1e9}, "gives a scale of"),
     ({"alpha_pattern": {"q_proj": 1e9}}, "alpha_pattern"),
     ({"target_modules": [1, 2]}, "list of module names"),
+    ({"target_modules": {"q_proj": 1}}, "list of module names or a regex string"),
+    ({"target_modules": ["q_proj."]}, "list of module names"),
+    ({"target_modules": "(q_proj"}, "not a valid regex"),
 ])
 def test_bad_configs(tmp_path, config, message):
     with pytest.raises(InvalidAdapter, match=message):
@@ -73,6 +76,39 @@ def test_missing_config(tmp_path):
     (d / "adapter_config.json").unlink()
     with pytest.raises(InvalidAdapter, match="adapter_config.json is missing"):
         inspect_adapter(d, max_lora_rank=16)
+
+
+def _llama_dir(tmp_path: Path, targets, modules=("q_proj", "v_proj")) -> tuple[Path, object]:
+    from loraplex.server.adapters.validation import BaseModelShapes
+
+    base = BaseModelShapes.from_config({"hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                        "intermediate_size": 16, "num_hidden_layers": 2})
+    d = make_dir(tmp_path, {"target_modules": targets})
+    tensors = {}
+    for layer in range(2):
+        for module in modules:
+            in_features, out_features = base.modules[module]
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = ([8, in_features], 4 * 8 * in_features)
+            tensors[f"{prefix}.lora_B.weight"] = ([out_features, 8], 4 * 8 * out_features)
+    write_safetensors(d / "adapter_model.safetensors", tensors)
+    return d, base
+
+
+@pytest.mark.parametrize("targets", [r".*\.(q_proj|v_proj)", "all-linear", ["self_attn.q_proj", "v_proj"],
+                                     ["model.layers.0.self_attn.q_proj", "v_proj"]])
+def test_peft_target_module_forms_are_read_from_the_weights(tmp_path, targets):
+    """PEFT's target_modules may be a regex string, "all-linear" or dotted suffixes: accepted, and
+    what is recorded is what the weights adapt (what vLLM loads), not the string."""
+    d, base = _llama_dir(tmp_path, targets)
+    info = inspect_adapter(d, max_lora_rank=16, base=base)
+    assert info.target_modules == ("q_proj", "v_proj")
+
+
+def test_listed_modules_the_base_model_lacks_are_refused(tmp_path):
+    d, base = _llama_dir(tmp_path, ["self_attn.q_proj", "conv.proj_in"])
+    with pytest.raises(InvalidAdapter, match=r"\['proj_in'\] are not linear layers"):
+        inspect_adapter(d, max_lora_rank=16, base=base)
 
 
 def test_rslora_scale(tmp_path):
