@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -219,8 +220,9 @@ class Engine:
         if config.cpu_reserved_cores is not None:  # read by vLLM's CPU worker when it starts
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(config.cpu_reserved_cores)
         stat_loggers = [_stats_relay_factory(on_stats)] if on_stats else None
-        llm = AsyncLLM.from_engine_args(build_engine_args(config), stat_loggers=stat_loggers)
-        return cls(config, llm)
+        # (not kept in a local: vLLM's start keeps tracebacks that hold this frame, and the engine
+        # must be collectable once shut down)
+        return cls(config, AsyncLLM.from_engine_args(build_engine_args(config), stat_loggers=stat_loggers))
 
     # -- generation -----------------------------------------------------------------------------
     @property
@@ -396,8 +398,25 @@ class Engine:
         await self._llm.remove_lora(adapter.adapter_slot)
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        llm, self._llm = self._llm, _StoppedEngine()
+        llm.shutdown()
         self._checks.shutdown(wait=False, cancel_futures=True)
+        # vLLM's AsyncLLM sits in reference cycles: collected now, while vLLM's modules are alive
+        # (left to the interpreter's exit, its __del__ shuts it down again and prints a traceback).
+        del llm
+        gc.collect()
+
+
+class _StoppedEngine:
+    """What an ``Engine`` holds after :meth:`Engine.shutdown`: errored, and every call refused."""
+
+    errored = True
+
+    def get_num_unfinished_requests(self) -> int:
+        return 0
+
+    def __getattr__(self, name: str):
+        raise EngineUnavailable("the engine is shut down")
 
 
 def _structured_outputs(spec: StructuredSpec | None):

@@ -3,6 +3,7 @@
 import json
 import logging
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.server.cli import JsonLogFormatter
@@ -196,3 +197,39 @@ def test_gateway_series_follow_the_model_server_protocol():
     metrics.adapter_cache_lookup(False)
     assert list(samples(metrics, "loraplex:adapter_cache_hits_total").values()) == [1.0]
     assert list(samples(metrics, "loraplex:adapter_cache_misses_total").values()) == [2.0]
+
+
+def test_a_shut_down_engine_lets_go_of_vllm_and_refuses_calls():
+    """After shutdown the engine no longer holds vLLM's engine (collected then, not at the
+    interpreter's exit, where its ``__del__`` printed a traceback); later calls are refused with
+    ``EngineUnavailable``, and it reports itself unhealthy."""
+    import asyncio
+    import gc
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loraplex.server.engine import Engine, EngineUnavailable
+
+    class FakeLLM:
+        errored = False
+        shut_down = 0
+
+        def shutdown(self):
+            FakeLLM.shut_down += 1
+
+    llm = FakeLLM()
+    llm.cycle = llm  # as vLLM's: only the cycle collector frees it
+    engine = _bookkeeping_only(Engine, llm)
+    engine._checks = ThreadPoolExecutor(max_workers=1)
+    alive = weakref.ref(llm)
+    del llm
+    assert engine.healthy
+    gc.disable()  # the collection must be the shutdown's own
+    try:
+        engine.shutdown()
+        assert FakeLLM.shut_down == 1 and alive() is None
+    finally:
+        gc.enable()
+    assert not engine.healthy and engine._llm.get_num_unfinished_requests() == 0
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(engine.remove_adapter(type("Version", (), {"adapter_slot": 1})()))
