@@ -153,3 +153,22 @@ def test_a_damaged_build_falls_back_to_the_torch_ops(tmp_path, monkeypatch, dama
     if damage != "deleted":
         assert "unavailable" in caplog.text
     assert directory not in native._loaded, "a no-build miss must not stop a later build"
+
+
+@pytest.mark.parametrize("argv", (["--tokens", "0"], ["--tokens", "1", "--repeats", "0"]))
+def test_step_benchmark_checks_its_arguments(argv, capsys):
+    from loraplex.kernels.bench_step_op import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_step_benchmark_weights_are_the_wrappers_layout():
+    """[S, R * slices, H] A and [S, R, N_i] transposed B per call, four calls a layer."""
+    from loraplex.kernels.bench_step_op import LAYER_CALLS, NUM_LAYERS, step_weights
+
+    calls = step_weights(num_slots=2, rank=4, dtype=torch.float32)
+    assert len(calls) == NUM_LAYERS * len(LAYER_CALLS)
+    lora_a, lora_b_t = calls[2]  # gate/up
+    assert lora_a.shape == (2, 8, 576) and [b.shape for b in lora_b_t] == [(2, 4, 1536), (2, 4, 1536)]
