@@ -21,9 +21,9 @@ def make_adapter(base_model, out_dir: Path, *, seed: int, rank: int = 8,
     import torch
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets if isinstance(targets, str) else list(targets),
-                        lora_dropout=0.0,
-                        bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank,
+                        target_modules=targets if isinstance(targets, str) else list(targets),
+                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base_model, config, adapter_name="default")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
