@@ -21,6 +21,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 MAX_HEADER_BYTES = 100 << 20
+MAX_CONFIG_BYTES = 1 << 20  # a PEFT adapter_config.json is a few hundred bytes
 DEFAULT_MAX_ADAPTER_BYTES = 2 << 30
 # lora_alpha / r (alpha / sqrt(r) with rsLoRA) above this is refused: no real adapter needs it,
 # and a huge scale overflows once vLLM folds it into B.
@@ -165,7 +166,11 @@ def inspect_adapter(path: Path, max_lora_rank: int, base: BaseModelShapes | None
     if not weights_path.is_file():
         raise InvalidAdapter(f"{ADAPTER_WEIGHTS} is missing in {path.name!r}")
     try:
-        config = json.loads(config_path.read_text())
+        with config_path.open("rb") as f:  # read at most the bound: never a whole mistaken file
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise InvalidAdapter(f"{ADAPTER_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes")
+        config = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidAdapter(f"{ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):

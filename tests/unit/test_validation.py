@@ -71,6 +71,16 @@ def test_garbage_weights_and_pickle_only(tmp_path):
         inspect_adapter(d, max_lora_rank=16)
 
 
+def test_huge_or_non_utf8_config(tmp_path):
+    d = make_dir(tmp_path)
+    (d / "adapter_config.json").write_text('{"r": 8, "pad": "' + "x" * (2 << 20) + '"}')
+    with pytest.raises(InvalidAdapter, match="larger than"):
+        inspect_adapter(d, max_lora_rank=16)
+    (d / "adapter_config.json").write_bytes(b'{"r": 8, "peft_type": "LORA\xff"}')
+    with pytest.raises(InvalidAdapter, match="not valid JSON"):
+        inspect_adapter(d, max_lora_rank=16)
+
+
 def test_missing_config(tmp_path):
     d = make_dir(tmp_path)
     (d / "adapter_config.json").unlink()
