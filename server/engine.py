@@ -416,6 +416,8 @@ class _StoppedEngine:
         return 0
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):  # protocol lookups (copy, pickle, hasattr) see a plain object
+            raise AttributeError(name)
         raise EngineUnavailable("the engine is shut down")
 
 

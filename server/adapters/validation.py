@@ -27,6 +27,7 @@ DEFAULT_MAX_ADAPTER_BYTES = 2 << 30
 # and a huge scale overflows once vLLM folds it into B.
 MAX_LORA_SCALE = 1024.0
 TENSOR_KEY = re.compile(r"layers\.(\d+)\..*?\.?(\w+)\.lora_([AB])\.weight$")
+MODULE_NAME = re.compile(r"(\w+\.)*\w+")  # PEFT's target_modules entries: a name or a dotted suffix
 
 
 class InvalidAdapter(AdapterError):
@@ -210,11 +211,13 @@ def _named_target_modules(targets: object, base: BaseModelShapes | None) -> set[
         if targets != "all-linear":
             try:
                 re.compile(targets)
-            except re.error as exc:
-                raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'target_modules' {targets!r} is not a valid regex: "
-                                     f"{exc}") from exc
+            except (re.error, OverflowError, RecursionError) as exc:  # a huge repeat count, deep nesting
+                raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'target_modules' {targets[:200]!r} is not a valid "
+                                     f"regex: {exc}") from exc
         return set()
-    if not isinstance(targets, list) or not all(isinstance(t, str) and t.rsplit(".", 1)[-1] for t in targets):
+    # Names are recorded and listed on both doors: dotted words only (no control characters, no
+    # lone surrogates, which a protobuf string could not carry).
+    if not isinstance(targets, list) or not all(isinstance(t, str) and MODULE_NAME.fullmatch(t) for t in targets):
         raise InvalidAdapter(f"{ADAPTER_CONFIG}: 'target_modules' must be a list of module names or a regex string")
     named = {t.rsplit(".", 1)[-1] for t in targets}
     if base is not None:

@@ -231,5 +231,6 @@ def test_a_shut_down_engine_lets_go_of_vllm_and_refuses_calls():
     finally:
         gc.enable()
     assert not engine.healthy and engine._llm.get_num_unfinished_requests() == 0
+    assert not hasattr(engine._llm, "__deepcopy__")  # protocol lookups are plain AttributeErrors
     with pytest.raises(EngineUnavailable):
         asyncio.run(engine.remove_adapter(type("Version", (), {"adapter_slot": 1})()))

@@ -49,10 +49,16 @@ def test_good_adapter(tmp_path):
     ({"target_modules": {"q_proj": 1}}, "list of module names or a regex string"),
     ({"target_modules": ["q_proj."]}, "list of module names"),
     ({"target_modules": "(q_proj"}, "not a valid regex"),
+    ({"target_modules": "(" * 100_000}, "not a valid regex"),  # too deep for the parser; echoed in part
+    ({"target_modules": "q_proj{4294967296}"}, "not a valid regex"),  # a repeat count too large
+    ({"target_modules": ["q_proj\ud800"]}, "list of module names"),  # a lone surrogate
+    ({"target_modules": ["q_proj\n", "v_proj"]}, "list of module names"),  # a control character
+    ({"target_modules": [".q_proj"]}, "list of module names"),
 ])
 def test_bad_configs(tmp_path, config, message):
-    with pytest.raises(InvalidAdapter, match=message):
+    with pytest.raises(InvalidAdapter, match=message) as refused:
         inspect_adapter(make_dir(tmp_path, config), max_lora_rank=16)
+    assert len(str(refused.value)) < 1000
 
 
 def test_truncated_weights(tmp_path):
