@@ -4,7 +4,12 @@ adapter, with a base-model-sized read between calls, so the adapters' weights co
 as they do in a real step (the base model's weights flush the cache); and the same with the
 weights left in cache. Prints milliseconds per step and the adapter bytes read per second.
 
+With ``--runs``: prefill-shaped steps instead (one run of N tokens on one adapter, weights from
+memory), the compiled op against the torch ops (``cpu_lora``) side by side: where the wrapper's
+``COMPILED_MIN_TORCH_RUN`` should sit.
+
     python -m loraplex.kernels.bench_step_op --out bench-results/step-op.json
+    python -m loraplex.kernels.bench_step_op --runs 8,40,64,128,256 --threads 1 --out bench-results/step-op-runs.json
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--runs", help="prefill runs to time instead, e.g. 8,40,64,128,256 (tokens on one adapter)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (vLLM's CPU worker: 1 when serving)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/step-op.json"))
     args = parser.parse_args(argv)
     token_counts = [int(n) for n in args.tokens.split(",")]
@@ -54,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if op is None:
         print("the compiled op is not available on this machine", file=sys.stderr)
         return 1
-    torch.set_num_threads(1)  # as vLLM's CPU worker runs on two cores
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.runs:
+        return compare_runs(op, [int(n) for n in args.runs.split(",")], args, dtype)
     num_slots = max(token_counts)
     calls = step_weights(num_slots, args.rank, dtype)
     # What a base model's step reads, one chunk before each call (a matrix-vector product).
@@ -92,6 +101,49 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rank": args.rank, "dtype": args.dtype, "calls_per_step": len(calls),
                                     "steps": rows}, indent=2))
+    return 0
+
+
+def compare_runs(op, run_lengths: list[int], args, dtype: torch.dtype) -> int:
+    """Prefill-shaped steps: ``run_length`` tokens on slot 0, through the compiled op and through
+    the torch ops, alternated, each call after a base-model-sized read."""
+    from . import cpu_lora
+
+    calls = step_weights(1, args.rank, dtype)
+    torch_calls = [([lora_a[:, args.rank * i:args.rank * (i + 1)] for i in range(len(lora_b_t))],
+                    [b.transpose(1, 2).contiguous() for b in lora_b_t]) for lora_a, lora_b_t in calls]
+    chunk = BASE_MODEL_ELEMENTS // len(calls)
+    base = torch.randn(len(calls), chunk // 1000, 1000).to(dtype)
+    vector = torch.randn(1000).to(dtype)
+    rows = []
+    for run_length in run_lengths:
+        slots = torch.zeros(run_length, dtype=torch.long)
+        plan, workspace = cpu_lora.build_plan(slots, min_direct_run=1), cpu_lora.Workspace()
+        inputs = {h: torch.randn(run_length, h).to(dtype) for h, _ in LAYER_CALLS}
+        outputs = [torch.zeros(run_length, sum(widths), dtype=dtype) for _, widths in LAYER_CALLS]
+        seconds: dict[str, list[float]] = {"compiled": [], "torch": []}
+        for _ in range(args.repeats):
+            for side in seconds:
+                spent = 0.0
+                for i, (lora_a, lora_b_t) in enumerate(calls):
+                    torch.mv(base[i], vector)
+                    hidden, widths = LAYER_CALLS[i % len(LAYER_CALLS)]
+                    out = outputs[i % len(LAYER_CALLS)]
+                    start = time.perf_counter()
+                    if side == "compiled":
+                        op.add_lora_linear(out, inputs[hidden], slots, lora_a, lora_b_t, 2.0, 0)
+                    else:
+                        cpu_lora.add_lora_linear(plan, out, inputs[hidden], torch_calls[i][0], torch_calls[i][1], 2.0,
+                                                 widths, workspace=workspace, fused_lora_a=lora_a)
+                    spent += time.perf_counter() - start
+                seconds[side].append(spent)
+        row = {"run_tokens": run_length, **{f"{side}_ms": 1e3 * statistics.median(v) for side, v in seconds.items()}}
+        rows.append(row)
+        print(f"{run_length:4d} tokens on one adapter: compiled {row['compiled_ms']:.2f} ms, "
+              f"torch ops {row['torch_ms']:.2f} ms", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rank": args.rank, "dtype": args.dtype, "threads": args.threads,
+                                    "calls_per_step": len(calls), "runs": rows}, indent=2))
     return 0
 
 

@@ -10,14 +10,16 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from . import cpu_lora, native, slot_writes, vllm_plugin
 from .reference import NO_ADAPTER, as_3d
 
-# Which tokens of a step the compiled op takes (``kernels/bench_ops.py`` and the tiled op's
-# measurements, README "Kernels"): those in runs shorter than COMPILED_MIN_TORCH_RUN consecutive
-# tokens on one slot (decode tokens, short prefills: it is 2-10x faster there), when there are at
-# most COMPILED_MAX_TOKENS of them and at most COMPILED_MAX_TOKENS_PER_SLOT on any one slot. Longer
-# runs go to the torch ops, which multiply a run in place and overtake it at ~128 tokens.
-COMPILED_MIN_TORCH_RUN = 64
+# Which tokens of a step the compiled op takes (``kernels/bench_ops.py``, ``bench_step_op.py
+# --runs`` and the README's "Kernels"): those in runs shorter than COMPILED_MIN_TORCH_RUN
+# consecutive tokens on one slot (decode tokens, short prefills: it is 2-10x faster there), when
+# there are at most COMPILED_MAX_TOKENS of them and at most COMPILED_MAX_TOKENS_PER_SLOT on any one
+# slot. Longer runs go to the torch ops, which multiply a run in place: each of their ~600 calls a
+# step costs 30-50 us of fixed overhead, and they overtake the compiled op at ~160 tokens on one
+# core, ~280 on two.
+COMPILED_MIN_TORCH_RUN = 128
 COMPILED_MAX_TOKENS = 256
-COMPILED_MAX_TOKENS_PER_SLOT = 64
+COMPILED_MAX_TOKENS_PER_SLOT = 128
 
 
 class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):

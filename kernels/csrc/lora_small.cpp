@@ -1,17 +1,23 @@
-// loraplex's LoRA op for small CPU steps (decode, short prefill runs): one call per layer
-// instead of a dozen torch ops. Built by kernels/native.py; the pure-torch reference is
-// kernels/reference.py (add_lora_linear), the tests compare the two.
+// loraplex's LoRA op for small CPU steps (decode, prefill runs up to a few hundred tokens): one
+// call per layer instead of a dozen torch ops. Built by kernels/native.py (x86-64-v3: AVX2, FMA,
+// F16C); the pure-torch reference is kernels/reference.py (add_lora_linear), the tests compare the two.
 //
 // Semantics (for every token t with slot[t] >= 0; tokens on slot -1 are not touched):
 //   y = scale * lora_a[slot[t]] @ x[t]                                       // [R_total]
 //   out[t, offset + col_i : offset + col_i + N_i] += y[r_i : r_i + R_i] @ lora_b_t_i[slot[t]]
 // lora_a [S, R_total, H] (the slices' A concatenated along the rank); lora_b_t_i [S, R_i, N_i]
-// (B transposed: each rank row is a contiguous run of the output). Tokens are taken in tiles of
-// up to TILE tokens on one slot, grouped by slot wherever they sit in the batch (a prefill run,
-// or a decode step's sequences on one adapter), which share each weight row they read. Each
-// token reads only its own slot's rows: no padding, no gathered weights.
+// (B transposed: each rank row is a contiguous run of the output). Computed in float32, each
+// output element rounded once.
+//
+// Tokens are taken in tiles of up to TILE tokens on one slot, grouped by slot wherever they sit in
+// the batch (a prefill run, or a decode step's sequences on one adapter). A tile reads each weight
+// row once for all its tokens, with one 8-lane accumulator per token held in registers: the
+// shrink's dot products run over H (the tile's inputs converted to float once), the expand runs
+// over 8 output columns at a time and adds into the output directly. Each token reads only its
+// own slot's rows: no padding, no gathered weights.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <utility>
@@ -19,36 +25,181 @@
 
 namespace {
 
-constexpr int64_t TILE = 4;  // tokens of one run sharing each weight row read
+#define UNROLL _Pragma("GCC unroll 8")
 
-template <typename W, typename X>
-inline float dot(const W* w, const X* x, int64_t n) {
-  float acc = 0.f;
-  for (int64_t k = 0; k < n; ++k) acc += static_cast<float>(w[k]) * static_cast<float>(x[k]);
-  return acc;
+constexpr int64_t TILE = 8;  // tokens of one run sharing each weight row read (8 accumulators)
+
+// 8 lanes of float32 from / to 8 elements of each supported dtype.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::BFloat16* p, __m256 v) {
+  // Round to nearest even, as c10's float -> bfloat16 conversion; NaN stays NaN (0x7FC0).
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <typename A, typename W>
+struct Operands {
+  const int64_t* slots;
+  const A* x;
+  int64_t x_stride;
+  A* out;
+  int64_t out_stride, offset;
+  const W* a;  // [S, R_total, H]
+  int64_t hidden, rank_total;
+  std::vector<const W*> b;  // per slice [S, R_i, N_i]
+  std::vector<int64_t> ranks, widths;
+  float scale;
+};
+
+// Accumulators per token and weight row: one tile of one or two tokens has too few independent
+// sums to hide the latency of an FMA, so it splits each row over U accumulators.
+template <int T>
+constexpr int lanes_per_token() { return T == 1 ? 4 : (T == 2 ? 2 : 1); }
+
+// Output columns [n, n + 8U) of one slice for the T tokens of a tile:
+//   out[j, col + n : ...] += ys[j, :rank] @ bt[:rank, n : n + 8U]
+template <typename A, typename W, int T, int U>
+inline void expand_columns(const Operands<A, W>& op, const int64_t* tokens, const W* bt, int64_t width,
+                           int64_t rank, const float* ys, int64_t col, int64_t n) {
+  __m256 acc[T * U];
+  UNROLL for (int i = 0; i < T * U; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < rank; ++r) {
+    __m256 bn[U];
+    UNROLL for (int u = 0; u < U; ++u) bn[u] = load8(bt + r * width + n + 8 * u);
+    UNROLL for (int j = 0; j < T; ++j) {
+      const __m256 yj = _mm256_broadcast_ss(ys + j * op.rank_total + r);
+      UNROLL for (int u = 0; u < U; ++u) acc[j * U + u] = _mm256_fmadd_ps(yj, bn[u], acc[j * U + u]);
+    }
+  }
+  UNROLL for (int j = 0; j < T; ++j) {
+    A* o = op.out + tokens[j] * op.out_stride + col + n;
+    UNROLL for (int u = 0; u < U; ++u) store8(o + 8 * u, _mm256_add_ps(load8(o + 8 * u), acc[j * U + u]));
+  }
+}
+
+// One tile: T tokens (``tokens``) on one slot. ``xf`` [T, H] and ``y`` [T, R_total] are scratch.
+template <typename A, typename W, int T>
+void tile(const Operands<A, W>& op, const int64_t* tokens, float* xf, float* y) {
+  constexpr int U = lanes_per_token<T>();
+  const int64_t hidden = op.hidden, rank_total = op.rank_total, slot = op.slots[tokens[0]];
+  const int64_t vector_end = hidden - hidden % 8;
+  for (int j = 0; j < T; ++j) {  // the tile's inputs as float, once
+    const A* row = op.x + tokens[j] * op.x_stride;
+    float* dst = xf + j * hidden;
+    for (int64_t k = 0; k < vector_end; k += 8) _mm256_storeu_ps(dst + k, load8(row + k));
+    for (int64_t k = vector_end; k < hidden; ++k) dst[k] = static_cast<float>(row[k]);
+  }
+  // Shrink: y[j, r] = scale * A[slot, r] . x[j]
+  const W* a = op.a + slot * rank_total * hidden;
+  for (int64_t r = 0; r < rank_total; ++r) {
+    const W* w = a + r * hidden;
+    __m256 acc[T * U];  // (loops over the accumulators unroll, which keeps them in registers)
+    UNROLL for (int i = 0; i < T * U; ++i) acc[i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 * U <= hidden; k += 8 * U) {
+      UNROLL for (int u = 0; u < U; ++u) {
+        const __m256 wk = load8(w + k + 8 * u);
+        UNROLL for (int j = 0; j < T; ++j)
+          acc[j * U + u] = _mm256_fmadd_ps(wk, _mm256_loadu_ps(xf + j * hidden + k + 8 * u), acc[j * U + u]);
+      }
+    }
+    for (; k < vector_end; k += 8) {
+      const __m256 wk = load8(w + k);
+      UNROLL for (int j = 0; j < T; ++j) acc[j * U] = _mm256_fmadd_ps(wk, _mm256_loadu_ps(xf + j * hidden + k), acc[j * U]);
+    }
+    float sums[T];
+    UNROLL for (int j = 0; j < T; ++j) {
+      __m256 sum = acc[j * U];
+      UNROLL for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[j * U + u]);
+      sums[j] = hsum(sum);
+    }
+    for (int j = 0; j < T; ++j) {
+      for (int64_t kk = vector_end; kk < hidden; ++kk) sums[j] += static_cast<float>(w[kk]) * xf[j * hidden + kk];
+      y[j * rank_total + r] = op.scale * sums[j];
+    }
+  }
+  // Expand, slice by slice, 8U output columns at a time, added into the output rows.
+  int64_t rank_start = 0, col = op.offset;
+  for (size_t i = 0; i < op.b.size(); ++i) {
+    const int64_t width = op.widths[i], rank = op.ranks[i];
+    const W* bt = op.b[i] + slot * rank * width;  // [R_i, N_i]
+    const float* ys = y + rank_start;
+    int64_t n = 0;
+    for (; n + 8 * U <= width; n += 8 * U) expand_columns<A, W, T, U>(op, tokens, bt, width, rank, ys, col, n);
+    for (; n + 8 <= width; n += 8) expand_columns<A, W, T, 1>(op, tokens, bt, width, rank, ys, col, n);
+    for (; n < width; ++n) {
+      for (int j = 0; j < T; ++j) {
+        float sum = 0.f;
+        for (int64_t r = 0; r < rank; ++r) sum += ys[j * rank_total + r] * static_cast<float>(bt[r * width + n]);
+        A* o = op.out + tokens[j] * op.out_stride + col + n;
+        *o = static_cast<A>(static_cast<float>(*o) + sum);
+      }
+    }
+    rank_start += rank;
+    col += width;
+  }
+}
+
+template <typename A, typename W>
+void run_tile(const Operands<A, W>& op, const int64_t* tokens, int64_t count, float* xf, float* y) {
+  switch (count) {
+    case 1: return tile<A, W, 1>(op, tokens, xf, y);
+    case 2: return tile<A, W, 2>(op, tokens, xf, y);
+    case 3: return tile<A, W, 3>(op, tokens, xf, y);
+    case 4: return tile<A, W, 4>(op, tokens, xf, y);
+    case 5: return tile<A, W, 5>(op, tokens, xf, y);
+    case 6: return tile<A, W, 6>(op, tokens, xf, y);
+    case 7: return tile<A, W, 7>(op, tokens, xf, y);
+    default: return tile<A, W, TILE>(op, tokens, xf, y);
+  }
 }
 
 template <typename A, typename W>
 void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& token_slots,
          const torch::Tensor& lora_a, const std::vector<torch::Tensor>& lora_b_t, double scale, int64_t offset) {
-  const int64_t num_tokens = token_slots.size(0);
-  const int64_t hidden = lora_a.size(2), rank_total = lora_a.size(1);
-  const int64_t* slots = token_slots.data_ptr<int64_t>();
-  const A* x_data = x.data_ptr<A>();
-  A* out_data = out.data_ptr<A>();
-  const int64_t x_stride = x.stride(0), out_stride = out.stride(0);
-  const W* a_data = lora_a.data_ptr<W>();
-  std::vector<const W*> b_data;
-  std::vector<int64_t> widths, ranks;
-  int64_t width_total = 0;
+  Operands<A, W> op;
+  op.slots = token_slots.data_ptr<int64_t>();
+  op.x = x.data_ptr<A>();
+  op.x_stride = x.stride(0);
+  op.out = out.data_ptr<A>();
+  op.out_stride = out.stride(0);
+  op.offset = offset;
+  op.a = lora_a.data_ptr<W>();
+  op.hidden = lora_a.size(2);
+  op.rank_total = lora_a.size(1);
   for (const auto& b : lora_b_t) {
-    b_data.push_back(b.data_ptr<W>());
-    ranks.push_back(b.size(1));
-    widths.push_back(b.size(2));
-    width_total += b.size(2);
+    op.b.push_back(b.data_ptr<W>());
+    op.ranks.push_back(b.size(1));
+    op.widths.push_back(b.size(2));
   }
+  op.scale = static_cast<float>(scale);
   // The tokens with an adapter, by slot (stable: a run keeps its order), then tiles of them:
   // (first position in `order`, tokens), all on one slot.
+  const int64_t num_tokens = token_slots.size(0);
+  const int64_t* slots = op.slots;
   std::vector<int64_t> order;
   order.reserve(num_tokens);
   for (int64_t t = 0; t < num_tokens; ++t)
@@ -65,61 +216,26 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& token_
     }
     tiles.emplace_back(i, 1);
   }
-  const float s = static_cast<float>(scale);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> y(TILE * rank_total), acc(TILE * width_total);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t* tokens = order.data() + tiles[i].first;  // this tile's tokens, one slot
-      const int64_t count = tiles[i].second, slot = slots[tokens[0]];
-      const W* a = a_data + slot * rank_total * hidden;  // [R_total, H]
-      if (count == TILE) {
-        const A* x0 = x_data + tokens[0] * x_stride;
-        const A* x1 = x_data + tokens[1] * x_stride;
-        const A* x2 = x_data + tokens[2] * x_stride;
-        const A* x3 = x_data + tokens[3] * x_stride;
-        for (int64_t r = 0; r < rank_total; ++r) {
-          const W* w = a + r * hidden;
-          float c0 = 0, c1 = 0, c2 = 0, c3 = 0;
-          for (int64_t k = 0; k < hidden; ++k) {
-            const float wk = static_cast<float>(w[k]);
-            c0 += wk * static_cast<float>(x0[k]);
-            c1 += wk * static_cast<float>(x1[k]);
-            c2 += wk * static_cast<float>(x2[k]);
-            c3 += wk * static_cast<float>(x3[k]);
-          }
-          y[r] = s * c0;
-          y[rank_total + r] = s * c1;
-          y[2 * rank_total + r] = s * c2;
-          y[3 * rank_total + r] = s * c3;
-        }
-      } else {
-        for (int64_t j = 0; j < count; ++j)
-          for (int64_t r = 0; r < rank_total; ++r)
-            y[j * rank_total + r] = s * dot(a + r * hidden, x_data + tokens[j] * x_stride, hidden);
-      }
-      std::fill(acc.begin(), acc.begin() + count * width_total, 0.f);
-      int64_t rank_start = 0, col = 0;
-      for (size_t k = 0; k < b_data.size(); ++k) {
-        const int64_t width = widths[k], rank = ranks[k];
-        const W* bt = b_data[k] + slot * rank * width;   // [R_i, N_i]
-        for (int64_t r = 0; r < rank; ++r) {
-          const W* row = bt + r * width;
-          for (int64_t j = 0; j < count; ++j) {
-            const float yr = y[j * rank_total + rank_start + r];
-            float* accj = acc.data() + j * width_total + col;
-            for (int64_t n = 0; n < width; ++n) accj[n] += yr * static_cast<float>(row[n]);
-          }
-        }
-        rank_start += rank;
-        col += width;
-      }
-      for (int64_t j = 0; j < count; ++j) {
-        A* ot = out_data + tokens[j] * out_stride + offset;
-        const float* accj = acc.data() + j * width_total;
-        for (int64_t n = 0; n < width_total; ++n) ot[n] = static_cast<A>(static_cast<float>(ot[n]) + accj[n]);
-      }
-    }
+    std::vector<float> xf(TILE * op.hidden), y(TILE * op.rank_total);
+    for (int64_t i = begin; i < end; ++i)
+      run_tile(op, order.data() + tiles[i].first, tiles[i].second, xf.data(), y.data());
   });
+}
+
+template <typename A>
+void run_for_weights(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& token_slots,
+                     const torch::Tensor& lora_a, const std::vector<torch::Tensor>& lora_b_t, double scale,
+                     int64_t offset) {
+  switch (lora_a.scalar_type()) {
+    case at::kFloat: return run<A, float>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
+    case at::kBFloat16: return run<A, c10::BFloat16>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
+    default: return run<A, c10::Half>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
+  }
+}
+
+bool supported(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
 void add_lora_linear(torch::Tensor out, torch::Tensor x, torch::Tensor token_slots, torch::Tensor lora_a,
@@ -130,6 +246,8 @@ void add_lora_linear(torch::Tensor out, torch::Tensor x, torch::Tensor token_slo
   TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && lora_a.is_contiguous(), "rows must be contiguous");
   TORCH_CHECK(x.size(1) == lora_a.size(2), "x and lora_a disagree on H");
   TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out: one dtype");
+  TORCH_CHECK(supported(x.scalar_type()) && supported(lora_a.scalar_type()),
+              "dtypes: float32, bfloat16 or float16");
   int64_t rank_total = 0, width_total = 0;
   for (const auto& b : lora_b_t) {
     TORCH_CHECK(b.dim() == 3 && b.is_contiguous() && b.scalar_type() == lora_a.scalar_type() &&
@@ -143,12 +261,11 @@ void add_lora_linear(torch::Tensor out, torch::Tensor x, torch::Tensor token_slo
   const int64_t* slots = token_slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < token_slots.size(0); ++t)
     TORCH_CHECK(slots[t] >= -1 && slots[t] < lora_a.size(0), "token slot out of range: ", slots[t]);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_small_act", [&] {
-    using A = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lora_a.scalar_type(), "lora_small_w", [&] {
-      run<A, scalar_t>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
-    });
-  });
+  switch (x.scalar_type()) {
+    case at::kFloat: return run_for_weights<float>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
+    case at::kBFloat16: return run_for_weights<c10::BFloat16>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
+    default: return run_for_weights<c10::Half>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
+  }
 }
 
 }  // namespace

@@ -65,6 +65,26 @@ def test_real_widths_on_one_and_two_cores(compiled, num_tokens, threads):
     assert torch.equal(actual[slots == -1], base[slots == -1])
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("run_length", range(1, 18))
+def test_every_tile_size_on_odd_widths(compiled, run_length, dtype):
+    """A run of 1..17 tokens on one slot (tiles of every size, the last one partial), between
+    tokens of other slots, on widths that are not multiples of the op's 8 or 32 columns: every
+    vector loop's remainder runs."""
+    widths, rank, hidden, num_slots = (13, 40, 5, 75), 4, 77, 3
+    g = torch.Generator().manual_seed(run_length)
+    lora_a = [(torch.randn(num_slots, 1, rank, hidden, generator=g) / hidden ** 0.5).to(dtype) for _ in widths]
+    lora_b = [(torch.randn(num_slots, 1, width, rank, generator=g) / rank ** 0.5).to(dtype) for width in widths]
+    slots = torch.tensor([2, -1] + [1] * run_length + [0, -1, 2])
+    x = torch.randn(len(slots), hidden, generator=g).to(dtype)
+    base = torch.randn(len(slots), sum(widths) + 2, generator=g).to(dtype)
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, widths, offset_start=1)
+    actual = run_compiled(compiled, base.clone(), x, lora_a, lora_b, slots, 0.5, offset=1)
+    torch.testing.assert_close(actual, expected, **tolerances(dtype))
+    assert torch.equal(actual[slots == -1], base[slots == -1])
+    assert torch.equal(actual[:, 0], base[:, 0]) and torch.equal(actual[:, -1], base[:, -1])
+
+
 @pytest.mark.parametrize("popularity", POPULARITIES)
 def test_float32_weights_on_bfloat16_activations(compiled, popularity):
     """What the wrapper hands it on CPUs without native bf16: bf16 rows, float32 weight copies."""
