@@ -195,20 +195,23 @@ def test_embedding_lora_matches_stock_and_skips_zero_slots(is_prefill):
     assert torch.equal(ours.add_lora_embedding(embeddings.clone(), x, lora_b), embeddings)
 
 
-@pytest.mark.parametrize("index_mapping, runs_compiled, runs_torch", [
-    ((7, 9, 0, 9), True, False),               # decode: one token per sequence
-    ((7,) * 40, True, False),                  # a short prefill
-    ((7,) * 70 + (9, 0, 7), True, True),       # a long prefill run (torch ops) and decode tokens (compiled)
-    ((7,) * 70, False, True),                  # a long prefill alone
-    ((7, 9) * 140, False, True),               # too many tokens for the compiled op
-])
-def test_small_steps_run_the_compiled_op(monkeypatch, index_mapping, runs_compiled, runs_torch):
+@pytest.mark.parametrize("make_mapping, runs_compiled, runs_torch", [
+    (lambda long: (7, 9, 0, 9), True, False),                 # decode: one token per sequence
+    (lambda long: (7,) * 40, True, False),                    # a short prefill
+    (lambda long: (7,) * (long - 1), True, False),            # the longest run the compiled op takes
+    (lambda long: (7,) * long + (9, 0, 7), True, True),       # a long prefill run (torch ops), decode tokens (compiled)
+    (lambda long: (7,) * long, False, True),                  # a long prefill alone
+    (lambda long: (7, 9) * 140, False, True),                 # too many tokens for the compiled op
+], ids=("decode", "short-prefill", "longest-compiled-run", "long-run-and-decode", "long-run", "too-many"))
+def test_small_steps_run_the_compiled_op(monkeypatch, make_mapping, runs_compiled, runs_torch):
     """Selected with a cache that holds the op, short runs run it, long ones the torch ops; the
     result is the reference's either way."""
     from vllm.lora.layers import LoRAMapping
 
     from loraplex.kernels import cpu_wrapper, native
     from loraplex.server.default_model import default_cache_dir
+
+    index_mapping = make_mapping(cpu_wrapper.COMPILED_MIN_TORCH_RUN)
 
     if not native.cpu_supported() or (not native.can_build()
                                        and native.load(default_cache_dir(), build_if_missing=False) is None):
