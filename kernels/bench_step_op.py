@@ -6,10 +6,12 @@ weights left in cache. Prints milliseconds per step and the adapter bytes read p
 
 With ``--runs``: prefill-shaped steps instead (one run of N tokens on one adapter, weights from
 memory), the compiled op against the torch ops (``cpu_lora``) side by side: where the wrapper's
-``COMPILED_MIN_TORCH_RUN`` should sit.
+``COMPILED_MIN_TORCH_RUN`` should sit; with ``--variants``, each named build of the op this CPU
+runs (``native.VARIANTS``) beside the others, in one process.
 
     python -m loraplex.kernels.bench_step_op --out bench-results/step-op.json
     python -m loraplex.kernels.bench_step_op --runs 8,40,64,128,256 --threads 1 --out bench-results/step-op-runs.json
+    python -m loraplex.kernels.bench_step_op --runs 4,8,40,128 --variants avx512bf16,avx2 --out bench-results/step-op-builds.json
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--runs", help="prefill runs to time instead, e.g. 8,40,64,128,256 (tokens on one adapter)")
+    parser.add_argument("--variants", help="with --runs: builds of the op to time side by side, e.g. avx512bf16,avx2 "
+                        "(default: the best this CPU runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (vLLM's CPU worker: 1 when serving)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/step-op.json"))
     args = parser.parse_args(argv)
@@ -64,7 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.runs:
-        return compare_runs(op, [int(n) for n in args.runs.split(",")], args, dtype)
+        ops = {"compiled": op}
+        if args.variants:
+            ops = {name: native.load(native.environment_root(), variant=name) for name in args.variants.split(",")}
+            missing = [name for name, variant_op in ops.items() if variant_op is None]
+            if missing:
+                print(f"builds not available on this CPU: {', '.join(missing)} (it runs {native.host_variants()})",
+                      file=sys.stderr)
+                return 1
+        return compare_runs(ops, [int(n) for n in args.runs.split(",")], args, dtype)
     num_slots = max(token_counts)
     calls = step_weights(num_slots, args.rank, dtype)
     # What a base model's step reads, one chunk before each call (a matrix-vector product).
@@ -104,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare_runs(op, run_lengths: list[int], args, dtype: torch.dtype) -> int:
-    """Prefill-shaped steps: ``run_length`` tokens on slot 0, through the compiled op and through
-    the torch ops, alternated, each call after a base-model-sized read."""
+def compare_runs(ops: dict, run_lengths: list[int], args, dtype: torch.dtype) -> int:
+    """Prefill-shaped steps: ``run_length`` tokens on slot 0, through each compiled op (``ops``:
+    name -> module) and through the torch ops, alternated, each call after a base-model-sized read."""
     from . import cpu_lora
 
     calls = step_weights(1, args.rank, dtype)
@@ -121,7 +133,7 @@ def compare_runs(op, run_lengths: list[int], args, dtype: torch.dtype) -> int:
         plan, workspace = cpu_lora.build_plan(slots, min_direct_run=1), cpu_lora.Workspace()
         inputs = {h: torch.randn(run_length, h).to(dtype) for h, _ in LAYER_CALLS}
         outputs = [torch.zeros(run_length, sum(widths), dtype=dtype) for _, widths in LAYER_CALLS]
-        seconds: dict[str, list[float]] = {"compiled": [], "torch": []}
+        seconds: dict[str, list[float]] = {**{name: [] for name in ops}, "torch": []}
         for _ in range(args.repeats):
             for side in seconds:
                 spent = 0.0
@@ -130,8 +142,8 @@ def compare_runs(op, run_lengths: list[int], args, dtype: torch.dtype) -> int:
                     hidden, widths = LAYER_CALLS[i % len(LAYER_CALLS)]
                     out = outputs[i % len(LAYER_CALLS)]
                     start = time.perf_counter()
-                    if side == "compiled":
-                        op.add_lora_linear(out, inputs[hidden], slots, lora_a, lora_b_t, 2.0, 0)
+                    if side in ops:
+                        ops[side].add_lora_linear(out, inputs[hidden], slots, lora_a, lora_b_t, 2.0, 0)
                     else:
                         cpu_lora.add_lora_linear(plan, out, inputs[hidden], torch_calls[i][0], torch_calls[i][1], 2.0,
                                                  widths, workspace=workspace, fused_lora_a=lora_a)
@@ -139,8 +151,8 @@ def compare_runs(op, run_lengths: list[int], args, dtype: torch.dtype) -> int:
                 seconds[side].append(spent)
         row = {"run_tokens": run_length, **{f"{side}_ms": 1e3 * statistics.median(v) for side, v in seconds.items()}}
         rows.append(row)
-        print(f"{run_length:4d} tokens on one adapter: compiled {row['compiled_ms']:.2f} ms, "
-              f"torch ops {row['torch_ms']:.2f} ms", flush=True)
+        timings = ", ".join(f"{'torch ops' if side == 'torch' else side} {row[f'{side}_ms']:.2f} ms" for side in seconds)
+        print(f"{run_length:4d} tokens on one adapter: {timings}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rank": args.rank, "dtype": args.dtype, "threads": args.threads,
                                     "calls_per_step": len(calls), "runs": rows}, indent=2))

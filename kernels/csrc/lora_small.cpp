@@ -1,6 +1,8 @@
 // loraplex's LoRA op for small CPU steps (decode, prefill runs up to a few hundred tokens): one
-// call per layer instead of a dozen torch ops. Built by kernels/native.py (x86-64-v3: AVX2, FMA,
-// F16C); the pure-torch reference is kernels/reference.py (add_lora_linear), the tests compare the two.
+// call per layer instead of a dozen torch ops. Built by kernels/native.py twice: x86-64-v3 (AVX2,
+// FMA, F16C), and x86-64-v4 with AVX512-BF16 (__AVX512BF16__: the shrink of bfloat16 tiles of 4+
+// tokens); the pure-torch reference is kernels/reference.py (add_lora_linear), the tests compare
+// each build with it.
 //
 // Semantics (for every token t with slot[t] >= 0; tokens on slot -1 are not touched):
 //   y = scale * lora_a[slot[t]] @ x[t]                                       // [R_total]
@@ -14,12 +16,16 @@
 // row once for all its tokens, with one 8-lane accumulator per token held in registers: the
 // shrink's dot products run over H (the tile's inputs converted to float once), the expand runs
 // over 8 output columns at a time and adds into the output directly. Each token reads only its
-// own slot's rows: no padding, no gathered weights.
+// own slot's rows: no padding, no gathered weights. (With AVX512-BF16 a bfloat16 tile's shrink
+// multiplies pairs of bf16 inputs and weights straight into float sums instead: the products are
+// exact in float either way (subnormals aside), only the order of the additions differs.)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -100,11 +106,40 @@ inline void expand_columns(const Operands<A, W>& op, const int64_t* tokens, cons
   }
 }
 
-// One tile: T tokens (``tokens``) on one slot. ``xf`` [T, H] and ``y`` [T, R_total] are scratch.
+#if defined(__AVX512BF16__)
+// The shrink of a tile of bfloat16 inputs and weights on CPUs with AVX512-BF16 (built only for
+// them): pairs of bf16 products summed into 16 float lanes, 32 inputs a step, no widening.
+//   y[j, r] = scale * a[r] . x[j]   (a [R_total, H], x rows ``xs[j]``)
+template <int T>
+inline void shrink_bf16_pairs(const c10::BFloat16* a, const c10::BFloat16* const* xs, int64_t hidden,
+                              int64_t rank_total, float scale, float* y) {
+  const int64_t full = hidden - hidden % 32;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (hidden % 32)) - 1);
+  for (int64_t r = 0; r < rank_total; ++r) {
+    const c10::BFloat16* w = a + r * hidden;
+    __m512 acc[T];
+    UNROLL for (int j = 0; j < T; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < full; k += 32) {
+      const __m512bh wk = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + k));
+      UNROLL for (int j = 0; j < T; ++j)
+        acc[j] = _mm512_dpbf16_ps(acc[j], wk, reinterpret_cast<__m512bh>(_mm512_loadu_si512(xs[j] + k)));
+    }
+    if (tail) {
+      const __m512bh wk = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(tail, w + full));
+      UNROLL for (int j = 0; j < T; ++j)
+        acc[j] = _mm512_dpbf16_ps(acc[j], wk, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(tail, xs[j] + full)));
+    }
+    UNROLL for (int j = 0; j < T; ++j) y[j * rank_total + r] = scale * _mm512_reduce_add_ps(acc[j]);
+  }
+}
+#endif
+
+// The shrink of a tile (any dtypes): y[j, r] = scale * A[slot, r] . x[j], the inputs widened to
+// float once into ``xf`` [T, H].
 template <typename A, typename W, int T>
-void tile(const Operands<A, W>& op, const int64_t* tokens, float* xf, float* y) {
+void shrink_tile(const Operands<A, W>& op, const int64_t* tokens, int64_t slot, float* xf, float* y) {
   constexpr int U = lanes_per_token<T>();
-  const int64_t hidden = op.hidden, rank_total = op.rank_total, slot = op.slots[tokens[0]];
+  const int64_t hidden = op.hidden, rank_total = op.rank_total;
   const int64_t vector_end = hidden - hidden % 8;
   for (int j = 0; j < T; ++j) {  // the tile's inputs as float, once
     const A* row = op.x + tokens[j] * op.x_stride;
@@ -141,6 +176,13 @@ void tile(const Operands<A, W>& op, const int64_t* tokens, float* xf, float* y) 
       y[j * rank_total + r] = op.scale * sums[j];
     }
   }
+}
+
+// The expand of a tile: out[j, cols of slice i] += y[j, ranks of slice i] @ B_i^T[slot].
+template <typename A, typename W, int T>
+void expand_tile(const Operands<A, W>& op, const int64_t* tokens, int64_t slot, const float* y) {
+  constexpr int U = lanes_per_token<T>();
+  const int64_t rank_total = op.rank_total;
   // Expand, slice by slice, 8U output columns at a time, added into the output rows.
   int64_t rank_start = 0, col = op.offset;
   for (size_t i = 0; i < op.b.size(); ++i) {
@@ -161,6 +203,23 @@ void tile(const Operands<A, W>& op, const int64_t* tokens, float* xf, float* y) 
     rank_start += rank;
     col += width;
   }
+}
+
+// One tile: T tokens (``tokens``) on one slot. ``xf`` [T, H] and ``y`` [T, R_total] are scratch.
+template <typename A, typename W, int T>
+void tile(const Operands<A, W>& op, const int64_t* tokens, float* xf, float* y) {
+  const int64_t slot = op.slots[tokens[0]];
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<A, c10::BFloat16> && std::is_same_v<W, c10::BFloat16> && T >= 4) {
+    const c10::BFloat16* xs[T];
+    for (int j = 0; j < T; ++j) xs[j] = op.x + tokens[j] * op.x_stride;
+    shrink_bf16_pairs<T>(op.a + slot * op.rank_total * op.hidden, xs, op.hidden, op.rank_total, op.scale, y);
+  } else
+#endif
+  {
+    shrink_tile<A, W, T>(op, tokens, slot, xf, y);
+  }
+  expand_tile<A, W, T>(op, tokens, slot, y);
 }
 
 template <typename A, typename W>

@@ -2,6 +2,8 @@
 over ranks, batch sizes, adapter counts, popularity and dtypes; and tenant isolation: a NaN/Inf
 slot never reaches another token, a slot past the weights is refused."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,14 +15,16 @@ from .conftest import HIDDEN_IN, NUM_ADAPTERS, RANKS, SLICE_WIDTHS, check_agains
 from .isolation import POISONS, assert_others_identical, base_output, isolation_case
 
 
-@pytest.fixture(scope="module")
-def compiled():
+@pytest.fixture(scope="module", params=native.host_variants() or ["avx2"])
+def compiled(request):
+    """Each build of the op this CPU runs (the AVX2 one; the AVX512-BF16 one where it has that)."""
     if not native.cpu_supported():
         pytest.skip("the compiled op is built for x86-64 with AVX2 only")
-    if not native.can_build() and native.load(default_cache_dir(), build_if_missing=False) is None:
+    variant = request.param
+    if not native.can_build() and native.load(default_cache_dir(), False, variant) is None:
         pytest.skip("no C++ compiler here and no build of the op (the torch ops run instead)")
-    module = native.load(default_cache_dir())  # built there by the install script (else now, once)
-    assert module is not None, "x86-64 with AVX2 and a compiler: the op must build"
+    module = native.load(default_cache_dir(), variant=variant)  # built by the install script (else now, once)
+    assert module is not None, f"x86-64 with {variant} and a compiler: the op must build"
     return module
 
 
@@ -184,6 +188,16 @@ def test_step_benchmark_checks_its_arguments(argv, capsys):
     assert "at least 1" in capsys.readouterr().err
 
 
+def test_step_benchmark_refuses_a_build_this_cpu_does_not_run(tmp_path, capsys):
+    from loraplex.kernels.bench_step_op import main
+
+    if native.load(native.environment_root(), build_if_missing=False) is None:
+        pytest.skip("no build of the op in this environment")
+    assert main(["--runs", "8", "--variants", "avx2,sse1", "--out", str(tmp_path / "out.json")]) == 1
+    assert "builds not available on this CPU: sse1" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_step_benchmark_weights_are_the_wrappers_layout():
     """[S, R * slices, H] A and [S, R, N_i] transposed B per call, four calls a layer."""
     from loraplex.kernels.bench_step_op import LAYER_CALLS, NUM_LAYERS, step_weights
@@ -192,3 +206,40 @@ def test_step_benchmark_weights_are_the_wrappers_layout():
     assert len(calls) == NUM_LAYERS * len(LAYER_CALLS)
     lora_a, lora_b_t = calls[2]  # gate/up
     assert lora_a.shape == (2, 8, 576) and [b.shape for b in lora_b_t] == [(2, 4, 1536), (2, 4, 1536)]
+
+
+def test_a_prebuilt_build_comes_before_a_new_one_and_a_damaged_best_falls_back(tmp_path, monkeypatch, caplog):
+    """On a CPU with a better build than the environment holds (an image made on an older
+    machine), the prebuilt one is loaded, nothing is compiled; a damaged best build falls back to
+    the next one."""
+    if not native.cpu_supported():
+        pytest.skip("the compiled op is built for x86-64 with AVX2 only")
+    prebuilt = native.load(default_cache_dir(), variant="avx2")
+    if prebuilt is None:
+        pytest.skip("no AVX2 build of the op here")
+    env = tmp_path / "env"
+    monkeypatch.setattr(native, "environment_root", lambda: env)
+    monkeypatch.setattr(native, "host_variants", lambda: ["avx512bf16", "avx2"])  # looked up, never run
+    monkeypatch.setattr(native, "_loaded", {})
+
+    def no_build(*args):
+        raise AssertionError("a prebuilt op was there: nothing may be compiled")
+
+    monkeypatch.setattr(native, "build", no_build)
+    loaded_from = []  # (the module object is Python's, cached by name: its __file__ is the first load's)
+    spec_from_file = native.importlib.util.spec_from_file_location
+    monkeypatch.setattr(native.importlib.util, "spec_from_file_location",
+                        lambda name, path: loaded_from.append(Path(path).parent) or spec_from_file(name, path))
+    avx2_dir = native.build_dir(env, "avx2")
+    avx2_dir.mkdir(parents=True)
+    (avx2_dir / Path(prebuilt.__file__).name).write_bytes(Path(prebuilt.__file__).read_bytes())
+    assert native.load(tmp_path / "cache") is not None and loaded_from == [avx2_dir]
+    assert "unavailable" not in caplog.text  # (a build attempted would have been logged there)
+
+    loaded_from.clear()
+    monkeypatch.setattr(native, "_loaded", {})
+    best_dir = native.build_dir(env, "avx512bf16")
+    best_dir.mkdir(parents=True)
+    (best_dir / f"{native.module_name(best_dir)}.so").write_bytes(b"not a shared object" * 10)
+    assert native.load(tmp_path / "cache") is not None and loaded_from == [best_dir, avx2_dir]
+    assert "(avx512bf16) is unavailable" in caplog.text
