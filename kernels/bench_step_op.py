@@ -43,6 +43,19 @@ def step_weights(num_slots: int, rank: int, dtype: torch.dtype) -> list[tuple[to
     return calls
 
 
+def base_model_reads(num_calls: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a base model's step reads, one chunk per call (read with a matrix-vector product
+    before each call, so the adapters' weights come from memory)."""
+    chunk = BASE_MODEL_ELEMENTS // num_calls
+    return torch.randn(num_calls, chunk // 1000, 1000).to(dtype), torch.randn(1000).to(dtype)
+
+
+def step_buffers(num_tokens: int, dtype: torch.dtype) -> tuple[dict[int, torch.Tensor], list[torch.Tensor]]:
+    """Inputs per input width and outputs per call kind for ``num_tokens`` tokens."""
+    inputs = {h: torch.randn(num_tokens, h).to(dtype) for h, _ in LAYER_CALLS}
+    return inputs, [torch.zeros(num_tokens, sum(widths), dtype=dtype) for _, widths in LAYER_CALLS]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1,2,8", help="decode tokens per step, each on its own adapter")
@@ -79,15 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         return compare_runs(ops, [int(n) for n in args.runs.split(",")], args, dtype)
     num_slots = max(token_counts)
     calls = step_weights(num_slots, args.rank, dtype)
-    # What a base model's step reads, one chunk before each call (a matrix-vector product).
-    chunk = BASE_MODEL_ELEMENTS // len(calls)
-    base = torch.randn(len(calls), chunk // 1000, 1000).to(dtype)
-    vector = torch.randn(1000).to(dtype)
+    base, vector = base_model_reads(len(calls), dtype)
     rows = []
     for num_tokens in token_counts:
         slots = torch.arange(num_tokens, dtype=torch.long)
-        inputs = {h: torch.randn(num_tokens, h).to(dtype) for h, _ in LAYER_CALLS}
-        outputs = [torch.zeros(num_tokens, sum(widths), dtype=dtype) for _, widths in LAYER_CALLS]
+        inputs, outputs = step_buffers(num_tokens, dtype)
         adapter_bytes = sum((a[0].numel() + sum(b[0].numel() for b in bt)) * a.element_size()
                             for a, bt in calls) * num_tokens
         seconds: dict[str, list[float]] = {"from_memory": [], "in_cache": []}
@@ -124,15 +133,12 @@ def compare_runs(ops: dict, run_lengths: list[int], args, dtype: torch.dtype) ->
     calls = step_weights(1, args.rank, dtype)
     torch_calls = [([lora_a[:, args.rank * i:args.rank * (i + 1)] for i in range(len(lora_b_t))],
                     [b.transpose(1, 2).contiguous() for b in lora_b_t]) for lora_a, lora_b_t in calls]
-    chunk = BASE_MODEL_ELEMENTS // len(calls)
-    base = torch.randn(len(calls), chunk // 1000, 1000).to(dtype)
-    vector = torch.randn(1000).to(dtype)
+    base, vector = base_model_reads(len(calls), dtype)
     rows = []
     for run_length in run_lengths:
         slots = torch.zeros(run_length, dtype=torch.long)
         plan, workspace = cpu_lora.build_plan(slots, min_direct_run=1), cpu_lora.Workspace()
-        inputs = {h: torch.randn(run_length, h).to(dtype) for h, _ in LAYER_CALLS}
-        outputs = [torch.zeros(run_length, sum(widths), dtype=dtype) for _, widths in LAYER_CALLS]
+        inputs, outputs = step_buffers(run_length, dtype)
         seconds: dict[str, list[float]] = {**{name: [] for name in ops}, "torch": []}
         for _ in range(args.repeats):
             for side in seconds:
