@@ -20,6 +20,10 @@ from .reference import NO_ADAPTER, as_3d
 COMPILED_MIN_TORCH_RUN = 128
 COMPILED_MAX_TOKENS = 256
 COMPILED_MAX_TOKENS_PER_SLOT = 128
+# Builds that take every token of a step whose activations and weights are bfloat16: there the
+# AVX512-BF16 build multiplies bf16 pairs in both halves of the op and stays ahead of the torch
+# ops at every run length measured (1-4096 tokens on one adapter, one and two cores).
+COMPILED_EVERY_RUN_BF16_VARIANTS = ("avx512bf16",)
 
 
 class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
@@ -28,12 +32,14 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
     The token -> slot plan is built once per step in :meth:`update_metadata`; the layers'
     calls (``add_shrink``, ``add_expand``, ``add_lora_linear``) reuse it. In the linear layers the
     tokens of short runs (decode, short prefills) go to the compiled op (``native``) when it was
-    built for this machine, long runs to the torch ops.
+    built for this machine, long runs to the torch ops (with the AVX512-BF16 build on bfloat16,
+    every token to the compiled op).
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._plan = cpu_lora.build_plan(torch.empty(0, dtype=torch.long))
+        self._token_slots = torch.empty(0, dtype=torch.long)
+        self._plan = cpu_lora.build_plan(self._token_slots)
         # vLLM rewrites one slot when it activates an adapter; the caches below refresh that slot only.
         self._slot_writes = slot_writes.SlotWrites()
         slot_writes.install_activation_hook()
@@ -54,6 +60,8 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
             self._slot_writes, copies=lambda slices, value: list(zip(value, (as_3d(b).transpose(1, 2) for b in slices))))
         cache = vllm_plugin.compiled_ops_cache()
         self._compiled = native.load(cache, build_if_missing=False) if cache is not None else None
+        self._compiled_takes_every_bf16_run = (
+            getattr(self._compiled, "variant", None) in COMPILED_EVERY_RUN_BF16_VARIANTS)
         # This step's linear layers: the token slots the compiled op takes (None: it does not run)
         # and the plan left for the torch ops (None: nothing left; a step with prefill runs and
         # decode tokens splits, the runs in place in torch, the decode tokens compiled).
@@ -69,8 +77,9 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
 
     def update_metadata(self, *args, **kwargs) -> None:
         super().update_metadata(*args, **kwargs)
-        self._plan = cpu_lora.build_plan(self.token_lora_indices)
-        self._compiled_slots, self._torch_plan = self._split_for_compiled(self._plan, self.token_lora_indices)
+        self._token_slots = self.token_lora_indices  # [T] int64, this step's (a view: made once a step)
+        self._plan = cpu_lora.build_plan(self._token_slots)
+        self._compiled_slots, self._torch_plan = self._split_for_compiled(self._plan, self._token_slots)
 
     def _split_for_compiled(self, plan: cpu_lora.LoraPlan, token_slots: torch.Tensor):
         """(slots for the compiled op, plan for the torch ops) of a step whose full plan is
@@ -114,11 +123,16 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         out = y if y.dim() == 2 else y.view(-1, y.shape[-1])
         x = x if x.dim() == 2 else x.view(-1, x.shape[-1])
         fused_lora_a = self._fused_lora_a(lora_a_stacked)
-        torch_plan = self._plan
-        if self._compiled_slots is not None and x.dtype == out.dtype:
-            self._compiled.add_lora_linear(out, x, self._compiled_slots, fused_lora_a,
-                                           self._lora_b_t(lora_b_stacked), scale, 0)
-            torch_plan = self._torch_plan
+        compiled_slots, torch_plan = None, self._plan
+        if self._compiled is not None and x.dtype == out.dtype:
+            if (self._compiled_takes_every_bf16_run and x.dtype == torch.bfloat16
+                    and fused_lora_a.dtype == torch.bfloat16):
+                compiled_slots, torch_plan = self._token_slots, None
+            elif self._compiled_slots is not None:
+                compiled_slots, torch_plan = self._compiled_slots, self._torch_plan
+        if compiled_slots is not None:
+            self._compiled.add_lora_linear(out, x, compiled_slots, fused_lora_a, self._lora_b_t(lora_b_stacked),
+                                           scale, 0)
         if torch_plan is not None:
             cpu_lora.add_lora_linear(torch_plan, out, x, lora_a_stacked, self._lora_b(lora_b_stacked), scale,
                                      output_slices, workspace=self._workspace, fused_lora_a=fused_lora_a)

@@ -143,6 +143,7 @@ def _load_variant(cache_root: Path, variant: str, build_missing: bool):
             spec = importlib.util.spec_from_file_location(name, library)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
+            module.variant = variant  # which build: the wrapper's limits depend on it
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the torch ops still work
         logger.warning("loraplex's compiled CPU LoRA op (%s) is unavailable (%s)", variant, exc)
         module = None

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="auto", help="auto: as `loraplex serve` picks it")
+    parser.add_argument("--reserved-cores", type=int, default=0,
+                        help="cores kept free of the engine's compute threads (a server keeps 1 for its doors)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/decode-step.json"))
     args = parser.parse_args(argv)
     sequences = [int(n) for n in args.sequences.split(",")]
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     adapters = make_adapters(model_dir, cache_dir / "bench-adapters", max(sequences), args.rank, prefix="bench")
     # The engine core and its worker in this process, so the wrapper is reachable and timed here.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.reserved_cores)
     select_lora_kernels("loraplex", compiled_ops_cache=cache_dir)
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest

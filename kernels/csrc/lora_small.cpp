@@ -1,22 +1,24 @@
 // loraplex's LoRA op for small CPU steps (decode, prefill runs up to a few hundred tokens): one
 // call per layer instead of a dozen torch ops. Built by kernels/native.py twice: x86-64-v3 (AVX2,
-// FMA, F16C), and x86-64-v4 with AVX512-BF16 (__AVX512BF16__: the shrink of bfloat16 tiles of 4+
-// tokens); the pure-torch reference is kernels/reference.py (add_lora_linear), the tests compare
-// each build with it.
+// FMA, F16C), and x86-64-v4 with AVX512-BF16 (__AVX512F__: the expand in 16-lane registers;
+// __AVX512BF16__: bfloat16 tiles shrink, and expand, with bf16 pair dot products); the pure-torch
+// reference is kernels/reference.py (add_lora_linear), the tests compare each build with it.
 //
 // Semantics (for every token t with slot[t] >= 0; tokens on slot -1 are not touched):
 //   y = scale * lora_a[slot[t]] @ x[t]                                       // [R_total]
 //   out[t, offset + col_i : offset + col_i + N_i] += y[r_i : r_i + R_i] @ lora_b_t_i[slot[t]]
 // lora_a [S, R_total, H] (the slices' A concatenated along the rank); lora_b_t_i [S, R_i, N_i]
 // (B transposed: each rank row is a contiguous run of the output). Computed in float32, each
-// output element rounded once.
+// output element rounded once; except with AVX512-BF16 on bfloat16 inputs and weights, where y
+// is rounded to bfloat16 before the expand (as vLLM's GPU kernels and our torch ops round it to
+// the weights' dtype) and the products of bf16 pairs are summed in float.
 //
 // Tokens are taken in tiles of up to TILE tokens on one slot, grouped by slot wherever they sit in
 // the batch (a prefill run, or a decode step's sequences on one adapter). A tile reads each weight
-// row once for all its tokens, with one 8-lane accumulator per token held in registers: the
-// shrink's dot products run over H (the tile's inputs converted to float once), the expand runs
-// over 8 output columns at a time and adds into the output directly. Each token reads only its
-// own slot's rows: no padding, no gathered weights. (With AVX512-BF16 a bfloat16 tile's shrink
+// row once for all its tokens, with one accumulator per token held in registers: the shrink's dot
+// products run over H (the tile's inputs converted to float once), the expand runs over 8 (16)
+// output columns at a time and adds into the output directly. Each token reads only its own
+// slot's rows: no padding, no gathered weights. (With AVX512-BF16 a bfloat16 tile's shrink
 // multiplies pairs of bf16 inputs and weights straight into float sums instead: the products are
 // exact in float either way (subnormals aside), only the order of the additions differs.)
 #include <torch/extension.h>
@@ -106,6 +108,51 @@ inline void expand_columns(const Operands<A, W>& op, const int64_t* tokens, cons
   }
 }
 
+#if defined(__AVX512F__)
+// 16 lanes of float32 from / to 16 elements (the x86-64-v4 build's expand), rounded as store8.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// expand_columns with 16-lane registers: output columns [n, n + 16V) of one slice. Each
+// broadcast of a token's y serves V registers, so a tile of 8 tokens does four times the
+// multiply-adds per load of the 8-lane version (which runs out of load slots, not FMA units).
+template <typename A, typename W, int T, int V>
+inline void expand_columns16(const Operands<A, W>& op, const int64_t* tokens, const W* bt, int64_t width,
+                             int64_t rank, const float* ys, int64_t col, int64_t n) {
+  __m512 acc[T * V];
+  UNROLL for (int i = 0; i < T * V; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rank; ++r) {
+    __m512 bn[V];
+    UNROLL for (int v = 0; v < V; ++v) bn[v] = load16(bt + r * width + n + 16 * v);
+    UNROLL for (int j = 0; j < T; ++j) {
+      const __m512 yj = _mm512_set1_ps(ys[j * op.rank_total + r]);
+      UNROLL for (int v = 0; v < V; ++v) acc[j * V + v] = _mm512_fmadd_ps(yj, bn[v], acc[j * V + v]);
+    }
+  }
+  UNROLL for (int j = 0; j < T; ++j) {
+    A* o = op.out + tokens[j] * op.out_stride + col + n;
+    UNROLL for (int v = 0; v < V; ++v) store16(o + 16 * v, _mm512_add_ps(load16(o + 16 * v), acc[j * V + v]));
+  }
+}
+#endif
+
 #if defined(__AVX512BF16__)
 // The shrink of a tile of bfloat16 inputs and weights on CPUs with AVX512-BF16 (built only for
 // them): pairs of bf16 products summed into 16 float lanes, 32 inputs a step, no widening.
@@ -130,6 +177,37 @@ inline void shrink_bf16_pairs(const c10::BFloat16* a, const c10::BFloat16* const
         acc[j] = _mm512_dpbf16_ps(acc[j], wk, reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(tail, xs[j] + full)));
     }
     UNROLL for (int j = 0; j < T; ++j) y[j * rank_total + r] = scale * _mm512_reduce_add_ps(acc[j]);
+  }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// The expand of a bfloat16 tile on CPUs with AVX512-BF16: each token's y rounded to bfloat16
+// pairs (as vLLM's GPU kernels and the torch ops round it to the weights' dtype), two rank rows of
+// B^T interleaved into pairs per output column, dot products of pairs summed into float lanes.
+template <int T, int V>
+inline void expand_columns_bf16(const Operands<c10::BFloat16, c10::BFloat16>& op, const int64_t* tokens,
+                                const c10::BFloat16* bt, int64_t width, int64_t rank, const uint32_t* ypairs,
+                                int64_t col, int64_t n) {
+  __m512 acc[T * V];
+  UNROLL for (int i = 0; i < T * V; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t pairs = rank / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh bn[V];
+    UNROLL for (int v = 0; v < V; ++v) {
+      const c10::BFloat16* lo = bt + (2 * p) * width + n + 16 * v;
+      const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+      const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + width)));
+      bn[v] = reinterpret_cast<__m512bh>(_mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+    }
+    UNROLL for (int j = 0; j < T; ++j) {
+      const __m512bh yj = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ypairs[j * 64 + p])));
+      UNROLL for (int v = 0; v < V; ++v) acc[j * V + v] = _mm512_dpbf16_ps(acc[j * V + v], yj, bn[v]);
+    }
+  }
+  UNROLL for (int j = 0; j < T; ++j) {
+    c10::BFloat16* o = op.out + tokens[j] * op.out_stride + col + n;
+    UNROLL for (int v = 0; v < V; ++v) store16(o + 16 * v, _mm512_add_ps(load16(o + 16 * v), acc[j * V + v]));
   }
 }
 #endif
@@ -190,6 +268,28 @@ void expand_tile(const Operands<A, W>& op, const int64_t* tokens, int64_t slot, 
     const W* bt = op.b[i] + slot * rank * width;  // [R_i, N_i]
     const float* ys = y + rank_start;
     int64_t n = 0;
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<A, c10::BFloat16> && std::is_same_v<W, c10::BFloat16>) {
+      if (rank % 2 == 0 && rank <= 128) {
+        uint32_t ypairs[T * 64];
+        for (int j = 0; j < T; ++j)
+          for (int64_t p = 0; p < rank / 2; ++p) {
+            const c10::BFloat16 lo(ys[j * rank_total + 2 * p]), hi(ys[j * rank_total + 2 * p + 1]);
+            ypairs[j * 64 + p] = uint32_t(lo.x) | (uint32_t(hi.x) << 16);
+          }
+        constexpr int VB = T <= 2 ? 4 : 2;
+        for (; n + 16 * VB <= width; n += 16 * VB)
+          expand_columns_bf16<T, VB>(op, tokens, bt, width, rank, ypairs, col, n);
+        for (; n + 16 <= width; n += 16) expand_columns_bf16<T, 1>(op, tokens, bt, width, rank, ypairs, col, n);
+        // the rest of the columns (width % 16) below, in float
+      }
+    }
+#endif
+#if defined(__AVX512F__)
+    constexpr int V = T <= 2 ? 4 : 2;  // 16-lane registers per token
+    for (; n + 16 * V <= width; n += 16 * V) expand_columns16<A, W, T, V>(op, tokens, bt, width, rank, ys, col, n);
+    for (; n + 16 <= width; n += 16) expand_columns16<A, W, T, 1>(op, tokens, bt, width, rank, ys, col, n);
+#endif
     for (; n + 8 * U <= width; n += 8 * U) expand_columns<A, W, T, U>(op, tokens, bt, width, rank, ys, col, n);
     for (; n + 8 <= width; n += 8) expand_columns<A, W, T, 1>(op, tokens, bt, width, rank, ys, col, n);
     for (; n < width; ++n) {

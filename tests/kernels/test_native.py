@@ -89,6 +89,24 @@ def test_every_tile_size_on_odd_widths(compiled, run_length, dtype):
     assert torch.equal(actual[:, 0], base[:, 0]) and torch.equal(actual[:, -1], base[:, -1])
 
 
+@pytest.mark.parametrize("rank", (1, 5, 128, 130))
+@pytest.mark.parametrize("run_length", (1, 3, 8, 11))
+def test_odd_and_large_ranks_in_bfloat16(compiled, rank, run_length):
+    """The AVX512-BF16 expand takes ranks in pairs, up to 128: an odd rank, 128 and one past it
+    (the float expand then) give the reference's result, on widths with a remainder of 16."""
+    widths, hidden, num_slots = (48, 21, 40), 70, 2
+    g = torch.Generator().manual_seed(rank * 100 + run_length)
+    lora_a = [(torch.randn(num_slots, 1, rank, hidden, generator=g) / hidden ** 0.5).bfloat16() for _ in widths]
+    lora_b = [(torch.randn(num_slots, 1, width, rank, generator=g) / rank ** 0.5).bfloat16() for width in widths]
+    slots = torch.tensor([0] + [1] * run_length + [-1])
+    x = torch.randn(len(slots), hidden, generator=g).bfloat16()
+    base = torch.randn(len(slots), sum(widths), generator=g).bfloat16()
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, widths)
+    actual = run_compiled(compiled, base.clone(), x, lora_a, lora_b, slots, 0.5)
+    torch.testing.assert_close(actual, expected, **tolerances(torch.bfloat16))
+    assert torch.equal(actual[-1], base[-1])
+
+
 @pytest.mark.parametrize("popularity", POPULARITIES)
 def test_float32_weights_on_bfloat16_activations(compiled, popularity):
     """What the wrapper hands it on CPUs without native bf16: bf16 rows, float32 weight copies."""

@@ -236,6 +236,45 @@ def test_small_steps_run_the_compiled_op(monkeypatch, make_mapping, runs_compile
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_the_bf16_build_takes_every_bfloat16_run(monkeypatch, dtype):
+    """With the AVX512-BF16 build, a bfloat16 step's long prefill run (past the float limit) and
+    its decode tokens all run the compiled op, none the torch ops; a float32 step keeps the limit.
+    The result is the reference's either way."""
+    from vllm.lora.layers import LoRAMapping
+
+    from loraplex.kernels import cpu_lora, cpu_wrapper, native
+    from loraplex.server.default_model import default_cache_dir
+
+    if "avx512bf16" not in native.host_variants() or (
+            not native.can_build() and native.load(default_cache_dir(), False, "avx512bf16") is None):
+        pytest.skip("the AVX512-BF16 build runs on CPUs with AVX512-BF16 only")
+    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
+        monkeypatch.setenv(name, "")
+    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir())
+    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=512, device="cpu")
+    assert wrapper._compiled.variant == "avx512bf16" and wrapper._compiled_takes_every_bf16_run
+    wrapper._compute = cpu_lora.ComputeWeights(enabled=False, slot_writes=wrapper._slot_writes)  # weights as given
+    index_mapping = (7,) * (cpu_wrapper.COMPILED_MIN_TORCH_RUN + 10) + (9, 0, 7)
+    wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=True), [9, 7, None],
+                            max_loras=3, vocab_size=100)
+    torch_calls = []
+    monkeypatch.setattr(cpu_wrapper.cpu_lora, "add_lora_linear", lambda *a, **k: torch_calls.append(a))
+    slots = wrapper.token_lora_indices.clone()
+    g = torch.Generator().manual_seed(2)
+    lora_a = tuple((torch.randn(3, 1, 8, 32, generator=g) / 4).to(dtype) for _ in range(2))
+    lora_b = tuple((torch.randn(3, 1, 24, 8, generator=g) / 4).to(dtype) for _ in range(2))
+    x = torch.randn(len(index_mapping), 32, generator=g).to(dtype)
+    out = torch.randn(len(index_mapping), 48, generator=g).to(dtype)
+    expected = reference.add_lora_linear(out.clone(), x, lora_a, lora_b, slots, 0.5, (24, 24))
+    wrapper.add_lora_linear(out, x, lora_a, lora_b, 0.5, (24, 24))
+    if dtype == torch.bfloat16:
+        assert not torch_calls
+        torch.testing.assert_close(out, expected, atol=5e-2, rtol=2e-2)
+    else:
+        assert len(torch_calls) == 1  # the long run, in place in torch (here: not run)
+
+
 def test_without_a_cache_the_torch_ops_run(monkeypatch):
     from loraplex.kernels import cpu_wrapper
 
