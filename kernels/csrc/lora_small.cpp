@@ -87,29 +87,44 @@ struct Operands {
 template <int T>
 constexpr int lanes_per_token() { return T == 1 ? 4 : (T == 2 ? 2 : 1); }
 
-// Output columns [n, n + 8U) of one slice for the T tokens of a tile:
-//   out[j, col + n : ...] += ys[j, :rank] @ bt[:rank, n : n + 8U]
-template <typename A, typename W, int T, int U>
+// Float vectors of 8 lanes (AVX2), for the expand; Lanes16 below is the 16-lane twin.
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int N = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  template <typename E> static V load(const E* p) { return load8(p); }
+  template <typename E> static void store(E* p, V v) { store8(p, v); }
+};
+
+// Output columns [n, n + N*U) of one slice for the T tokens of a tile (N lanes a register):
+//   out[j, col + n : ...] += ys[j, :rank] @ bt[:rank, n : n + N*U]
+// Each broadcast of a token's y serves U registers: with 16 lanes and U >= 2 a tile of 8 tokens
+// does four times the multiply-adds per load of 8 lanes and U = 1 (which runs out of load slots
+// before FMA units).
+template <typename L, typename A, typename W, int T, int U>
 inline void expand_columns(const Operands<A, W>& op, const int64_t* tokens, const W* bt, int64_t width,
                            int64_t rank, const float* ys, int64_t col, int64_t n) {
-  __m256 acc[T * U];
-  UNROLL for (int i = 0; i < T * U; ++i) acc[i] = _mm256_setzero_ps();
+  typename L::V acc[T * U];
+  UNROLL for (int i = 0; i < T * U; ++i) acc[i] = L::zero();
   for (int64_t r = 0; r < rank; ++r) {
-    __m256 bn[U];
-    UNROLL for (int u = 0; u < U; ++u) bn[u] = load8(bt + r * width + n + 8 * u);
+    typename L::V bn[U];
+    UNROLL for (int u = 0; u < U; ++u) bn[u] = L::load(bt + r * width + n + L::N * u);
     UNROLL for (int j = 0; j < T; ++j) {
-      const __m256 yj = _mm256_broadcast_ss(ys + j * op.rank_total + r);
-      UNROLL for (int u = 0; u < U; ++u) acc[j * U + u] = _mm256_fmadd_ps(yj, bn[u], acc[j * U + u]);
+      const typename L::V yj = L::broadcast(ys + j * op.rank_total + r);
+      UNROLL for (int u = 0; u < U; ++u) acc[j * U + u] = L::fma(yj, bn[u], acc[j * U + u]);
     }
   }
   UNROLL for (int j = 0; j < T; ++j) {
     A* o = op.out + tokens[j] * op.out_stride + col + n;
-    UNROLL for (int u = 0; u < U; ++u) store8(o + 8 * u, _mm256_add_ps(load8(o + 8 * u), acc[j * U + u]));
+    UNROLL for (int u = 0; u < U; ++u) L::store(o + L::N * u, L::add(L::load(o + L::N * u), acc[j * U + u]));
   }
 }
 
 #if defined(__AVX512F__)
-// 16 lanes of float32 from / to 16 elements (the x86-64-v4 build's expand), rounded as store8.
+// 16 lanes of float32 from / to 16 elements (the x86-64-v4 build's expand: Lanes16), rounded as store8.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -130,27 +145,16 @@ inline void store16(c10::Half* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-// expand_columns with 16-lane registers: output columns [n, n + 16V) of one slice. Each
-// broadcast of a token's y serves V registers, so a tile of 8 tokens does four times the
-// multiply-adds per load of the 8-lane version (which runs out of load slots, not FMA units).
-template <typename A, typename W, int T, int V>
-inline void expand_columns16(const Operands<A, W>& op, const int64_t* tokens, const W* bt, int64_t width,
-                             int64_t rank, const float* ys, int64_t col, int64_t n) {
-  __m512 acc[T * V];
-  UNROLL for (int i = 0; i < T * V; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t r = 0; r < rank; ++r) {
-    __m512 bn[V];
-    UNROLL for (int v = 0; v < V; ++v) bn[v] = load16(bt + r * width + n + 16 * v);
-    UNROLL for (int j = 0; j < T; ++j) {
-      const __m512 yj = _mm512_set1_ps(ys[j * op.rank_total + r]);
-      UNROLL for (int v = 0; v < V; ++v) acc[j * V + v] = _mm512_fmadd_ps(yj, bn[v], acc[j * V + v]);
-    }
-  }
-  UNROLL for (int j = 0; j < T; ++j) {
-    A* o = op.out + tokens[j] * op.out_stride + col + n;
-    UNROLL for (int v = 0; v < V; ++v) store16(o + 16 * v, _mm512_add_ps(load16(o + 16 * v), acc[j * V + v]));
-  }
-}
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int N = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  template <typename E> static V load(const E* p) { return load16(p); }
+  template <typename E> static void store(E* p, V v) { store16(p, v); }
+};
 #endif
 
 #if defined(__AVX512BF16__)
@@ -287,11 +291,11 @@ void expand_tile(const Operands<A, W>& op, const int64_t* tokens, int64_t slot, 
 #endif
 #if defined(__AVX512F__)
     constexpr int V = T <= 2 ? 4 : 2;  // 16-lane registers per token
-    for (; n + 16 * V <= width; n += 16 * V) expand_columns16<A, W, T, V>(op, tokens, bt, width, rank, ys, col, n);
-    for (; n + 16 <= width; n += 16) expand_columns16<A, W, T, 1>(op, tokens, bt, width, rank, ys, col, n);
+    for (; n + 16 * V <= width; n += 16 * V) expand_columns<Lanes16, A, W, T, V>(op, tokens, bt, width, rank, ys, col, n);
+    for (; n + 16 <= width; n += 16) expand_columns<Lanes16, A, W, T, 1>(op, tokens, bt, width, rank, ys, col, n);
 #endif
-    for (; n + 8 * U <= width; n += 8 * U) expand_columns<A, W, T, U>(op, tokens, bt, width, rank, ys, col, n);
-    for (; n + 8 <= width; n += 8) expand_columns<A, W, T, 1>(op, tokens, bt, width, rank, ys, col, n);
+    for (; n + 8 * U <= width; n += 8 * U) expand_columns<Lanes8, A, W, T, U>(op, tokens, bt, width, rank, ys, col, n);
+    for (; n + 8 <= width; n += 8) expand_columns<Lanes8, A, W, T, 1>(op, tokens, bt, width, rank, ys, col, n);
     for (; n < width; ++n) {
       for (int j = 0; j < T; ++j) {
         float sum = 0.f;
