@@ -186,6 +186,8 @@ inline void shrink_bf16_pairs(const c10::BFloat16* a, const c10::BFloat16* const
 #endif
 
 #if defined(__AVX512BF16__)
+constexpr int64_t MAX_PAIRED_RANK = 128;  // ranks the bf16-pair expand takes (its y pairs live on the stack)
+
 // The expand of a bfloat16 tile on CPUs with AVX512-BF16: each token's y rounded to bfloat16
 // pairs (as vLLM's GPU kernels and the torch ops round it to the weights' dtype), two rank rows of
 // B^T interleaved into pairs per output column, dot products of pairs summed into float lanes.
@@ -205,7 +207,8 @@ inline void expand_columns_bf16(const Operands<c10::BFloat16, c10::BFloat16>& op
       bn[v] = reinterpret_cast<__m512bh>(_mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
     }
     UNROLL for (int j = 0; j < T; ++j) {
-      const __m512bh yj = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ypairs[j * 64 + p])));
+      const uint32_t pair = ypairs[j * (MAX_PAIRED_RANK / 2) + p];
+      const __m512bh yj = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
       UNROLL for (int v = 0; v < V; ++v) acc[j * V + v] = _mm512_dpbf16_ps(acc[j * V + v], yj, bn[v]);
     }
   }
@@ -274,12 +277,12 @@ void expand_tile(const Operands<A, W>& op, const int64_t* tokens, int64_t slot, 
     int64_t n = 0;
 #if defined(__AVX512BF16__)
     if constexpr (std::is_same_v<A, c10::BFloat16> && std::is_same_v<W, c10::BFloat16>) {
-      if (rank % 2 == 0 && rank <= 128) {
-        uint32_t ypairs[T * 64];
+      if (rank % 2 == 0 && rank <= MAX_PAIRED_RANK) {
+        uint32_t ypairs[T * (MAX_PAIRED_RANK / 2)];
         for (int j = 0; j < T; ++j)
           for (int64_t p = 0; p < rank / 2; ++p) {
             const c10::BFloat16 lo(ys[j * rank_total + 2 * p]), hi(ys[j * rank_total + 2 * p + 1]);
-            ypairs[j * 64 + p] = uint32_t(lo.x) | (uint32_t(hi.x) << 16);
+            ypairs[j * (MAX_PAIRED_RANK / 2) + p] = uint32_t(lo.x) | (uint32_t(hi.x) << 16);
           }
         constexpr int VB = T <= 2 ? 4 : 2;
         for (; n + 16 * VB <= width; n += 16 * VB)

@@ -139,10 +139,12 @@ def test_rows_past_the_tokens_and_strided_rows(compiled):
 @pytest.mark.parametrize("poison", POISONS, ids=("nan", "inf"))
 @pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("num_tokens", (1, 7, 32, 128))
-def test_a_bad_slot_never_reaches_other_tokens(compiled, num_tokens, popularity, poison, bad_in_batch):
+def test_a_bad_slot_never_reaches_other_tokens(compiled, num_tokens, popularity, poison, bad_in_batch, dtype):
+    """In float32 and in bfloat16 (the AVX512-BF16 build's bf16-pair shrink and expand)."""
     slots, x, (a, b), (bad_a, bad_b), bad = isolation_case(num_tokens, popularity, poison, bad_in_batch)
-    clean = run_compiled(compiled, base_output(num_tokens), x, a, b, slots, 0.5)
-    poisoned = run_compiled(compiled, base_output(num_tokens), x, bad_a, bad_b, slots, 0.5)
+    x, a, b, bad_a, bad_b = x.to(dtype), *([w.to(dtype) for w in ws] for ws in (a, b, bad_a, bad_b))
+    clean = run_compiled(compiled, base_output(num_tokens).to(dtype), x, a, b, slots, 0.5)
+    poisoned = run_compiled(compiled, base_output(num_tokens).to(dtype), x, bad_a, bad_b, slots, 0.5)
     assert_others_identical(slots, clean, poisoned, bad)
     if bad_in_batch:
         assert not torch.isfinite(poisoned[slots == bad]).all(), "the bad slot's own tokens must show it"
