@@ -59,6 +59,8 @@ class LoraPlan:
     """How the tokens of one step map to adapter segments. Built once per step."""
 
     num_tokens: int
+    # The slots this step's tokens use, ascending (without -1)
+    slots: tuple[int, ...] = ()
     # (start, end, slot) over token rows: long runs, used in place
     direct_segments: list[tuple[int, int, int]] = field(default_factory=list)
     # Token of each gathered row [W] (short runs, slot-sorted), None when there are none.
@@ -87,9 +89,11 @@ def build_plan(token_slots: torch.Tensor, min_group: int = DEFAULT_MIN_GROUP,
     if num_tokens == 0:
         return plan
     values, counts = torch.unique_consecutive(token_slots.cpu(), return_counts=True)
+    values = values.tolist()
+    plan.slots = tuple(sorted(set(values) - {NO_ADAPTER}))
     short_tokens_per_slot: dict[int, list[int]] = {}
     start = 0
-    for slot, count in zip(values.tolist(), counts.tolist()):
+    for slot, count in zip(values, counts.tolist()):
         if slot == NO_ADAPTER:
             pass
         elif count >= min_direct_run:

@@ -70,6 +70,15 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         # Whether each slot's B is not all zero, [S] bool, per stacked B buffer (lm_head and embedding LoRA).
         self._slot_has_weights = cpu_lora.PerTensorCache(
             lambda b: b.reshape(b.shape[0], -1).abs().amax(dim=1) > 0, self._slot_writes)
+        # Per linear layer (its tuple of B slices): which slots hold weights there, [S] bool, and
+        # as a list (remade after slot writes). An adapter that does not target a
+        # layer (PEFT's default for Llama is q_proj and v_proj alone) has zeros in its slot there;
+        # a step whose adapters all leave a layer alone skips that layer's call. (A slot counts as
+        # holding weights when any element is not zero, NaN included: a broken adapter still shows.)
+        self._layer_slots_with_weights = cpu_lora.PerTensorCache(
+            lambda slices: torch.stack([b.reshape(b.shape[0], -1).ne(0).any(dim=1) for b in slices]).any(dim=0),
+            self._slot_writes)
+        self._layer_masks_as_lists: dict[int, tuple[torch.Tensor, tuple, list[bool]]] = {}
 
     def note_slot_written(self, slot: int) -> None:
         """vLLM wrote adapter weights into ``slot`` (-1: into some slot it could not say)."""
@@ -97,7 +106,9 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         short_run_slots = token_slots.clone()
         for start, end, _ in split.direct_segments:
             short_run_slots[start:end] = NO_ADAPTER
-        return short_run_slots, cpu_lora.LoraPlan(num_tokens=split.num_tokens, direct_segments=split.direct_segments)
+        return short_run_slots, cpu_lora.LoraPlan(num_tokens=split.num_tokens,
+                                                  slots=tuple(sorted({slot for *_, slot in split.direct_segments})),
+                                                  direct_segments=split.direct_segments)
 
     def add_shrink(self, y, x, lora_a_stacked, scale, **kwargs):
         x = x.view(-1, x.shape[-1])
@@ -115,9 +126,25 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
             offset += output_slices[i]
         return y
 
+    def _layer_has_step_weights(self, lora_b_stacked) -> bool:
+        """Whether any slot this step uses holds weights in the layer whose B slices are ``lora_b_stacked``."""
+        mask = self._layer_slots_with_weights(lora_b_stacked)
+        as_list = self._layer_masks_as_lists.get(id(mask))
+        # (the mask changes in place only when a slot write is noted; a rebuild makes a new one)
+        writes = self._slot_writes.snapshot()
+        if as_list is None or as_list[0] is not mask or as_list[1] != writes:
+            if len(self._layer_masks_as_lists) >= cpu_lora.PerTensorCache.MAX_ENTRIES:
+                self._layer_masks_as_lists.clear()
+            as_list = (mask, writes, mask.tolist())
+            self._layer_masks_as_lists[id(mask)] = as_list
+        slots_with_weights = as_list[2]
+        # (a slot past the mask cannot be judged: it runs, and the op refuses it)
+        return any(slot >= len(slots_with_weights) or slots_with_weights[slot] for slot in self._plan.slots)
+
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                         **kwargs):
-        if not self._plan.has_lora:  # no token of this step has an adapter
+        # No token of this step has an adapter, or none of their adapters targets this layer.
+        if not self._plan.has_lora or not self._layer_has_step_weights(lora_b_stacked):
             return y
         # (called 120 times a step: a view costs more than the check that it is not needed)
         out = y if y.dim() == 2 else y.view(-1, y.shape[-1])

@@ -38,15 +38,17 @@ def make_adapter(base_model, out_dir: Path, *, seed: int, rank: int = 8,
 
 
 def make_adapters(model_dir: Path, out_root: Path, num_adapters: int, rank: int, prefix: str = "synthetic",
-                  seed: int = 0) -> list[Path]:
+                  seed: int = 0, targets: tuple[str, ...] = ALL_TARGETS) -> list[Path]:
     """``num_adapters`` adapters under ``out_root`` (reused if already there)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    paths = [out_root / f"{prefix}-r{rank}-{i}" for i in range(num_adapters)]
+    # (adapters of other targets get their own names: "-qv" for q_proj and v_proj alone)
+    suffix = "" if tuple(targets) == ALL_TARGETS else "-" + "".join(name.split("_")[0][0] for name in targets)
+    paths = [out_root / f"{prefix}-r{rank}{suffix}-{i}" for i in range(num_adapters)]
     missing = [(i, p) for i, p in enumerate(paths) if not (p / "adapter_model.safetensors").is_file()]
     if missing:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         for i, path in missing:
-            make_adapter(base, path, seed=seed + i, rank=rank)
+            make_adapter(base, path, seed=seed + i, rank=rank, targets=targets)
     return paths

@@ -8,6 +8,7 @@ all three): ``base`` (no adapter), ``torch`` (loraplex's grouped torch ops), ``c
 the punica wrapper's per-step metadata and its per-layer calls.
 
     python -m loraplex.loadtest.decode_step --out bench-results/decode-step.json
+    python -m loraplex.loadtest.decode_step --targets q_proj,v_proj   # adapters on PEFT's Llama default
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from .adapters import ALL_TARGETS
 
 KINDS = ("base", "torch", "compiled")
 TIMED_METHODS = ("update_metadata", "add_lora_linear", "add_lora_logits", "add_lora_embedding")
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="base model dir (default: embedded SmolLM2)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default=",".join(ALL_TARGETS),
+                        help="modules the adapters target (e.g. q_proj,v_proj: PEFT's default for Llama)")
     parser.add_argument("--sequences", default="1,2,8,32")
     parser.add_argument("--steps", type=int, default=32, help="decode steps measured per run")
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cache_dir = default_model.default_cache_dir()
     model_dir = args.model or default_model.ensure_default_model(cache_dir)
-    adapters = make_adapters(model_dir, cache_dir / "bench-adapters", max(sequences), args.rank, prefix="bench")
+    adapters = make_adapters(model_dir, cache_dir / "bench-adapters", max(sequences), args.rank, prefix="bench",
+                             targets=tuple(args.targets.split(",")))
     # The engine core and its worker in this process, so the wrapper is reachable and timed here.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.reserved_cores)
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['compiled']['add_lora_linear_ms']:5.1f}, metadata {row['compiled']['update_metadata_ms']:4.1f})"
               f" | prefill + 1 step: base {row['base']['prefill_ms']:6.1f}, torch ops {row['torch']['prefill_ms']:6.1f},"
               f" compiled {row['compiled']['prefill_ms']:6.1f} ms", flush=True)
-    result = {"rank": args.rank, "steps": args.steps, "prompt_len": args.prompt_len, "repeats": args.repeats,
+    result = {"rank": args.rank, "targets": args.targets.split(","), "steps": args.steps, "prompt_len": args.prompt_len, "repeats": args.repeats,
               "dtype": resolve_dtype(args.dtype), "compiled_available": compiled is not None, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

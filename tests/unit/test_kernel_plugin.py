@@ -160,6 +160,62 @@ def test_no_adapter_tokens_stay_untouched_when_all_slots_are_full(is_prefill):
     torch.testing.assert_close(out_ours[[0, 2]], out_stock[[0, 2]], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=("torch-ops", "compiled"))
+def test_a_layer_no_adapter_of_the_step_targets_is_skipped(monkeypatch, compiled):
+    """Slot 1's adapter leaves this layer alone (zeros in its slot, as vLLM stores a module an
+    adapter does not target): a step on slot 1 alone runs no op there and leaves the output as it
+    is; a step that also has slot 0 runs it and matches the reference. Once vLLM writes weights
+    into slot 1 (noted, as by the activation hook), the step on slot 1 runs the layer again; a
+    NaN there counts as weights, so a broken adapter still shows, in its own tokens only."""
+    from vllm.lora.layers import LoRAMapping
+
+    from loraplex.kernels import cpu_wrapper, native
+    from loraplex.server.default_model import default_cache_dir
+
+    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
+        monkeypatch.setenv(name, "")
+    if compiled and (not native.cpu_supported() or (not native.can_build()
+                                                    and native.load(default_cache_dir(), False) is None)):
+        pytest.skip("the compiled op is built for x86-64 with AVX2, by a C++ compiler")
+    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir() if compiled else None)
+    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    assert (wrapper._compiled is not None) == compiled
+    g = torch.Generator().manual_seed(3)
+    lora_a = tuple(torch.randn(3, 1, 8, 32, generator=g) for _ in range(2))
+    lora_b = tuple(torch.randn(3, 1, 24, 8, generator=g) for _ in range(2))
+    for b in lora_b:
+        b[1] = 0  # slot 1 does not target this layer
+    x = torch.randn(4, 32, generator=g)
+    base = torch.randn(4, 48, generator=g)
+    calls = []
+    for module in (cpu_wrapper.cpu_lora, wrapper._compiled):
+        if module is not None:
+            original = module.add_lora_linear
+            monkeypatch.setattr(module, "add_lora_linear",
+                                lambda *a, _original=original, **k: (calls.append(1), _original(*a, **k))[1])
+
+    def step(index_mapping):
+        wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=False), [5, 6, 7],
+                                max_loras=3, vocab_size=100)
+        slots = wrapper.token_lora_indices.clone()
+        calls.clear()
+        out = base.clone()
+        wrapper.add_lora_linear(out, x, lora_a, lora_b, 1.0, (24, 24))
+        return out, slots
+
+    out, _ = step((6, 6, 0, 6))  # slot 1 alone
+    assert not calls and torch.equal(out, base)
+    out, slots = step((6, 5, 0, 6))  # slots 1 and 0
+    assert calls
+    torch.testing.assert_close(out, reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 1.0, (24, 24)),
+                               atol=1e-4, rtol=1e-4)
+    lora_b[1][1, 0, 3, 2] = float("nan")  # vLLM writes slot 1 (its second slice) and the hook notes it
+    wrapper.note_slot_written(1)
+    out, _ = step((6, 6, 0, 6))
+    assert calls and not torch.isfinite(out[[0, 1, 3], 24:]).all()
+    assert torch.equal(out[2], base[2]), "a no-adapter token was modified"
+
+
 def test_lm_head_lora_matches_stock_and_skips_zero_slots():
     index_mapping = (5, 6, 0, 5)
     stock, ours = _both_wrappers(index_mapping, [5, 6], is_prefill=False)
