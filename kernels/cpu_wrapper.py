@@ -71,14 +71,14 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         self._slot_has_weights = cpu_lora.PerTensorCache(
             lambda b: b.reshape(b.shape[0], -1).abs().amax(dim=1) > 0, self._slot_writes)
         # Per linear layer (its tuple of B slices): which slots hold weights there, [S] bool, and
-        # as a list (remade after slot writes). An adapter that does not target a
-        # layer (PEFT's default for Llama is q_proj and v_proj alone) has zeros in its slot there;
-        # a step whose adapters all leave a layer alone skips that layer's call. (A slot counts as
-        # holding weights when any element is not zero, NaN included: a broken adapter still shows.)
+        # whether the current plan's slots do. An adapter that does not target a layer (PEFT's
+        # default for Llama is q_proj and v_proj alone) has zeros in its slot there; a step whose
+        # adapters all leave a layer alone skips that layer's call. (A slot counts as holding
+        # weights when any element is not zero, NaN included: a broken adapter still shows.)
         self._layer_slots_with_weights = cpu_lora.PerTensorCache(
             lambda slices: torch.stack([b.reshape(b.shape[0], -1).ne(0).any(dim=1) for b in slices]).any(dim=0),
             self._slot_writes)
-        self._layer_masks_as_lists: dict[int, tuple[torch.Tensor, tuple, list[bool]]] = {}
+        self._layer_decisions: dict[int, tuple] = {}  # id(mask) -> (mask, plan, slot-write mark, decision)
 
     def note_slot_written(self, slot: int) -> None:
         """vLLM wrote adapter weights into ``slot`` (-1: into some slot it could not say)."""
@@ -127,19 +127,21 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         return y
 
     def _layer_has_step_weights(self, lora_b_stacked) -> bool:
-        """Whether any slot this step uses holds weights in the layer whose B slices are ``lora_b_stacked``."""
+        """Whether any slot this step uses holds weights in the layer whose B slices are
+        ``lora_b_stacked``: decided once per layer for a plan and the slot writes so far (the
+        mask changes in place only after a noted slot write; a rebuild makes a new mask)."""
         mask = self._layer_slots_with_weights(lora_b_stacked)
-        as_list = self._layer_masks_as_lists.get(id(mask))
-        # (the mask changes in place only when a slot write is noted; a rebuild makes a new one)
-        writes = self._slot_writes.snapshot()
-        if as_list is None or as_list[0] is not mask or as_list[1] != writes:
-            if len(self._layer_masks_as_lists) >= cpu_lora.PerTensorCache.MAX_ENTRIES:
-                self._layer_masks_as_lists.clear()
-            as_list = (mask, writes, mask.tolist())
-            self._layer_masks_as_lists[id(mask)] = as_list
-        slots_with_weights = as_list[2]
+        writes = self._slot_writes.snapshot()  # (the same object until the next write)
+        decided = self._layer_decisions.get(id(mask))
+        if decided is not None and decided[0] is mask and decided[1] is self._plan and decided[2] is writes:
+            return decided[3]
+        if len(self._layer_decisions) >= cpu_lora.PerTensorCache.MAX_ENTRIES:
+            self._layer_decisions.clear()
+        slots_with_weights = mask.tolist()
         # (a slot past the mask cannot be judged: it runs, and the op refuses it)
-        return any(slot >= len(slots_with_weights) or slots_with_weights[slot] for slot in self._plan.slots)
+        decision = any(slot >= len(slots_with_weights) or slots_with_weights[slot] for slot in self._plan.slots)
+        self._layer_decisions[id(mask)] = (mask, self._plan, writes, decision)
+        return decision
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                         **kwargs):

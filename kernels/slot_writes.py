@@ -20,7 +20,8 @@ HOOK_MARK = "_loraplex_notes_slot_writes"
 
 
 class SlotWrites:
-    """Per-slot write counters. ``snapshot()`` marks a point; ``changed_since(mark)`` lists the
+    """Per-slot write counters. ``snapshot()`` marks a point (the same object until the next
+    write: callers may compare marks by identity); ``changed_since(mark)`` lists the
     slots written after it, or None when that is unknown (every slot counts as written). Asked
     once per cached buffer after a write, so the answer per mark is kept until the next write."""
 
