@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['compiled']['add_lora_linear_ms']:5.1f}, metadata {row['compiled']['update_metadata_ms']:4.1f})"
               f" | prefill + 1 step: base {row['base']['prefill_ms']:6.1f}, torch ops {row['torch']['prefill_ms']:6.1f},"
               f" compiled {row['compiled']['prefill_ms']:6.1f} ms", flush=True)
-    result = {"rank": args.rank, "targets": args.targets.split(","), "steps": args.steps, "prompt_len": args.prompt_len, "repeats": args.repeats,
-              "dtype": resolve_dtype(args.dtype), "compiled_available": compiled is not None, "rows": rows}
+    result = {"rank": args.rank, "targets": args.targets.split(","), "steps": args.steps,
+              "prompt_len": args.prompt_len, "repeats": args.repeats, "dtype": resolve_dtype(args.dtype),
+              "compiled_available": compiled is not None, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     return 0
