@@ -164,9 +164,10 @@ def test_no_adapter_tokens_stay_untouched_when_all_slots_are_full(is_prefill):
 def test_a_layer_no_adapter_of_the_step_targets_is_skipped(monkeypatch, compiled):
     """Slot 1's adapter leaves this layer alone (zeros in its slot, as vLLM stores a module an
     adapter does not target): a step on slot 1 alone runs no op there and leaves the output as it
-    is; a step that also has slot 0 runs it and matches the reference. Once vLLM writes weights
-    into slot 1 (noted, as by the activation hook), the step on slot 1 runs the layer again; a
-    NaN there counts as weights, so a broken adapter still shows, in its own tokens only."""
+    is; a step that also has slot 0 runs it and matches the reference. Once weights land in slot
+    1, within the same plan, the layer runs again: written without the activation hook's note
+    (the buffers' version counters show it), or noted; a NaN there counts as weights, so a broken
+    adapter still shows, in its own tokens only."""
     from vllm.lora.layers import LoRAMapping
 
     from loraplex.kernels import cpu_wrapper, native
@@ -194,14 +195,16 @@ def test_a_layer_no_adapter_of_the_step_targets_is_skipped(monkeypatch, compiled
             monkeypatch.setattr(module, "add_lora_linear",
                                 lambda *a, _original=original, **k: (calls.append(1), _original(*a, **k))[1])
 
-    def step(index_mapping):
-        wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=False), [5, 6, 7],
-                                max_loras=3, vocab_size=100)
-        slots = wrapper.token_lora_indices.clone()
+    def same_plan():
         calls.clear()
         out = base.clone()
         wrapper.add_lora_linear(out, x, lora_a, lora_b, 1.0, (24, 24))
-        return out, slots
+        return out
+
+    def step(index_mapping):
+        wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=False), [5, 6, 7],
+                                max_loras=3, vocab_size=100)
+        return same_plan(), wrapper.token_lora_indices.clone()
 
     out, _ = step((6, 6, 0, 6))  # slot 1 alone
     assert not calls and torch.equal(out, base)
@@ -209,12 +212,19 @@ def test_a_layer_no_adapter_of_the_step_targets_is_skipped(monkeypatch, compiled
     assert calls
     torch.testing.assert_close(out, reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 1.0, (24, 24)),
                                atol=1e-4, rtol=1e-4)
-    out, _ = step((6, 6, 0, 6))  # slot 1 alone again: skipped
+    out, slots = step((6, 6, 0, 6))  # slot 1 alone again: skipped
     assert not calls
+    lora_b[0][1, 0, 5, 1] = 0.5  # a write into slot 1 that no hook noted: seen all the same
+    out = same_plan()
+    assert calls
+    torch.testing.assert_close(out, reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 1.0, (24, 24)),
+                               atol=1e-4, rtol=1e-4)
+    lora_b[0][1, 0, 5, 1] = 0.0  # and back to zeros, unnoted: skipped again
+    out = same_plan()
+    assert not calls and torch.equal(out, base)
     lora_b[1][1, 0, 3, 2] = float("nan")  # vLLM writes slot 1 (its second slice) and the hook notes it
     wrapper.note_slot_written(1)
-    out = base.clone()
-    wrapper.add_lora_linear(out, x, lora_a, lora_b, 1.0, (24, 24))  # the same step's plan, after the write
+    out = same_plan()
     assert calls and not torch.isfinite(out[[0, 1, 3], 24:]).all()
     assert torch.equal(out[2], base[2]), "a no-adapter token was modified"
 
