@@ -15,14 +15,16 @@ from .reference import NO_ADAPTER, as_3d
 # consecutive tokens on one slot (decode tokens, short prefills: it is 2-10x faster there), when
 # there are at most COMPILED_MAX_TOKENS of them and at most COMPILED_MAX_TOKENS_PER_SLOT on any one
 # slot. Longer runs go to the torch ops, which multiply a run in place: each of their ~600 calls a
-# step costs 30-50 us of fixed overhead, and they overtake the compiled op at ~160 tokens on one
-# core, ~280 on two.
+# step costs 30-50 us of fixed overhead, but on bfloat16 the AVX2 build widens every element and
+# they overtake it at ~160 tokens on one core, ~280 on two. These limits apply to bfloat16 (and
+# float16) steps on builds other than COMPILED_EVERY_RUN_BF16_VARIANTS.
 COMPILED_MIN_TORCH_RUN = 128
 COMPILED_MAX_TOKENS = 256
 COMPILED_MAX_TOKENS_PER_SLOT = 128
-# Builds that take every token of a step whose activations and weights are bfloat16: there the
-# AVX512-BF16 build multiplies bf16 pairs in both halves of the op and stays ahead of the torch
-# ops at every run length measured (1-4096 tokens on one adapter, one and two cores).
+# Where the compiled op takes every token of a step, whatever its runs' lengths: activations and
+# weights in float32, with any build (1.2-1.6x ahead of the torch ops from 128 to 2048 tokens on
+# one adapter, one and two cores); and in bfloat16 with the builds below, which multiply bf16
+# pairs in both halves of the op (ahead at 1-4096 tokens).
 COMPILED_EVERY_RUN_BF16_VARIANTS = ("avx512bf16",)
 
 
@@ -32,8 +34,8 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
     The token -> slot plan is built once per step in :meth:`update_metadata`; the layers'
     calls (``add_shrink``, ``add_expand``, ``add_lora_linear``) reuse it. In the linear layers the
     tokens of short runs (decode, short prefills) go to the compiled op (``native``) when it was
-    built for this machine, long runs to the torch ops (with the AVX512-BF16 build on bfloat16,
-    every token to the compiled op).
+    built for this machine, long runs to the torch ops (in float32, and with the AVX512-BF16 build
+    in bfloat16, every token to the compiled op).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -154,8 +156,8 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         fused_lora_a = self._fused_lora_a(lora_a_stacked)
         compiled_slots, torch_plan = None, self._plan
         if self._compiled is not None and x.dtype == out.dtype:
-            if (self._compiled_takes_every_bf16_run and x.dtype == torch.bfloat16
-                    and fused_lora_a.dtype == torch.bfloat16):
+            if x.dtype == fused_lora_a.dtype and (x.dtype == torch.float32 or (
+                    x.dtype == torch.bfloat16 and self._compiled_takes_every_bf16_run)):
                 compiled_slots, torch_plan = self._token_slots, None
             elif self._compiled_slots is not None:
                 compiled_slots, torch_plan = self._compiled_slots, self._torch_plan

@@ -264,23 +264,25 @@ def test_embedding_lora_matches_stock_and_skips_zero_slots(is_prefill):
     assert torch.equal(ours.add_lora_embedding(embeddings.clone(), x, lora_b), embeddings)
 
 
-@pytest.mark.parametrize("make_mapping, runs_compiled, runs_torch", [
-    (lambda long: (7, 9, 0, 9), True, False),                 # decode: one token per sequence
-    (lambda long: (7,) * 40, True, False),                    # a short prefill
-    (lambda long: (7,) * (long - 1), True, False),            # the longest run the compiled op takes
-    (lambda long: (7,) * long + (9, 0, 7), True, True),       # a long prefill run (torch ops), decode tokens (compiled)
-    (lambda long: (7,) * long, False, True),                  # a long prefill alone
-    (lambda long: (7, 9) * 140, False, True),                 # too many tokens for the compiled op
-], ids=("decode", "short-prefill", "longest-compiled-run", "long-run-and-decode", "long-run", "too-many"))
-def test_small_steps_run_the_compiled_op(monkeypatch, make_mapping, runs_compiled, runs_torch):
-    """Selected with a cache that holds the op, short runs run it, long ones the torch ops; the
-    result is the reference's either way."""
+class _CountingOp:
+    """The compiled module, counting its calls."""
+
+    def __init__(self, module) -> None:
+        self.module, self.variant, self.calls = module, module.variant, 0
+
+    def add_lora_linear(self, *args):
+        self.calls += 1
+        return self.module.add_lora_linear(*args)
+
+
+def _wrapper_counting_calls(monkeypatch, index_mapping):
+    """Our CPU wrapper with the compiled op from the default cache, its metadata for one prefill
+    step of ``index_mapping`` (adapters 9 and 7 in slots 0 and 1), and counters of the calls that
+    reach the compiled op and the torch ops (both still run)."""
     from vllm.lora.layers import LoRAMapping
 
-    from loraplex.kernels import cpu_wrapper, native
+    from loraplex.kernels import cpu_lora, cpu_wrapper, native
     from loraplex.server.default_model import default_cache_dir
-
-    index_mapping = make_mapping(cpu_wrapper.COMPILED_MIN_TORCH_RUN)
 
     if not native.cpu_supported() or (not native.can_build()
                                        and native.load(default_cache_dir(), build_if_missing=False) is None):
@@ -290,58 +292,89 @@ def test_small_steps_run_the_compiled_op(monkeypatch, make_mapping, runs_compile
     vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir())
     assert vllm_plugin.compiled_ops_cache() == default_cache_dir()
     wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=512, device="cpu")
+    wrapper._compute = cpu_lora.ComputeWeights(enabled=False, slot_writes=wrapper._slot_writes)  # weights as given
+    wrapper._compiled = _CountingOp(wrapper._compiled)
     wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=True), [9, 7, None],
                             max_loras=3, vocab_size=100)
-    assert (wrapper._compiled_slots is not None) == runs_compiled
-    assert (wrapper._torch_plan is not None) == runs_torch
+    torch_calls = []
+    torch_op = cpu_wrapper.cpu_lora.add_lora_linear
+    monkeypatch.setattr(cpu_wrapper.cpu_lora, "add_lora_linear",
+                        lambda *a, **k: torch_calls.append(1) or torch_op(*a, **k))
+    return wrapper, torch_calls
+
+
+def _run_linear_layer(wrapper, num_tokens, dtype, seed):
+    """One q/k-like layer (two slices of rank 8, 24 columns each) through the wrapper: (its
+    output, the reference's)."""
     slots = wrapper.token_lora_indices.clone()
-    g = torch.Generator().manual_seed(1)
-    lora_a = tuple(torch.randn(3, 1, 8, 32, generator=g) for _ in range(2))
-    lora_b = tuple(torch.randn(3, 1, 24, 8, generator=g) for _ in range(2))
-    x = torch.randn(len(index_mapping), 32, generator=g)
-    out = torch.randn(len(index_mapping), 48, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    lora_a = tuple((torch.randn(3, 1, 8, 32, generator=g) / 4).to(dtype) for _ in range(2))
+    lora_b = tuple((torch.randn(3, 1, 24, 8, generator=g) / 4).to(dtype) for _ in range(2))
+    x = torch.randn(num_tokens, 32, generator=g).to(dtype)
+    out = torch.randn(num_tokens, 48, generator=g).to(dtype)
     expected = reference.add_lora_linear(out.clone(), x, lora_a, lora_b, slots, 0.5, (24, 24))
     wrapper.add_lora_linear(out, x, lora_a, lora_b, 0.5, (24, 24))
+    return out, expected
+
+
+@pytest.mark.parametrize("make_mapping, runs_compiled, runs_torch", [
+    (lambda long: (7, 9, 0, 9), True, False),                 # decode: one token per sequence
+    (lambda long: (7,) * 40, True, False),                    # a short prefill
+    (lambda long: (7,) * (long - 1), True, False),            # the longest run the compiled op takes
+    (lambda long: (7,) * long + (9, 0, 7), True, True),       # a long prefill run (torch ops), decode tokens (compiled)
+    (lambda long: (7,) * long, False, True),                  # a long prefill alone
+    (lambda long: (7, 9) * 140, False, True),                 # too many tokens for the compiled op
+], ids=("decode", "short-prefill", "longest-compiled-run", "long-run-and-decode", "long-run", "too-many"))
+def test_small_steps_run_the_compiled_op(monkeypatch, make_mapping, runs_compiled, runs_torch):
+    """Where the limits apply (here float16: no build takes its every run), short runs run the
+    compiled op, long ones the torch ops; the result is the reference's either way."""
+    from loraplex.kernels import cpu_wrapper
+
+    index_mapping = make_mapping(cpu_wrapper.COMPILED_MIN_TORCH_RUN)
+    wrapper, torch_calls = _wrapper_counting_calls(monkeypatch, index_mapping)
+    assert (wrapper._compiled_slots is not None) == runs_compiled
+    assert (wrapper._torch_plan is not None) == runs_torch
+    out, expected = _run_linear_layer(wrapper, len(index_mapping), torch.float16, seed=1)
+    assert wrapper._compiled.calls == int(runs_compiled) and len(torch_calls) == int(runs_torch)
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("index_mapping", [
+    (7,) * 40,
+    (7,) * 300 + (9, 0, 7),   # a long prefill run and decode tokens
+    (7, 9) * 140,             # more tokens than the limits let the compiled op take
+    (0,) * 8,                 # no adapter: nothing runs
+], ids=("short-prefill", "long-run-and-decode", "many-tokens", "no-adapter"))
+def test_float32_steps_run_every_token_compiled(monkeypatch, index_mapping):
+    """In float32 the compiled op takes every token of a step (with any build), whatever the
+    runs' lengths; the torch ops never run, and the result is the reference's."""
+    wrapper, torch_calls = _wrapper_counting_calls(monkeypatch, index_mapping)
+    out, expected = _run_linear_layer(wrapper, len(index_mapping), torch.float32, seed=3)
+    has_adapter = any(slot != 0 for slot in index_mapping)
+    assert wrapper._compiled.calls == int(has_adapter) and not torch_calls
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
 def test_the_bf16_build_takes_every_bfloat16_run(monkeypatch, dtype):
-    """With the AVX512-BF16 build, a bfloat16 step's long prefill run (past the float limit) and
-    its decode tokens all run the compiled op, none the torch ops; a float32 step keeps the limit.
-    The result is the reference's either way."""
-    from vllm.lora.layers import LoRAMapping
-
-    from loraplex.kernels import cpu_lora, cpu_wrapper, native
+    """With the AVX512-BF16 build, a bfloat16 step's long prefill run (past the limits) and its
+    decode tokens all run the compiled op, none the torch ops, as a float32 step's do. The
+    result is the reference's either way."""
+    from loraplex.kernels import cpu_wrapper, native
     from loraplex.server.default_model import default_cache_dir
 
     if "avx512bf16" not in native.host_variants() or (
             not native.can_build() and native.load(default_cache_dir(), False, "avx512bf16") is None):
         pytest.skip("the AVX512-BF16 build runs on CPUs with AVX512-BF16 only")
-    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
-        monkeypatch.setenv(name, "")
-    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir())
-    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=512, device="cpu")
-    assert wrapper._compiled.variant == "avx512bf16" and wrapper._compiled_takes_every_bf16_run
-    wrapper._compute = cpu_lora.ComputeWeights(enabled=False, slot_writes=wrapper._slot_writes)  # weights as given
     index_mapping = (7,) * (cpu_wrapper.COMPILED_MIN_TORCH_RUN + 10) + (9, 0, 7)
-    wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=True), [9, 7, None],
-                            max_loras=3, vocab_size=100)
-    torch_calls = []
-    monkeypatch.setattr(cpu_wrapper.cpu_lora, "add_lora_linear", lambda *a, **k: torch_calls.append(a))
-    slots = wrapper.token_lora_indices.clone()
-    g = torch.Generator().manual_seed(2)
-    lora_a = tuple((torch.randn(3, 1, 8, 32, generator=g) / 4).to(dtype) for _ in range(2))
-    lora_b = tuple((torch.randn(3, 1, 24, 8, generator=g) / 4).to(dtype) for _ in range(2))
-    x = torch.randn(len(index_mapping), 32, generator=g).to(dtype)
-    out = torch.randn(len(index_mapping), 48, generator=g).to(dtype)
-    expected = reference.add_lora_linear(out.clone(), x, lora_a, lora_b, slots, 0.5, (24, 24))
-    wrapper.add_lora_linear(out, x, lora_a, lora_b, 0.5, (24, 24))
+    wrapper, torch_calls = _wrapper_counting_calls(monkeypatch, index_mapping)
+    assert wrapper._compiled.variant == "avx512bf16" and wrapper._compiled_takes_every_bf16_run
+    out, expected = _run_linear_layer(wrapper, len(index_mapping), dtype, seed=2)
+    assert wrapper._compiled.calls == 1 and not torch_calls
     if dtype == torch.bfloat16:
-        assert not torch_calls
         torch.testing.assert_close(out, expected, atol=5e-2, rtol=2e-2)
     else:
-        assert len(torch_calls) == 1  # the long run, in place in torch (here: not run)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_without_a_cache_the_torch_ops_run(monkeypatch):
