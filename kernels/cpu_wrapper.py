@@ -62,8 +62,9 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
             self._slot_writes, copies=lambda slices, value: list(zip(value, (as_3d(b).transpose(1, 2) for b in slices))))
         cache = vllm_plugin.compiled_ops_cache()
         self._compiled = native.load(cache, build_if_missing=False) if cache is not None else None
-        self._compiled_takes_every_bf16_run = (
-            getattr(self._compiled, "variant", None) in COMPILED_EVERY_RUN_BF16_VARIANTS)
+        # The dtypes (of activations and weights alike) in which the compiled op takes every token.
+        self._compiled_every_run_dtypes = {torch.float32} | (
+            {torch.bfloat16} if getattr(self._compiled, "variant", None) in COMPILED_EVERY_RUN_BF16_VARIANTS else set())
         # This step's linear layers: the token slots the compiled op takes (None: it does not run)
         # and the plan left for the torch ops (None: nothing left; a step with prefill runs and
         # decode tokens splits, the runs in place in torch, the decode tokens compiled).
@@ -156,8 +157,7 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         fused_lora_a = self._fused_lora_a(lora_a_stacked)
         compiled_slots, torch_plan = None, self._plan
         if self._compiled is not None and x.dtype == out.dtype:
-            if x.dtype == fused_lora_a.dtype and (x.dtype == torch.float32 or (
-                    x.dtype == torch.bfloat16 and self._compiled_takes_every_bf16_run)):
+            if x.dtype == fused_lora_a.dtype and x.dtype in self._compiled_every_run_dtypes:
                 compiled_slots, torch_plan = self._token_slots, None
             elif self._compiled_slots is not None:
                 compiled_slots, torch_plan = self._compiled_slots, self._torch_plan

@@ -138,7 +138,7 @@ def test_rows_past_the_tokens_and_strided_rows(compiled):
 @pytest.mark.parametrize("bad_in_batch", (True, False), ids=("bad-in-batch", "bad-idle"))
 @pytest.mark.parametrize("poison", POISONS, ids=("nan", "inf"))
 @pytest.mark.parametrize("popularity", POPULARITIES)
-@pytest.mark.parametrize("num_tokens", (1, 7, 32, 128))
+@pytest.mark.parametrize("num_tokens", (1, 7, 32, 128, 600))  # (float32 runs of any length reach the op)
 def test_a_bad_slot_never_reaches_other_tokens(compiled, num_tokens, popularity, poison, bad_in_batch, dtype):
     """In float32 and in bfloat16 (the AVX512-BF16 build's bf16-pair shrink and expand)."""
     slots, x, (a, b), (bad_a, bad_b), bad = isolation_case(num_tokens, popularity, poison, bad_in_batch)

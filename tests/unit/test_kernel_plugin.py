@@ -350,7 +350,7 @@ def test_float32_steps_run_every_token_compiled(monkeypatch, index_mapping):
     runs' lengths; the torch ops never run, and the result is the reference's."""
     wrapper, torch_calls = _wrapper_counting_calls(monkeypatch, index_mapping)
     out, expected = _run_linear_layer(wrapper, len(index_mapping), torch.float32, seed=3)
-    has_adapter = any(slot != 0 for slot in index_mapping)
+    has_adapter = any(adapter_id != 0 for adapter_id in index_mapping)  # (id 0: no adapter)
     assert wrapper._compiled.calls == int(has_adapter) and not torch_calls
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
@@ -368,7 +368,7 @@ def test_the_bf16_build_takes_every_bfloat16_run(monkeypatch, dtype):
         pytest.skip("the AVX512-BF16 build runs on CPUs with AVX512-BF16 only")
     index_mapping = (7,) * (cpu_wrapper.COMPILED_MIN_TORCH_RUN + 10) + (9, 0, 7)
     wrapper, torch_calls = _wrapper_counting_calls(monkeypatch, index_mapping)
-    assert wrapper._compiled.variant == "avx512bf16" and wrapper._compiled_takes_every_bf16_run
+    assert wrapper._compiled.variant == "avx512bf16" and torch.bfloat16 in wrapper._compiled_every_run_dtypes
     out, expected = _run_linear_layer(wrapper, len(index_mapping), dtype, seed=2)
     assert wrapper._compiled.calls == 1 and not torch_calls
     if dtype == torch.bfloat16:
