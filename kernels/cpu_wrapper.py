@@ -4,6 +4,8 @@ processes that run the model; importing it imports vLLM."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
@@ -26,6 +28,31 @@ COMPILED_MAX_TOKENS_PER_SLOT = 128
 # one adapter, one and two cores); and in bfloat16 with the builds below, which multiply bf16
 # pairs in both halves of the op (ahead at 1-4096 tokens).
 COMPILED_EVERY_RUN_BF16_VARIANTS = ("avx512bf16",)
+
+
+def slot_bits(slots) -> int:
+    """``slots`` as one int, bit ``s`` set for slot ``s`` (a negative slot, which no step should
+    hold, sets every bit: whatever reads it runs, and the op refuses the slot)."""
+    bits = 0
+    for slot in slots:
+        bits |= 1 << slot if slot >= 0 else -1
+    return bits
+
+
+@dataclass(slots=True)
+class LinearLayer:
+    """What ``add_lora_linear`` needs of one LoRA linear layer, valid while its weights'
+    version counters are ``versions`` (vLLM writes a slot in place: the counters move)."""
+
+    lora_a_stacked: tuple  # the layer's A slices, [S, 1, R, H] each, as vLLM passes them
+    lora_b_stacked: tuple  # its B slices, [S, 1, N_i, R] each
+    weights: tuple  # both, flat
+    versions: list[int]
+    fused_lora_a: torch.Tensor  # [S, R_total, H], the compute dtype
+    lora_b_t: list | None  # [S, R, N_i] per slice for the compiled op (None: not made yet)
+    # Bit s set: slot s holds weights here (a slot past the buffers counts as holding them)
+    slot_bits: int
+    every_run_dtype: torch.dtype | None  # the compiled op takes every token of steps in this dtype
 
 
 class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
@@ -59,7 +86,8 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         self._lora_b = cpu_lora.PerTensorCache(lambda slices: [as_3d(self._compute(b)) for b in slices])
         self._lora_b_t = cpu_lora.PerTensorCache(
             lambda slices: [as_3d(self._compute.convert(b)).transpose(1, 2).contiguous() for b in slices],
-            self._slot_writes, copies=lambda slices, value: list(zip(value, (as_3d(b).transpose(1, 2) for b in slices))))
+            self._slot_writes,
+            copies=lambda slices, value: list(zip(value, (as_3d(b).transpose(1, 2) for b in slices))))
         cache = vllm_plugin.compiled_ops_cache()
         self._compiled = native.load(cache, build_if_missing=False) if cache is not None else None
         # The dtypes (of activations and weights alike) in which the compiled op takes every token.
@@ -81,7 +109,11 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         self._layer_slots_with_weights = cpu_lora.PerTensorCache(
             lambda slices: torch.stack([b.reshape(b.shape[0], -1).ne(0).any(dim=1) for b in slices]).any(dim=0),
             self._slot_writes)
-        self._layer_decisions: dict[int, tuple] = {}  # id(mask) -> (mask, plan, slot-write mark, decision)
+        # Per linear layer (keyed by id of its B slices): what its calls need, checked by one
+        # compare of its weights' version counters a call (see LinearLayer).
+        self._linear_layers: dict[int, LinearLayer] = {}
+        # This step's slots as bits (1 << slot), to test against a layer's slots with weights.
+        self._step_slot_bits = 0
 
     def note_slot_written(self, slot: int) -> None:
         """vLLM wrote adapter weights into ``slot`` (-1: into some slot it could not say)."""
@@ -91,6 +123,7 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         super().update_metadata(*args, **kwargs)
         self._token_slots = self.token_lora_indices  # [T] int64, this step's (a view: made once a step)
         self._plan = cpu_lora.build_plan(self._token_slots)
+        self._step_slot_bits = slot_bits(self._plan.slots)
         self._compiled_slots, self._torch_plan = self._split_for_compiled(self._plan, self._token_slots)
 
     def _split_for_compiled(self, plan: cpu_lora.LoraPlan, token_slots: torch.Tensor):
@@ -129,44 +162,53 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
             offset += output_slices[i]
         return y
 
-    def _layer_has_step_weights(self, lora_b_stacked) -> bool:
-        """Whether any slot this step uses holds weights in the layer whose B slices are
-        ``lora_b_stacked``: decided once per layer for a plan and the slot writes so far (the
-        mask changes in place only after a noted slot write; a rebuild makes a new mask)."""
-        mask = self._layer_slots_with_weights(lora_b_stacked)
-        writes = self._slot_writes.snapshot()  # (the same object until the next write)
-        decided = self._layer_decisions.get(id(mask))
-        if decided is not None and decided[0] is mask and decided[1] is self._plan and decided[2] is writes:
-            return decided[3]
-        if len(self._layer_decisions) >= cpu_lora.PerTensorCache.MAX_ENTRIES:
-            self._layer_decisions.clear()
-        slots_with_weights = mask.tolist()
-        # (a slot past the mask cannot be judged: it runs, and the op refuses it)
-        decision = any(slot >= len(slots_with_weights) or slots_with_weights[slot] for slot in self._plan.slots)
-        self._layer_decisions[id(mask)] = (mask, self._plan, writes, decision)
-        return decision
+    def _linear_layer(self, lora_a_stacked, lora_b_stacked) -> LinearLayer:
+        """The layer's record, remade when any of its weights was written since (the caches it
+        reads refresh only the written slots)."""
+        layer = self._linear_layers.get(id(lora_b_stacked))
+        if (layer is not None and layer.lora_b_stacked is lora_b_stacked and layer.lora_a_stacked is lora_a_stacked
+                and [t._version for t in layer.weights] == layer.versions):
+            return layer
+        weights = (*lora_a_stacked, *lora_b_stacked)
+        versions = [t._version for t in weights]  # (before reading them: a write during the reads shows next call)
+        fused_lora_a = self._fused_lora_a(lora_a_stacked)
+        slots_with_weights = self._layer_slots_with_weights(lora_b_stacked).tolist()
+        layer = LinearLayer(
+            lora_a_stacked=lora_a_stacked, lora_b_stacked=lora_b_stacked, weights=weights, versions=versions,
+            fused_lora_a=fused_lora_a, lora_b_t=None,
+            # (a slot past the mask cannot be judged: its bit is set, it runs, and the op refuses it)
+            slot_bits=slot_bits(slot for slot, has in enumerate(slots_with_weights) if has)
+            | -(1 << len(slots_with_weights)),
+            every_run_dtype=fused_lora_a.dtype if fused_lora_a.dtype in self._compiled_every_run_dtypes else None)
+        if len(self._linear_layers) >= cpu_lora.PerTensorCache.MAX_ENTRIES:
+            self._linear_layers.clear()
+        self._linear_layers[id(lora_b_stacked)] = layer
+        return layer
 
     def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, *, buffer=None,
                         **kwargs):
         # No token of this step has an adapter, or none of their adapters targets this layer.
-        if not self._plan.has_lora or not self._layer_has_step_weights(lora_b_stacked):
+        # (called 120 times a step: one record, one version compare, no views that are not needed)
+        if not self._step_slot_bits:
             return y
-        # (called 120 times a step: a view costs more than the check that it is not needed)
+        layer = self._linear_layer(lora_a_stacked, lora_b_stacked)
+        if not layer.slot_bits & self._step_slot_bits:
+            return y
         out = y if y.dim() == 2 else y.view(-1, y.shape[-1])
         x = x if x.dim() == 2 else x.view(-1, x.shape[-1])
-        fused_lora_a = self._fused_lora_a(lora_a_stacked)
         compiled_slots, torch_plan = None, self._plan
         if self._compiled is not None and x.dtype == out.dtype:
-            if x.dtype == fused_lora_a.dtype and x.dtype in self._compiled_every_run_dtypes:
+            if x.dtype == layer.every_run_dtype:
                 compiled_slots, torch_plan = self._token_slots, None
             elif self._compiled_slots is not None:
                 compiled_slots, torch_plan = self._compiled_slots, self._torch_plan
         if compiled_slots is not None:
-            self._compiled.add_lora_linear(out, x, compiled_slots, fused_lora_a, self._lora_b_t(lora_b_stacked),
-                                           scale, 0)
+            if layer.lora_b_t is None:  # the first time the op runs this layer
+                layer.lora_b_t = self._lora_b_t(lora_b_stacked)
+            self._compiled.add_lora_linear(out, x, compiled_slots, layer.fused_lora_a, layer.lora_b_t, scale, 0)
         if torch_plan is not None:
             cpu_lora.add_lora_linear(torch_plan, out, x, lora_a_stacked, self._lora_b(lora_b_stacked), scale,
-                                     output_slices, workspace=self._workspace, fused_lora_a=fused_lora_a)
+                                     output_slices, workspace=self._workspace, fused_lora_a=layer.fused_lora_a)
         return y
 
     def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):

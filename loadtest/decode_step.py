@@ -59,6 +59,12 @@ class WrapperTimer:
         return taken
 
 
+def compute_threads(reserved_cores: int) -> int:
+    """The compute threads a server's engine worker runs with on this machine: its usable cores
+    less those kept for the doors and the scheduler (at least one)."""
+    return max(1, len(os.sched_getaffinity(0)) - reserved_cores)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="base model dir (default: embedded SmolLM2)")
@@ -88,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     # The engine core and its worker in this process, so the wrapper is reachable and timed here.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.reserved_cores)
+    # In one process vLLM binds no threads (a server's worker gets OMP_NUM_THREADS = its cores), and
+    # it refuses torch.set_num_threads once the engine is up: set the server's count before that.
+    import torch
+
+    torch.set_num_threads(compute_threads(args.reserved_cores))
     select_lora_kernels("loraplex", compiled_ops_cache=cache_dir)
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -144,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['torch']['add_lora_linear_ms']:5.1f}, metadata {row['torch']['update_metadata_ms']:4.1f}) | "
               f"compiled {row['compiled']['step_ms']:6.1f} ms ({row['compiled']['vs_base']:.2f}x; linear LoRA "
               f"{row['compiled']['add_lora_linear_ms']:5.1f}, metadata {row['compiled']['update_metadata_ms']:4.1f})"
-              f" | prefill + 1 step: base {row['base']['prefill_ms']:6.1f}, torch ops {row['torch']['prefill_ms']:6.1f},"
+              f" | prefill + 1 step: base {row['base']['prefill_ms']:6.1f},"
+              f" torch ops {row['torch']['prefill_ms']:6.1f},"
               f" compiled {row['compiled']['prefill_ms']:6.1f} ms", flush=True)
     result = {"rank": args.rank, "targets": args.targets.split(","), "steps": args.steps,
               "prompt_len": args.prompt_len, "repeats": args.repeats, "dtype": resolve_dtype(args.dtype),
+              "reserved_cores": args.reserved_cores, "compute_threads": compute_threads(args.reserved_cores),
               "compiled_available": compiled is not None, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

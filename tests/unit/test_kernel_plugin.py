@@ -229,6 +229,35 @@ def test_a_layer_no_adapter_of_the_step_targets_is_skipped(monkeypatch, compiled
     assert torch.equal(out[2], base[2]), "a no-adapter token was modified"
 
 
+def test_slot_bits_mark_each_slot_and_a_negative_one_marks_all():
+    from loraplex.kernels.cpu_wrapper import slot_bits
+
+    assert slot_bits(()) == 0
+    assert slot_bits((0, 3, 3)) == 0b1001
+    assert slot_bits((2, -2)) & (1 << 100)  # no step holds -2: whatever tests it runs
+
+
+def test_a_slot_past_the_buffers_is_refused_not_skipped(monkeypatch):
+    """The skip test above cannot judge a slot the layer's buffers do not have: the layer runs,
+    and the op refuses the slot instead of leaving its tokens without their adapter."""
+    from vllm.lora.layers import LoRAMapping
+
+    from loraplex.kernels import cpu_wrapper
+
+    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
+        monkeypatch.setenv(name, "")
+    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=None)
+    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    lora_a = (torch.randn(3, 1, 8, 32),)
+    lora_b = (torch.randn(3, 1, 24, 8),)
+    mapping = (1, 6, 6)  # id 6 sits in slot 5 of 8; these buffers have 3
+    wrapper.update_metadata(LoRAMapping(mapping, mapping, is_prefill=False), [1, None, None, None, None, 6, None, None],
+                            max_loras=8, vocab_size=100)
+    assert wrapper.token_lora_indices.tolist() == [0, 5, 5]
+    with pytest.raises((IndexError, RuntimeError)):
+        wrapper.add_lora_linear(torch.zeros(3, 24), torch.randn(3, 32), lora_a, lora_b, 1.0, (24,))
+
+
 def test_lm_head_lora_matches_stock_and_skips_zero_slots():
     index_mapping = (5, 6, 0, 5)
     stock, ours = _both_wrappers(index_mapping, [5, 6], is_prefill=False)
