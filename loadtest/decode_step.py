@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     # it refuses torch.set_num_threads once the engine is up: set the server's count before that.
     import torch
 
-    torch.set_num_threads(compute_threads(args.reserved_cores))
+    threads = compute_threads(args.reserved_cores)
+    torch.set_num_threads(threads)
     select_lora_kernels("loraplex", compiled_ops_cache=cache_dir)
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
               f" compiled {row['compiled']['prefill_ms']:6.1f} ms", flush=True)
     result = {"rank": args.rank, "targets": args.targets.split(","), "steps": args.steps,
               "prompt_len": args.prompt_len, "repeats": args.repeats, "dtype": resolve_dtype(args.dtype),
-              "reserved_cores": args.reserved_cores, "compute_threads": compute_threads(args.reserved_cores),
+              "reserved_cores": args.reserved_cores, "compute_threads": threads,
               "compiled_available": compiled is not None, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

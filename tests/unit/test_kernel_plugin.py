@@ -237,17 +237,23 @@ def test_slot_bits_mark_each_slot_and_a_negative_one_marks_all():
     assert slot_bits((2, -2)) & (1 << 100)  # no step holds -2: whatever tests it runs
 
 
-def test_a_slot_past_the_buffers_is_refused_not_skipped(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=("torch-ops", "compiled"))
+def test_a_slot_past_the_buffers_is_refused_not_skipped(monkeypatch, compiled):
     """The skip test above cannot judge a slot the layer's buffers do not have: the layer runs,
     and the op refuses the slot instead of leaving its tokens without their adapter."""
     from vllm.lora.layers import LoRAMapping
 
-    from loraplex.kernels import cpu_wrapper
+    from loraplex.kernels import cpu_wrapper, native
+    from loraplex.server.default_model import default_cache_dir
 
     for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
         monkeypatch.setenv(name, "")
-    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=None)
+    if compiled and (not native.cpu_supported() or (not native.can_build()
+                                                    and native.load(default_cache_dir(), False) is None)):
+        pytest.skip("the compiled op is built for x86-64 with AVX2, by a C++ compiler")
+    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir() if compiled else None)
     wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
+    assert (wrapper._compiled is not None) == compiled
     lora_a = (torch.randn(3, 1, 8, 32),)
     lora_b = (torch.randn(3, 1, 24, 8),)
     mapping = (1, 6, 6)  # id 6 sits in slot 5 of 8; these buffers have 3
