@@ -160,6 +160,23 @@ def test_no_adapter_tokens_stay_untouched_when_all_slots_are_full(is_prefill):
     torch.testing.assert_close(out_ours[[0, 2]], out_stock[[0, 2]], atol=1e-4, rtol=1e-4)
 
 
+def _our_wrapper(monkeypatch, compiled, **sizes):
+    """Our CPU wrapper selected through the plugin, with the compiled op from the default cache or
+    without it (the test is skipped where the op cannot be had: not x86-64 with AVX2, no compiler)."""
+    from loraplex.kernels import cpu_wrapper, native
+    from loraplex.server.default_model import default_cache_dir
+
+    if compiled and (not native.cpu_supported() or (not native.can_build()
+                                                    and native.load(default_cache_dir(), False) is None)):
+        pytest.skip("the compiled op is built for x86-64 with AVX2, by a C++ compiler")
+    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
+        monkeypatch.setenv(name, "")  # restored (removed) after the test
+    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir() if compiled else None)
+    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(device="cpu", **sizes)
+    assert (wrapper._compiled is not None) == compiled
+    return wrapper
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=("torch-ops", "compiled"))
 def test_a_layer_no_adapter_of_the_step_targets_is_skipped(monkeypatch, compiled):
     """Slot 1's adapter leaves this layer alone (zeros in its slot, as vLLM stores a module an
@@ -170,17 +187,9 @@ def test_a_layer_no_adapter_of_the_step_targets_is_skipped(monkeypatch, compiled
     adapter still shows, in its own tokens only."""
     from vllm.lora.layers import LoRAMapping
 
-    from loraplex.kernels import cpu_wrapper, native
-    from loraplex.server.default_model import default_cache_dir
+    from loraplex.kernels import cpu_wrapper
 
-    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
-        monkeypatch.setenv(name, "")
-    if compiled and (not native.cpu_supported() or (not native.can_build()
-                                                    and native.load(default_cache_dir(), False) is None)):
-        pytest.skip("the compiled op is built for x86-64 with AVX2, by a C++ compiler")
-    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir() if compiled else None)
-    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
-    assert (wrapper._compiled is not None) == compiled
+    wrapper = _our_wrapper(monkeypatch, compiled, max_num_batched_tokens=64, max_batches=8)
     g = torch.Generator().manual_seed(3)
     lora_a = tuple(torch.randn(3, 1, 8, 32, generator=g) for _ in range(2))
     lora_b = tuple(torch.randn(3, 1, 24, 8, generator=g) for _ in range(2))
@@ -243,17 +252,7 @@ def test_a_slot_past_the_buffers_is_refused_not_skipped(monkeypatch, compiled):
     and the op refuses the slot instead of leaving its tokens without their adapter."""
     from vllm.lora.layers import LoRAMapping
 
-    from loraplex.kernels import cpu_wrapper, native
-    from loraplex.server.default_model import default_cache_dir
-
-    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
-        monkeypatch.setenv(name, "")
-    if compiled and (not native.cpu_supported() or (not native.can_build()
-                                                    and native.load(default_cache_dir(), False) is None)):
-        pytest.skip("the compiled op is built for x86-64 with AVX2, by a C++ compiler")
-    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir() if compiled else None)
-    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=64, max_batches=8, device="cpu")
-    assert (wrapper._compiled is not None) == compiled
+    wrapper = _our_wrapper(monkeypatch, compiled, max_num_batched_tokens=64, max_batches=8)
     lora_a = (torch.randn(3, 1, 8, 32),)
     lora_b = (torch.randn(3, 1, 24, 8),)
     mapping = (1, 6, 6)  # id 6 sits in slot 5 of 8; these buffers have 3
@@ -316,17 +315,11 @@ def _wrapper_counting_calls(monkeypatch, index_mapping):
     reach the compiled op and the torch ops (both still run)."""
     from vllm.lora.layers import LoRAMapping
 
-    from loraplex.kernels import cpu_lora, cpu_wrapper, native
+    from loraplex.kernels import cpu_lora, cpu_wrapper
     from loraplex.server.default_model import default_cache_dir
 
-    if not native.cpu_supported() or (not native.can_build()
-                                       and native.load(default_cache_dir(), build_if_missing=False) is None):
-        pytest.skip("the compiled op is built for x86-64 with AVX2, by a C++ compiler")
-    for name in (vllm_plugin.SELECTION_ENV, vllm_plugin.COMPILED_OPS_ENV):
-        monkeypatch.setenv(name, "")  # restored (removed) after the test
-    vllm_plugin.select_lora_kernels("loraplex", compiled_ops_cache=default_cache_dir())
+    wrapper = _our_wrapper(monkeypatch, True, max_num_batched_tokens=512, max_batches=512)
     assert vllm_plugin.compiled_ops_cache() == default_cache_dir()
-    wrapper = cpu_wrapper.LoraplexPunicaWrapperCPU(max_num_batched_tokens=512, max_batches=512, device="cpu")
     wrapper._compute = cpu_lora.ComputeWeights(enabled=False, slot_writes=wrapper._slot_writes)  # weights as given
     wrapper._compiled = _CountingOp(wrapper._compiled)
     wrapper.update_metadata(LoRAMapping(index_mapping, index_mapping, is_prefill=True), [9, 7, None],
