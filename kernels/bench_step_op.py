@@ -2,7 +2,9 @@
 default model's widths (30 layers x q/k/v, o, gate/up, down), rank 16, each token on its own
 adapter, with a base-model-sized read between calls, so the adapters' weights come from memory
 as they do in a real step (the base model's weights flush the cache); and the same with the
-weights left in cache. Prints milliseconds per step and the adapter bytes read per second.
+weights left in cache. Prints milliseconds per step and the adapter bytes read per second, beside
+the rate of the base-sized reads themselves (matrix-vector products, as a decode step's base
+GEMMs read their weights): how near the op comes to what this core's memory gives.
 
 With ``--runs``: prefill-shaped steps instead (one run of N tokens on one adapter, weights from
 memory), the compiled op against the torch ops (``cpu_lora``) side by side: where the wrapper's
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return compare_runs(ops, [int(n) for n in args.runs.split(",")], args, dtype)
     num_slots = max(token_counts)
     calls = step_weights(num_slots, args.rank, dtype)
+    layers = [op.Layer(lora_a, lora_b_t) for lora_a, lora_b_t in calls]  # as the wrapper holds them
     base, vector = base_model_reads(len(calls), dtype)
     rows = []
     for num_tokens in token_counts:
@@ -100,25 +103,33 @@ def main(argv: list[str] | None = None) -> int:
         adapter_bytes = sum((a[0].numel() + sum(b[0].numel() for b in bt)) * a.element_size()
                             for a, bt in calls) * num_tokens
         seconds: dict[str, list[float]] = {"from_memory": [], "in_cache": []}
+        base_seconds = []
         for _ in range(args.repeats):
             for mode in seconds:
-                spent = 0.0
-                for i, (lora_a, lora_b_t) in enumerate(calls):
+                spent = base_spent = 0.0
+                for i, layer in enumerate(layers):
                     if mode == "from_memory":
+                        start = time.perf_counter()
                         torch.mv(base[i], vector)
+                        base_spent += time.perf_counter() - start
                     hidden, _ = LAYER_CALLS[i % len(LAYER_CALLS)]
                     start = time.perf_counter()
-                    op.add_lora_linear(outputs[i % len(LAYER_CALLS)], inputs[hidden], slots, lora_a, lora_b_t, 2.0, 0)
+                    op.add_lora_linear_layer(outputs[i % len(LAYER_CALLS)], inputs[hidden], slots, layer, 2.0, 0)
                     spent += time.perf_counter() - start
                 seconds[mode].append(spent)
-        row = {"tokens": num_tokens, "adapter_mb_per_step": adapter_bytes / 1e6}
+                if mode == "from_memory":
+                    base_seconds.append(base_spent)
+        row = {"tokens": num_tokens, "adapter_mb_per_step": adapter_bytes / 1e6,
+               "base_reads_gb_per_s": base.numel() * base.element_size() / statistics.median(base_seconds) / 1e9}
         for mode, runs in seconds.items():
             row[f"{mode}_ms"] = 1e3 * statistics.median(runs)
             row[f"{mode}_gb_per_s"] = adapter_bytes / statistics.median(runs) / 1e9
+        row["from_memory_vs_base_reads"] = row["from_memory_gb_per_s"] / row["base_reads_gb_per_s"]
         rows.append(row)
         print(f"{num_tokens:3d} tokens ({row['adapter_mb_per_step']:.1f} MB of adapters): from memory "
-              f"{row['from_memory_ms']:.2f} ms ({row['from_memory_gb_per_s']:.1f} GB/s), in cache "
-              f"{row['in_cache_ms']:.2f} ms ({row['in_cache_gb_per_s']:.1f} GB/s)", flush=True)
+              f"{row['from_memory_ms']:.2f} ms ({row['from_memory_gb_per_s']:.1f} GB/s, "
+              f"{row['from_memory_vs_base_reads']:.0%} of the base reads' {row['base_reads_gb_per_s']:.1f} GB/s), "
+              f"in cache {row['in_cache_ms']:.2f} ms ({row['in_cache_gb_per_s']:.1f} GB/s)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rank": args.rank, "dtype": args.dtype, "calls_per_step": len(calls),
                                     "steps": rows}, indent=2))
@@ -133,6 +144,7 @@ def compare_runs(ops: dict, run_lengths: list[int], args, dtype: torch.dtype) ->
     calls = step_weights(1, args.rank, dtype)
     torch_calls = [([lora_a[:, args.rank * i:args.rank * (i + 1)] for i in range(len(lora_b_t))],
                     [b.transpose(1, 2).contiguous() for b in lora_b_t]) for lora_a, lora_b_t in calls]
+    layers = {name: [op.Layer(lora_a, lora_b_t) for lora_a, lora_b_t in calls] for name, op in ops.items()}
     base, vector = base_model_reads(len(calls), dtype)
     rows = []
     for run_length in run_lengths:
@@ -143,13 +155,13 @@ def compare_runs(ops: dict, run_lengths: list[int], args, dtype: torch.dtype) ->
         for _ in range(args.repeats):
             for side in seconds:
                 spent = 0.0
-                for i, (lora_a, lora_b_t) in enumerate(calls):
+                for i, (lora_a, _) in enumerate(calls):
                     torch.mv(base[i], vector)
                     hidden, widths = LAYER_CALLS[i % len(LAYER_CALLS)]
                     out = outputs[i % len(LAYER_CALLS)]
                     start = time.perf_counter()
                     if side in ops:
-                        ops[side].add_lora_linear(out, inputs[hidden], slots, lora_a, lora_b_t, 2.0, 0)
+                        ops[side].add_lora_linear_layer(out, inputs[hidden], slots, layers[side][i], 2.0, 0)
                     else:
                         cpu_lora.add_lora_linear(plan, out, inputs[hidden], torch_calls[i][0], torch_calls[i][1], 2.0,
                                                  widths, workspace=workspace, fused_lora_a=lora_a)

@@ -364,14 +364,20 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& token_
   op.scale = static_cast<float>(scale);
   // The tokens with an adapter, by slot (stable: a run keeps its order), then tiles of them:
   // (first position in `order`, tokens), all on one slot.
+  // (The lists and the tiles' scratch are kept per thread between calls: a decode step makes 120
+  // calls, each right after a base GEMM has flushed the caches; a fresh, zeroed allocation per call
+  // cost ~2 us of each. Workers capture the caller's lists through the references below.)
   const int64_t num_tokens = token_slots.size(0);
   const int64_t* slots = op.slots;
-  std::vector<int64_t> order;
-  order.reserve(num_tokens);
+  thread_local std::vector<int64_t> order_of_this_thread;
+  thread_local std::vector<std::pair<int64_t, int64_t>> tiles_of_this_thread;
+  std::vector<int64_t>& order = order_of_this_thread;
+  std::vector<std::pair<int64_t, int64_t>>& tiles = tiles_of_this_thread;
+  order.clear();
+  tiles.clear();
   for (int64_t t = 0; t < num_tokens; ++t)
     if (slots[t] >= 0) order.push_back(t);
   std::stable_sort(order.begin(), order.end(), [slots](int64_t a, int64_t b) { return slots[a] < slots[b]; });
-  std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++i) {
     if (!tiles.empty()) {
       auto& last = tiles.back();
@@ -383,7 +389,9 @@ void run(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& token_
     tiles.emplace_back(i, 1);
   }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(TILE * op.hidden), y(TILE * op.rank_total);
+    thread_local std::vector<float> xf, y;  // written before read: never zeroed
+    xf.resize(std::max<size_t>(xf.size(), TILE * op.hidden));
+    y.resize(std::max<size_t>(y.size(), TILE * op.rank_total));
     for (int64_t i = begin; i < end; ++i)
       run_tile(op, order.data() + tiles[i].first, tiles[i].second, xf.data(), y.data());
   });
@@ -404,38 +412,68 @@ bool supported(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
-void add_lora_linear(torch::Tensor out, torch::Tensor x, torch::Tensor token_slots, torch::Tensor lora_a,
-                     std::vector<torch::Tensor> lora_b_t, double scale, int64_t offset) {
-  TORCH_CHECK(out.dim() == 2 && x.dim() == 2 && lora_a.dim() == 3, "out [T, N], x [T, H], lora_a [S, R, H]");
+// A layer's weights, checked once (when the wrapper makes the layer's record) and held: a call
+// with them checks only the step's tensors. (A decode step makes 120 calls, each right after a
+// base GEMM has flushed the caches: converting and checking the weights again cost ~2 us of each.)
+struct Layer {
+  torch::Tensor lora_a;                 // [S, R_total, H]
+  std::vector<torch::Tensor> lora_b_t;  // per slice [S, R_i, N_i]
+  int64_t width_total = 0;
+
+  Layer(torch::Tensor a, std::vector<torch::Tensor> b) : lora_a(std::move(a)), lora_b_t(std::move(b)) {
+    TORCH_CHECK(lora_a.dim() == 3 && lora_a.is_contiguous(), "lora_a: contiguous [S, R, H]");
+    TORCH_CHECK(supported(lora_a.scalar_type()), "weights: float32, bfloat16 or float16");
+    int64_t rank_total = 0;
+    for (const auto& t : lora_b_t) {
+      TORCH_CHECK(t.dim() == 3 && t.is_contiguous() && t.scalar_type() == lora_a.scalar_type() &&
+                  t.size(0) == lora_a.size(0), "lora_b_t: contiguous [S, R_i, N_i] in lora_a's dtype");
+      rank_total += t.size(1);
+      width_total += t.size(2);
+    }
+    TORCH_CHECK(rank_total == lora_a.size(1), "the slices' ranks must add up to lora_a's R");
+  }
+};
+
+// Checks a step's tensors against a layer's weights, then runs it.
+void run_layer(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& token_slots, const Layer& layer,
+               double scale, int64_t offset) {
+  const torch::Tensor& lora_a = layer.lora_a;
+  TORCH_CHECK(out.dim() == 2 && x.dim() == 2, "out [T, N], x [T, H]");
   TORCH_CHECK(token_slots.dtype() == torch::kLong && token_slots.is_contiguous(), "token_slots: contiguous int64");
   TORCH_CHECK(x.size(0) >= token_slots.size(0) && out.size(0) >= token_slots.size(0), "fewer rows than tokens");
-  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1 && lora_a.is_contiguous(), "rows must be contiguous");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, "rows must be contiguous");
   TORCH_CHECK(x.size(1) == lora_a.size(2), "x and lora_a disagree on H");
   TORCH_CHECK(x.scalar_type() == out.scalar_type(), "x and out: one dtype");
-  TORCH_CHECK(supported(x.scalar_type()) && supported(lora_a.scalar_type()),
-              "dtypes: float32, bfloat16 or float16");
-  int64_t rank_total = 0, width_total = 0;
-  for (const auto& b : lora_b_t) {
-    TORCH_CHECK(b.dim() == 3 && b.is_contiguous() && b.scalar_type() == lora_a.scalar_type() &&
-                b.size(0) == lora_a.size(0), "lora_b_t: contiguous [S, R_i, N_i] in lora_a's dtype");
-    rank_total += b.size(1);
-    width_total += b.size(2);
-  }
-  TORCH_CHECK(rank_total == lora_a.size(1), "the slices' ranks must add up to lora_a's R");
-  TORCH_CHECK(offset >= 0 && offset + width_total <= out.size(1), "columns out of range");
+  TORCH_CHECK(supported(x.scalar_type()), "dtypes: float32, bfloat16 or float16");
+  TORCH_CHECK(offset >= 0 && offset + layer.width_total <= out.size(1), "columns out of range");
   // Slots are checked, not trusted: a slot past the stacked weights would read another buffer.
   const int64_t* slots = token_slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < token_slots.size(0); ++t)
     TORCH_CHECK(slots[t] >= -1 && slots[t] < lora_a.size(0), "token slot out of range: ", slots[t]);
   switch (x.scalar_type()) {
-    case at::kFloat: return run_for_weights<float>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
-    case at::kBFloat16: return run_for_weights<c10::BFloat16>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
-    default: return run_for_weights<c10::Half>(out, x, token_slots, lora_a, lora_b_t, scale, offset);
+    case at::kFloat: return run_for_weights<float>(out, x, token_slots, lora_a, layer.lora_b_t, scale, offset);
+    case at::kBFloat16:
+      return run_for_weights<c10::BFloat16>(out, x, token_slots, lora_a, layer.lora_b_t, scale, offset);
+    default: return run_for_weights<c10::Half>(out, x, token_slots, lora_a, layer.lora_b_t, scale, offset);
   }
+}
+
+void add_lora_linear(torch::Tensor out, torch::Tensor x, torch::Tensor token_slots, torch::Tensor lora_a,
+                     std::vector<torch::Tensor> lora_b_t, double scale, int64_t offset) {
+  run_layer(out, x, token_slots, Layer(std::move(lora_a), std::move(lora_b_t)), scale, offset);
+}
+
+void add_lora_linear_layer(torch::Tensor out, torch::Tensor x, torch::Tensor token_slots, const Layer& layer,
+                           double scale, int64_t offset) {
+  run_layer(out, x, token_slots, layer, scale, offset);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_lora_linear", &add_lora_linear, "LoRA for small steps (see the file's Semantics)");
+  pybind11::class_<Layer>(m, "Layer", "A layer's weights (lora_a, [lora_b_t per slice]), checked once and held")
+      .def(pybind11::init<torch::Tensor, std::vector<torch::Tensor>>());
+  m.def("add_lora_linear_layer", &add_lora_linear_layer,
+        "add_lora_linear(out, x, token_slots, *layer's weights*, scale, offset) with a Layer");
 }

@@ -28,10 +28,20 @@ def compiled(request):
     return module
 
 
-def run_compiled(compiled, out, x, lora_a, lora_b, slots, scale, offset=0, weight_dtype=None):
+def compiled_weights(lora_a, lora_b, weight_dtype=None):
+    """(fused A, B transposed per slice), as the wrapper hands them to the op."""
     fused_a = cpu_lora.fuse_slices(lora_a, weight_dtype)
-    slices_b_t = [reference.as_3d(b).to(weight_dtype or b.dtype).transpose(1, 2).contiguous() for b in lora_b]
-    compiled.add_lora_linear(out, x, slots, fused_a, slices_b_t, scale, offset)
+    return fused_a, [reference.as_3d(b).to(weight_dtype or b.dtype).transpose(1, 2).contiguous() for b in lora_b]
+
+
+def run_compiled(compiled, out, x, lora_a, lora_b, slots, scale, offset=0, weight_dtype=None, held=True):
+    """Through a ``Layer`` holding the weights, as the wrapper calls it (``held``), or with the
+    weights passed in the call."""
+    fused_a, slices_b_t = compiled_weights(lora_a, lora_b, weight_dtype)
+    if held:
+        compiled.add_lora_linear_layer(out, x, slots, compiled.Layer(fused_a, slices_b_t), scale, offset)
+    else:
+        compiled.add_lora_linear(out, x, slots, fused_a, slices_b_t, scale, offset)
     return out
 
 
@@ -150,25 +160,64 @@ def test_a_bad_slot_never_reaches_other_tokens(compiled, num_tokens, popularity,
         assert not torch.isfinite(poisoned[slots == bad]).all(), "the bad slot's own tokens must show it"
 
 
+def test_weights_in_the_call_and_held_weights_agree(compiled, dtype):
+    """The two entry points run one computation: bit-identical outputs."""
+    lora_a, lora_b = make_weights(3, 8, dtype, seed=2)
+    slots, x = torch.tensor([2, -1, 0, 0, 1, 2]), torch.randn(6, HIDDEN_IN).to(dtype)
+    passed, held = (run_compiled(compiled, torch.zeros(6, sum(SLICE_WIDTHS) + 2, dtype=dtype), x, lora_a, lora_b,
+                                 slots, 0.5, offset=1, held=held) for held in (False, True))
+    assert torch.equal(passed, held)
+
+
+HELD = pytest.mark.parametrize("held", (True, False), ids=("held", "passed"))
+
+
+@HELD
 @pytest.mark.parametrize("slot", (2, 99, -2))
-def test_a_slot_outside_the_weights_is_refused(compiled, slot):
+def test_a_slot_outside_the_weights_is_refused(compiled, slot, held):
     lora_a, lora_b = make_weights(2, 8, torch.float32, seed=0)
     out = torch.zeros(3, sum(SLICE_WIDTHS))
     with pytest.raises(RuntimeError, match="slot out of range"):
-        run_compiled(compiled, out, torch.randn(3, HIDDEN_IN), lora_a, lora_b, torch.tensor([0, slot, 1]), 1.0)
+        run_compiled(compiled, out, torch.randn(3, HIDDEN_IN), lora_a, lora_b, torch.tensor([0, slot, 1]), 1.0,
+                     held=held)
     assert torch.equal(out, torch.zeros_like(out)), "nothing is written before the slots are checked"
 
 
-def test_shapes_that_disagree_are_refused(compiled):
+@HELD
+def test_shapes_that_disagree_are_refused(compiled, held):
     lora_a, lora_b = make_weights(2, 8, torch.float32, seed=0)
     slots = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="columns out of range"):
-        run_compiled(compiled, torch.zeros(2, 10), torch.randn(2, HIDDEN_IN), lora_a, lora_b, slots, 1.0)
+        run_compiled(compiled, torch.zeros(2, 10), torch.randn(2, HIDDEN_IN), lora_a, lora_b, slots, 1.0, held=held)
     with pytest.raises(RuntimeError, match="disagree on H"):
-        run_compiled(compiled, torch.zeros(2, sum(SLICE_WIDTHS)), torch.randn(2, 3), lora_a, lora_b, slots, 1.0)
+        run_compiled(compiled, torch.zeros(2, sum(SLICE_WIDTHS)), torch.randn(2, 3), lora_a, lora_b, slots, 1.0,
+                     held=held)
     with pytest.raises(RuntimeError, match="int64"):
         run_compiled(compiled, torch.zeros(2, sum(SLICE_WIDTHS)), torch.randn(2, HIDDEN_IN), lora_a, lora_b,
-                     slots.int(), 1.0)
+                     slots.int(), 1.0, held=held)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        run_compiled(compiled, torch.zeros(2, sum(SLICE_WIDTHS), dtype=torch.bfloat16), torch.randn(2, HIDDEN_IN),
+                     lora_a, lora_b, slots, 1.0, held=held)
+
+
+def test_weights_that_disagree_are_refused_when_held(compiled):
+    """A Layer checks its weights once, when it is made: every call after trusts them."""
+    fused_a, slices_b_t = compiled_weights(*make_weights(2, 8, torch.float32, seed=0))
+    with pytest.raises(RuntimeError, match="add up"):
+        compiled.Layer(fused_a, slices_b_t[:-1])
+    with pytest.raises(RuntimeError, match="lora_a's dtype"):
+        compiled.Layer(fused_a, [slices_b_t[0].bfloat16(), *slices_b_t[1:]])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        compiled.Layer(fused_a, [slices_b_t[0].transpose(1, 2), *slices_b_t[1:]])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        compiled.Layer(fused_a.transpose(1, 2), slices_b_t)
+    with pytest.raises(RuntimeError, match="lora_b_t"):
+        compiled.Layer(fused_a, [slices_b_t[0][:1], *slices_b_t[1:]])  # fewer slots than A
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        compiled.Layer(fused_a.double(), [b.double() for b in slices_b_t])
+    with pytest.raises(TypeError):
+        compiled.add_lora_linear_layer(torch.zeros(1, sum(SLICE_WIDTHS)), torch.randn(1, HIDDEN_IN),
+                                       torch.tensor([0]), (fused_a, slices_b_t), 1.0, 0)
 
 
 def test_a_stale_build_is_never_loaded(tmp_path):
