@@ -198,10 +198,10 @@ def test_a_layer_no_adapter_of_the_step_targets_is_skipped(monkeypatch, compiled
     x = torch.randn(4, 32, generator=g)
     base = torch.randn(4, 48, generator=g)
     calls = []
-    for module in (cpu_wrapper.cpu_lora, wrapper._compiled):
+    for module, name in ((cpu_wrapper.cpu_lora, "add_lora_linear"), (wrapper._compiled, "add_lora_linear_layer")):
         if module is not None:
-            original = module.add_lora_linear
-            monkeypatch.setattr(module, "add_lora_linear",
+            original = getattr(module, name)
+            monkeypatch.setattr(module, name,
                                 lambda *a, _original=original, **k: (calls.append(1), _original(*a, **k))[1])
 
     def same_plan():
@@ -299,14 +299,14 @@ def test_embedding_lora_matches_stock_and_skips_zero_slots(is_prefill):
 
 
 class _CountingOp:
-    """The compiled module, counting its calls."""
+    """The compiled module, counting the calls that run a layer."""
 
     def __init__(self, module) -> None:
-        self.module, self.variant, self.calls = module, module.variant, 0
+        self.module, self.variant, self.Layer, self.calls = module, module.variant, module.Layer, 0
 
-    def add_lora_linear(self, *args):
+    def add_lora_linear_layer(self, *args):
         self.calls += 1
-        return self.module.add_lora_linear(*args)
+        return self.module.add_lora_linear_layer(*args)
 
 
 def _wrapper_counting_calls(monkeypatch, index_mapping):
