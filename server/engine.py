@@ -42,6 +42,7 @@ class SamplingOptions:
     stream: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # each token's logprob and this many top alternatives; None: none
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), token ids ascending
     structured: StructuredSpec | None = None
 
 
@@ -282,6 +283,7 @@ class Engine:
             frequency_penalty=options.frequency_penalty,
             ignore_eos=options.ignore_eos,
             logprobs=options.logprobs,
+            logit_bias=dict(options.logit_bias) or None,
             structured_outputs=_structured_outputs(options.structured),
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )

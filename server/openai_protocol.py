@@ -64,6 +64,7 @@ class _SamplingFields(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (its digits) -> bias in [-100, 100]
     ignore_eos: bool = False  # vLLM's extension: keep generating past end-of-sequence (load tests)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension: regex / choice / json
@@ -106,6 +107,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
+    best_of: int | None = None
 
     @property
     def num_logprobs(self) -> int | None:
@@ -116,6 +118,8 @@ class CompletionRequest(_SamplingFields):
             return "echo"
         if self.suffix:
             return "suffix"
+        if self.best_of is not None and self.best_of > 1:
+            return "best_of"
         return None
 
 
@@ -144,10 +148,16 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict] | None = None
+    functions: list[dict] | None = None  # (tools' deprecated form)
+    function_call: str | dict | None = None
 
     def unsupported(self) -> str | None:
         if self.tools:
             return "tools"
+        if self.functions:
+            return "functions"
+        if self.function_call not in (None, "none", "auto"):
+            return "function_call"
         return None
 
     @property

@@ -17,7 +17,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .adapters.manager import AdapterManager, Lease
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 # A client's own request id: 1-128 printable ASCII characters without spaces (it is echoed in
 # every event and logged, so nothing that could forge a log line or bloat a stream).
 REQUEST_ID_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # a token id as a JSON object key
 MAX_MODEL_NAME_CHARS = 256
 
 
@@ -55,6 +56,8 @@ class SamplingInput:
     frequency_penalty: float | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token (0: only the chosen token's); None: off
+    # token id (an int, or its decimal digits: JSON keys are strings) -> bias added to its logit
+    logit_bias: Mapping | None = None
     structured: StructuredInput | None = None
 
 
@@ -290,9 +293,29 @@ class GenerationService:
             stream=stream,
             ignore_eos=bool(s.ignore_eos),
             logprobs=logprobs,
+            logit_bias=self._logit_bias(s.logit_bias),
             structured=None if s.structured is None or not s.structured.num_given else check_structured(
                 s.structured, limits),
         )
+
+    def _logit_bias(self, given) -> tuple[tuple[int, float], ...]:
+        """OpenAI's ``logit_bias``: at most ``max_logit_bias`` token ids of the vocabulary, each
+        biased by a number in [-100, 100] (-100 bans the token, 100 all but forces it)."""
+        if not given:
+            return ()
+        if not isinstance(given, Mapping):
+            raise InvalidRequest("logit_bias must map token ids to numbers", param="logit_bias")
+        if len(given) > self.limits.max_logit_bias:
+            raise InvalidRequest(f"logit_bias has {len(given)} entries; at most {self.limits.max_logit_bias} are "
+                                 f"allowed", param="logit_bias")
+        biases: dict[int, float] = {}
+        for key, bias in given.items():
+            token = int(key) if isinstance(key, str) and TOKEN_ID_KEY.fullmatch(key) else key
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= self.prompts.max_token_id:
+                raise InvalidRequest(f"logit_bias keys must be token ids in [0, {self.prompts.max_token_id}], got "
+                                     f"{repr(key)[:24]}", param="logit_bias")
+            biases[token] = _in_range(bias, "logit_bias", -100.0, 100.0, default=0.0)
+        return tuple(sorted(biases.items()))
 
     async def _admit(self, queue_key: str, prepared: Prepared, deadline: float | None,
                      lease: Lease | None) -> Ticket:

@@ -69,6 +69,24 @@ def test_chat_and_token_id_prompts(server, base_model_name):
     assert run(unary(server, by_ids)).choices[0].text == run(unary(server, greedy(base_model_name))).choices[0].text
 
 
+def test_logit_bias_as_over_http(server, client, adapter_names):
+    """A ban (-100) on the greedy first token moves it; HTTP gives the same text; a token past
+    the vocabulary is INVALID_ARGUMENT."""
+    model = adapter_names[0]
+    first = run(unary(server, greedy(model, max_tokens=4))).choices[0].token_ids[0]
+    request = greedy(model, max_tokens=4)
+    request.sampling.logit_bias[first] = -100
+    banned = run(unary(server, request)).choices[0]
+    assert banned.token_ids[0] != first
+    http = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0,
+                                     logit_bias={str(first): -100})
+    assert http.choices[0].text == banned.text
+    request.sampling.logit_bias[10**6] = 1
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(unary(server, request))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in info.value.details()
+
+
 @pytest.mark.parametrize("request_, code", [
     (pb.GenerateRequest(model="no-such-adapter", text="x"), grpc.StatusCode.NOT_FOUND),
     (pb.GenerateRequest(model="SmolLM2-135M-Instruct", text="x",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -134,7 +135,27 @@ def test_prompt_as_token_ids_and_batch_of_prompts(client, base_model_name, hf_to
     assert response.choices[0].text != response.choices[1].text
 
 
+def test_logit_bias_forces_a_token_in_its_own_request_only(client, base_model_name, adapter_names, hf_tokenizer):
+    """+100 all but forces a token, on the base model and on an adapter, in completions and chat;
+    a request without a bias running beside it is unchanged."""
+    forced = hf_tokenizer(" banana", add_special_tokens=False).input_ids[0]
+    for model in (base_model_name, adapter_names[0]):
+        plain = complete(client, model, max_tokens=6)
+        with ThreadPoolExecutor(2) as pool:
+            biased = pool.submit(complete, client, model, max_tokens=3, logit_bias={str(forced): 100})
+            beside = pool.submit(complete, client, model, max_tokens=6)
+            assert biased.result() == hf_tokenizer.decode([forced] * 3), model
+            assert beside.result() == plain, "another request's bias reached this one"
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                              temperature=0, logit_bias={str(forced): 100})
+        assert chat.choices[0].message.content == hf_tokenizer.decode([forced] * 2)
+
+
 @pytest.mark.parametrize("kwargs, param", [
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"extra_body": {"best_of": 3}}, "best_of"),  # not served: refused by name, never ignored
     ({"temperature": 5.0}, "temperature"),
     ({"max_tokens": 100000}, "max_tokens"),
     ({"n": 1000}, "n"),

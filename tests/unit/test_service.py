@@ -78,6 +78,18 @@ def test_defaults_fill_remaining_context(tmp_path):
     (10, {"logprobs": 21}, "logprobs"),
     (10, {"logprobs": -1}, "logprobs"),
     (10, {"logprobs": 1.5}, "logprobs"),
+    (10, {"logit_bias": {"5000": 1}}, "logit_bias"),  # past the vocabulary
+    (10, {"logit_bias": {"-1": 1}}, "logit_bias"),
+    (10, {"logit_bias": {"\u0663": 1}}, "logit_bias"),  # a digit, but not 0-9
+    (10, {"logit_bias": {" 5": 1}}, "logit_bias"),
+    (10, {"logit_bias": {True: 1}}, "logit_bias"),
+    (10, {"logit_bias": {"5": 100.5}}, "logit_bias"),
+    (10, {"logit_bias": {"5": float("nan")}}, "logit_bias"),
+    (10, {"logit_bias": {"5": float("-inf")}}, "logit_bias"),
+    (10, {"logit_bias": {"5": True}}, "logit_bias"),
+    (10, {"logit_bias": {"5": "1"}}, "logit_bias"),
+    (10, {"logit_bias": [[5, 1]]}, "logit_bias"),
+    (10, {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     (10, {"structured": StructuredInput(regex="a", json_object=True)}, "response_format"),
     (10, {"structured": StructuredInput(choice=["a\ud800"])}, "choice"),
 ])
@@ -86,6 +98,15 @@ def test_sampling_bounds(tmp_path, prompt_len, sampling, param):
     with pytest.raises(InvalidRequest) as info:
         service.sampling_options(prompt_len, SamplingInput(**sampling), stream=False)
     assert info.value.param == param
+
+
+def test_logit_bias_keys_as_json_sends_them_and_as_grpc_does(tmp_path):
+    service, _, _ = make_service(tmp_path)
+    options = service.sampling_options(10, SamplingInput(logit_bias={"7": -100, 5: 100, "0": 0.5}), stream=False)
+    assert options.logit_bias == ((0, 0.5), (5, 100.0), (7, -100.0))
+    assert service.sampling_options(10, SamplingInput(logit_bias={}), stream=False).logit_bias == ()
+    many = {str(i): 1 for i in range(300)}
+    assert len(service.sampling_options(10, SamplingInput(logit_bias=many), stream=False).logit_bias) == 300
 
 
 @pytest.mark.parametrize("request_, param", [
