@@ -108,6 +108,7 @@ class LimitsConfig:
     max_payload_bytes: int = 1 << 20
     max_logprobs: int = 20  # top alternatives per token (vLLM's own ceiling is 20 by default)
     max_logit_bias: int = 300  # tokens one request may bias (OpenAI's own ceiling)
+    max_stop_token_ids: int = 64
     # structured outputs (server/structured.py)
     max_schema_bytes: int = 32 << 10
     max_schema_depth: int = 24

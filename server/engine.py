@@ -43,6 +43,12 @@ class SamplingOptions:
     ignore_eos: bool = False
     logprobs: int | None = None  # each token's logprob and this many top alternatives; None: none
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), token ids ascending
+    # vLLM's sampling extensions: top_k 0 = all tokens; min_tokens before a stop may end it
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
     structured: StructuredSpec | None = None
 
 
@@ -284,6 +290,11 @@ class Engine:
             ignore_eos=options.ignore_eos,
             logprobs=options.logprobs,
             logit_bias=dict(options.logit_bias) or None,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            repetition_penalty=options.repetition_penalty,
+            min_tokens=options.min_tokens,
+            stop_token_ids=list(options.stop_token_ids) or None,
             structured_outputs=_structured_outputs(options.structured),
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )

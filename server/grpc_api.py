@@ -91,7 +91,10 @@ def _sampling(s: pb.SamplingParameters) -> SamplingInput:
                          top_p=optional("top_p"), n=s.n or 1, stop=tuple(s.stop), seed=optional("seed"),
                          presence_penalty=optional("presence_penalty"),
                          frequency_penalty=optional("frequency_penalty"), ignore_eos=s.ignore_eos,
-                         logprobs=optional("logprobs"), logit_bias=dict(s.logit_bias), structured=_structured(s))
+                         logprobs=optional("logprobs"), logit_bias=dict(s.logit_bias), top_k=optional("top_k"),
+                         min_p=optional("min_p"), repetition_penalty=optional("repetition_penalty"),
+                         min_tokens=optional("min_tokens"), stop_token_ids=tuple(s.stop_token_ids),
+                         structured=_structured(s))
 
 
 def _structured(s: pb.SamplingParameters) -> StructuredInput | None:

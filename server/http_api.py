@@ -295,8 +295,9 @@ def _sampling(body, max_tokens: int | None) -> SamplingInput:
     return SamplingInput(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, n=body.n,
                          stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
                          frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos,
-                         logprobs=body.num_logprobs, logit_bias=body.logit_bias,
-                         structured=body.structured_input())
+                         logprobs=body.num_logprobs, logit_bias=body.logit_bias, top_k=body.top_k,
+                         min_p=body.min_p, repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
+                         stop_token_ids=body.stop_token_ids, structured=body.structured_input())
 
 
 def _deadline(request: Request) -> float | None:

@@ -65,7 +65,13 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (its digits) -> bias in [-100, 100]
-    ignore_eos: bool = False  # vLLM's extension: keep generating past end-of-sequence (load tests)
+    # vLLM's extensions (its clients send them in extra_body)
+    ignore_eos: bool = False  # keep generating past end-of-sequence (load tests)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension: regex / choice / json
 

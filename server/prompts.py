@@ -48,8 +48,8 @@ class PromptBuilder:
     def check_token_ids(self, ids: Sequence[int], param: str = "prompt") -> list[int]:
         for token in ids:
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= self.max_token_id:
-                raise InvalidRequest(f"token id {token!r} is out of the vocabulary [0, {self.max_token_id}]",
-                                     param=param)
+                raise InvalidRequest(f"{param}: token id {repr(token)[:24]} is out of the vocabulary "
+                                     f"[0, {self.max_token_id}]", param=param)
         return list(ids)
 
     def check_messages(self, messages: Sequence[dict]) -> list[dict]:

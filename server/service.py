@@ -58,6 +58,12 @@ class SamplingInput:
     logprobs: int | None = None  # top alternatives per token (0: only the chosen token's); None: off
     # token id (an int, or its decimal digits: JSON keys are strings) -> bias added to its logit
     logit_bias: Mapping | None = None
+    # vLLM's extensions (what its clients send in extra_body)
+    top_k: int | None = None  # 0 or -1: off
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: Sequence[int] | None = None
     structured: StructuredInput | None = None
 
 
@@ -278,6 +284,18 @@ class GenerationService:
         seed = None if s.seed is None else _integer(s.seed, "seed")
         if seed is not None and not 0 <= seed < 2**63:
             raise InvalidRequest("seed must be in [0, 2^63)", param="seed")
+        top_k = 0 if s.top_k is None else _integer(s.top_k, "top_k")
+        if not -1 <= top_k <= self.prompts.max_token_id + 1:
+            raise InvalidRequest(f"top_k must be -1 or 0 (off) or at most the vocabulary's "
+                                 f"{self.prompts.max_token_id + 1} tokens", param="top_k")
+        min_tokens = 0 if s.min_tokens is None else _integer(s.min_tokens, "min_tokens")
+        if not 0 <= min_tokens <= max_tokens:
+            raise InvalidRequest(f"min_tokens must be between 0 and max_tokens ({max_tokens})", param="min_tokens")
+        stop_token_ids = () if s.stop_token_ids is None else tuple(s.stop_token_ids)
+        if len(stop_token_ids) > limits.max_stop_token_ids:
+            raise InvalidRequest(f"at most {limits.max_stop_token_ids} stop token ids are allowed",
+                                 param="stop_token_ids")
+        self.prompts.check_token_ids(stop_token_ids, param="stop_token_ids")
         logprobs = None if s.logprobs is None else _integer(s.logprobs, "logprobs")
         if logprobs is not None and not 0 <= logprobs <= limits.max_logprobs:
             raise InvalidRequest(f"logprobs must be between 0 and {limits.max_logprobs}", param="logprobs")
@@ -294,6 +312,12 @@ class GenerationService:
             ignore_eos=bool(s.ignore_eos),
             logprobs=logprobs,
             logit_bias=self._logit_bias(s.logit_bias),
+            top_k=max(top_k, 0),
+            min_p=_in_range(s.min_p, "min_p", 0.0, 1.0, default=0.0),
+            repetition_penalty=_in_range(s.repetition_penalty, "repetition_penalty", 0.0, 2.0, default=1.0,
+                                         low_open=True),
+            min_tokens=min_tokens,
+            stop_token_ids=stop_token_ids,
             structured=None if s.structured is None or not s.structured.num_given else check_structured(
                 s.structured, limits),
         )

@@ -87,6 +87,25 @@ def test_logit_bias_as_over_http(server, client, adapter_names):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in info.value.details()
 
 
+def test_stop_token_ids_and_min_tokens(server, adapter_names):
+    """A stop token id ends the answer where it comes; min_tokens holds every stop off until then;
+    top_k = 1 at temperature 1 is greedy."""
+    model = adapter_names[0]
+    ids = list(run(unary(server, greedy(model, max_tokens=6))).choices[0].token_ids)
+    at = next(i for i in range(1, 6) if ids[i] not in ids[:i])
+    request = greedy(model, max_tokens=6)
+    request.sampling.stop_token_ids.append(ids[at])
+    stopped = run(unary(server, request)).choices[0]
+    assert stopped.finish_reason == "stop" and list(stopped.token_ids)[:at] == ids[:at]
+    assert len(stopped.token_ids) <= at + 1
+    request.sampling.min_tokens = 6
+    held_off = run(unary(server, request)).choices[0]
+    assert len(held_off.token_ids) == 6 and ids[at] not in list(held_off.token_ids)
+    top_1 = greedy(model, max_tokens=6)
+    top_1.sampling.temperature, top_1.sampling.top_k, top_1.sampling.seed = 1.0, 1, 5
+    assert list(run(unary(server, top_1)).choices[0].token_ids) == ids
+
+
 @pytest.mark.parametrize("request_, code", [
     (pb.GenerateRequest(model="no-such-adapter", text="x"), grpc.StatusCode.NOT_FOUND),
     (pb.GenerateRequest(model="SmolLM2-135M-Instruct", text="x",

@@ -151,7 +151,20 @@ def test_logit_bias_forces_a_token_in_its_own_request_only(client, base_model_na
         assert chat.choices[0].message.content == hf_tokenizer.decode([forced] * 2)
 
 
+def test_vllm_sampling_extensions_keep_only_the_likeliest_token(client, adapter_names):
+    """vLLM's top_k = 1 or min_p = 1 leave the most likely token alone: sampling is greedy."""
+    model = adapter_names[0]
+    greedy = complete(client, model, max_tokens=6)
+    for extension in ({"top_k": 1}, {"min_p": 1.0}):
+        sampled = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=3,
+                                            extra_body=extension)
+        assert sampled.choices[0].text == greedy, extension
+
+
 @pytest.mark.parametrize("kwargs, param", [
+    ({"extra_body": {"top_k": -5}}, "top_k"),
+    ({"extra_body": {"min_tokens": 5}}, "min_tokens"),  # more than max_tokens
+    ({"extra_body": {"stop_token_ids": [10**6]}}, "stop_token_ids"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),

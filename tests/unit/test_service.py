@@ -90,6 +90,18 @@ def test_defaults_fill_remaining_context(tmp_path):
     (10, {"logit_bias": {"5": "1"}}, "logit_bias"),
     (10, {"logit_bias": [[5, 1]]}, "logit_bias"),
     (10, {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    (10, {"top_k": -2}, "top_k"),
+    (10, {"top_k": 10**9}, "top_k"),
+    (10, {"top_k": 1.5}, "top_k"),
+    (10, {"min_p": 1.5}, "min_p"),
+    (10, {"min_p": float("nan")}, "min_p"),
+    (10, {"repetition_penalty": 0}, "repetition_penalty"),
+    (10, {"repetition_penalty": 2.5}, "repetition_penalty"),
+    (10, {"min_tokens": -1}, "min_tokens"),
+    (10, {"min_tokens": 4, "max_tokens": 3}, "min_tokens"),
+    (10, {"stop_token_ids": [5000]}, "stop_token_ids"),
+    (10, {"stop_token_ids": [True]}, "stop_token_ids"),
+    (10, {"stop_token_ids": [1] * 65}, "stop_token_ids"),
     (10, {"structured": StructuredInput(regex="a", json_object=True)}, "response_format"),
     (10, {"structured": StructuredInput(choice=["a\ud800"])}, "choice"),
 ])
@@ -98,6 +110,16 @@ def test_sampling_bounds(tmp_path, prompt_len, sampling, param):
     with pytest.raises(InvalidRequest) as info:
         service.sampling_options(prompt_len, SamplingInput(**sampling), stream=False)
     assert info.value.param == param
+
+
+def test_vllm_extensions_defaults_and_off_values(tmp_path):
+    service, _, _ = make_service(tmp_path)
+    options = service.sampling_options(10, SamplingInput(), stream=False)
+    assert (options.top_k, options.min_p, options.repetition_penalty, options.min_tokens,
+            options.stop_token_ids) == (0, 0.0, 1.0, 0, ())
+    options = service.sampling_options(10, SamplingInput(top_k=-1, min_tokens=3, max_tokens=3, stop_token_ids=[7]),
+                                       stream=False)
+    assert (options.top_k, options.min_tokens, options.stop_token_ids) == (0, 3, (7,))
 
 
 def test_logit_bias_keys_as_json_sends_them_and_as_grpc_does(tmp_path):
