@@ -49,9 +49,10 @@ class LinearLayer:
     weights: tuple  # both, flat
     versions: list[int]
     fused_lora_a: torch.Tensor  # [S, R_total, H], the compute dtype
-    lora_b_t: list | None  # [S, R, N_i] per slice for the compiled op (None: not made yet)
-    compiled_layer: object | None  # the compiled op's hold on fused_lora_a and lora_b_t (checked once)
-    compiled_by: object | None  # the op module that made it
+    # The compiled op's hold on fused_lora_a and B transposed per slice, [S, R, N_i] (checked once;
+    # None: the op has not run this layer yet), and the op module that made it.
+    compiled_layer: object | None
+    compiled_by: object | None
     # Bit s set: slot s holds weights here (a slot past the buffers counts as holding them)
     slot_bits: int
     every_run_dtype: torch.dtype | None  # the compiled op takes every token of steps in this dtype
@@ -177,7 +178,7 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         slots_with_weights = self._layer_slots_with_weights(lora_b_stacked).tolist()
         layer = LinearLayer(
             lora_a_stacked=lora_a_stacked, lora_b_stacked=lora_b_stacked, weights=weights, versions=versions,
-            fused_lora_a=fused_lora_a, lora_b_t=None, compiled_layer=None, compiled_by=None,
+            fused_lora_a=fused_lora_a, compiled_layer=None, compiled_by=None,
             # (a slot past the mask cannot be judged: its bit is set, it runs, and the op refuses it)
             slot_bits=slot_bits(slot for slot, has in enumerate(slots_with_weights) if has)
             | -(1 << len(slots_with_weights)),
@@ -207,9 +208,8 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         if compiled_slots is not None:
             compiled = self._compiled
             if layer.compiled_by is not compiled:  # the first time the op runs this layer
-                if layer.lora_b_t is None:
-                    layer.lora_b_t = self._lora_b_t(lora_b_stacked)
-                layer.compiled_layer, layer.compiled_by = compiled.Layer(layer.fused_lora_a, layer.lora_b_t), compiled
+                layer.compiled_layer = compiled.Layer(layer.fused_lora_a, self._lora_b_t(lora_b_stacked))
+                layer.compiled_by = compiled
             compiled.add_lora_linear_layer(out, x, compiled_slots, layer.compiled_layer, scale, 0)
         if torch_plan is not None:
             cpu_lora.add_lora_linear(torch_plan, out, x, lora_a_stacked, self._lora_b(lora_b_stacked), scale,

@@ -335,9 +335,7 @@ class GenerationService:
         biases: dict[int, float] = {}
         for key, bias in given.items():
             token = int(key) if isinstance(key, str) and TOKEN_ID_KEY.fullmatch(key) else key
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= self.prompts.max_token_id:
-                raise InvalidRequest(f"logit_bias keys must be token ids in [0, {self.prompts.max_token_id}], got "
-                                     f"{repr(key)[:24]}", param="logit_bias")
+            self.prompts.check_token_ids([token], param="logit_bias")
             biases[token] = _in_range(bias, "logit_bias", -100.0, 100.0, default=0.0)
         return tuple(sorted(biases.items()))
 
