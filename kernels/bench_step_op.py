@@ -12,6 +12,7 @@ memory), the compiled op against the torch ops (``cpu_lora``) side by side: wher
 runs (``native.VARIANTS``) beside the others, in one process.
 
     python -m loraplex.kernels.bench_step_op --out bench-results/step-op.json
+    python -m loraplex.kernels.bench_step_op --dtype float32 --weights-dtype bfloat16   # --lora-dtype bfloat16
     python -m loraplex.kernels.bench_step_op --runs 8,40,64,128,256 --threads 1 --out bench-results/step-op-runs.json
     python -m loraplex.kernels.bench_step_op --runs 4,8,40,128 --variants avx512bf16,avx2 --out bench-results/step-op-builds.json
 """
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="1,2,8", help="decode tokens per step, each on its own adapter")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--weights-dtype", default=None,
+                        help="the adapters' dtype when not --dtype's (a float32 model with --lora-dtype "
+                             "bfloat16; steps only, not --runs)")
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--runs", help="prefill runs to time instead, e.g. 8,40,64,128,256 (tokens on one adapter)")
     parser.add_argument("--variants", help="with --runs: builds of the op to time side by side, e.g. avx512bf16,avx2 "
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         return compare_runs(ops, [int(n) for n in args.runs.split(",")], args, dtype)
     num_slots = max(token_counts)
-    calls = step_weights(num_slots, args.rank, dtype)
+    calls = step_weights(num_slots, args.rank, getattr(torch, args.weights_dtype or args.dtype))
     layers = [op.Layer(lora_a, lora_b_t) for lora_a, lora_b_t in calls]  # as the wrapper holds them
     base, vector = base_model_reads(len(calls), dtype)
     rows = []
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['from_memory_vs_base_reads']:.0%} of the base reads' {row['base_reads_gb_per_s']:.1f} GB/s), "
               f"in cache {row['in_cache_ms']:.2f} ms ({row['in_cache_gb_per_s']:.1f} GB/s)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rank": args.rank, "dtype": args.dtype, "calls_per_step": len(calls),
+    args.out.write_text(json.dumps({"rank": args.rank, "dtype": args.dtype,
+                                    "weights_dtype": args.weights_dtype or args.dtype, "calls_per_step": len(calls),
                                     "steps": rows}, indent=2))
     return 0
 

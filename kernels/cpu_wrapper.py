@@ -25,8 +25,10 @@ COMPILED_MAX_TOKENS = 256
 COMPILED_MAX_TOKENS_PER_SLOT = 128
 # Where the compiled op takes every token of a step, whatever its runs' lengths: activations and
 # weights in float32, with any build (1.2-1.6x ahead of the torch ops from 128 to 2048 tokens on
-# one adapter, one and two cores); and in bfloat16 with the builds below, which multiply bf16
-# pairs in both halves of the op (ahead at 1-4096 tokens).
+# one adapter, one and two cores), or float32 activations with weights stored in bf16/fp16
+# (``--lora-dtype``: widened as they are read, 64-256 tokens within 4% of float32 weights' time);
+# and in bfloat16 with the builds below, which multiply bf16 pairs in both halves of the op
+# (ahead at 1-4096 tokens).
 COMPILED_EVERY_RUN_BF16_VARIANTS = ("avx512bf16",)
 
 
@@ -48,14 +50,15 @@ class LinearLayer:
     lora_b_stacked: tuple  # its B slices, [S, 1, N_i, R] each
     weights: tuple  # both, flat
     versions: list[int]
-    fused_lora_a: torch.Tensor  # [S, R_total, H], the compute dtype
-    # The compiled op's hold on fused_lora_a and B transposed per slice, [S, R, N_i] (checked once;
-    # None: the op has not run this layer yet), and the op module that made it.
+    # The compiled op's hold on the A slices fused, [S, R_total, H], and B transposed per slice,
+    # [S, R, N_i], both in the weights' own dtype (checked once; None: the op has not run this
+    # layer yet), and the op module that made it.
     compiled_layer: object | None
     compiled_by: object | None
     # Bit s set: slot s holds weights here (a slot past the buffers counts as holding them)
     slot_bits: int
-    every_run_dtype: torch.dtype | None  # the compiled op takes every token of steps in this dtype
+    # The activation dtypes of steps whose every token the compiled op takes
+    every_run_dtypes: frozenset
 
 
 class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
@@ -78,22 +81,28 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         self._compute = cpu_lora.ComputeWeights(enabled=not cpu_lora.native_bf16_matmul(),
                                                 slot_writes=self._slot_writes)
         self._workspace = cpu_lora.Workspace()
-        # Each layer's A slices concatenated along the rank (one shrink for q/k/v or gate/up).
+        # Each layer's A slices concatenated along the rank (one shrink for q/k/v or gate/up): in
+        # the torch ops' compute dtype, and in the weights' own dtype for the compiled op, which
+        # widens low-precision weights as it reads them (exactly: the same products as from float
+        # copies, from half the bytes). The second is the first where the two dtypes agree.
         self._fused_lora_a = cpu_lora.PerTensorCache(
             lambda slices: cpu_lora.fuse_slices(slices, self._compute.dtype), self._slot_writes,
             copies=cpu_lora.fused_slice_copies)
+        self._fused_lora_a_stored = cpu_lora.PerTensorCache(
+            lambda slices: cpu_lora.fuse_slices(slices), self._slot_writes, copies=cpu_lora.fused_slice_copies)
         # Each layer's B slices as [S, N_i, R] in the compute dtype, and transposed, [S, R, N_i]
-        # contiguous, for the compiled op (made the first time it runs that layer).
+        # contiguous in their own dtype, for the compiled op (made the first time it runs that layer).
         # (views of the weights or of ``_compute``'s float copies, which refresh the written slot
         # themselves: remaking the views is all a write costs here)
         self._lora_b = cpu_lora.PerTensorCache(lambda slices: [as_3d(self._compute(b)) for b in slices])
         self._lora_b_t = cpu_lora.PerTensorCache(
-            lambda slices: [as_3d(self._compute.convert(b)).transpose(1, 2).contiguous() for b in slices],
-            self._slot_writes,
+            lambda slices: [as_3d(b).transpose(1, 2).contiguous() for b in slices], self._slot_writes,
             copies=lambda slices, value: list(zip(value, (as_3d(b).transpose(1, 2) for b in slices))))
         cache = vllm_plugin.compiled_ops_cache()
         self._compiled = native.load(cache, build_if_missing=False) if cache is not None else None
-        # The dtypes (of activations and weights alike) in which the compiled op takes every token.
+        # The dtypes in which the compiled op takes every token: float32 (activations, whatever the
+        # weights' dtype: ``--lora-dtype`` may store them lower), and with the builds above bfloat16
+        # (activations and weights alike; each layer's record says which apply to it).
         self._compiled_every_run_dtypes = {torch.float32} | (
             {torch.bfloat16} if getattr(self._compiled, "variant", None) in COMPILED_EVERY_RUN_BF16_VARIANTS else set())
         # This step's linear layers: the token slots the compiled op takes (None: it does not run)
@@ -174,15 +183,15 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
             return layer
         weights = (*lora_a_stacked, *lora_b_stacked)
         versions = [t._version for t in weights]  # (before reading them: a write during the reads shows next call)
-        fused_lora_a = self._fused_lora_a(lora_a_stacked)
         slots_with_weights = self._layer_slots_with_weights(lora_b_stacked).tolist()
+        weights_dtype = lora_a_stacked[0].dtype
         layer = LinearLayer(
             lora_a_stacked=lora_a_stacked, lora_b_stacked=lora_b_stacked, weights=weights, versions=versions,
-            fused_lora_a=fused_lora_a, compiled_layer=None, compiled_by=None,
+            compiled_layer=None, compiled_by=None,
             # (a slot past the mask cannot be judged: its bit is set, it runs, and the op refuses it)
             slot_bits=slot_bits(slot for slot, has in enumerate(slots_with_weights) if has)
             | -(1 << len(slots_with_weights)),
-            every_run_dtype=fused_lora_a.dtype if fused_lora_a.dtype in self._compiled_every_run_dtypes else None)
+            every_run_dtypes=frozenset({torch.float32} | ({weights_dtype} & self._compiled_every_run_dtypes)))
         if len(self._linear_layers) >= cpu_lora.PerTensorCache.MAX_ENTRIES:
             self._linear_layers.clear()
         self._linear_layers[id(lora_b_stacked)] = layer
@@ -201,20 +210,29 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         x = x if x.dim() == 2 else x.view(-1, x.shape[-1])
         compiled_slots, torch_plan = None, self._plan
         if self._compiled is not None and x.dtype == out.dtype:
-            if x.dtype == layer.every_run_dtype:
+            if x.dtype in layer.every_run_dtypes:
                 compiled_slots, torch_plan = self._token_slots, None
             elif self._compiled_slots is not None:
                 compiled_slots, torch_plan = self._compiled_slots, self._torch_plan
         if compiled_slots is not None:
             compiled = self._compiled
             if layer.compiled_by is not compiled:  # the first time the op runs this layer
-                layer.compiled_layer = compiled.Layer(layer.fused_lora_a, self._lora_b_t(lora_b_stacked))
+                layer.compiled_layer = compiled.Layer(self._stored_fused_lora_a(lora_a_stacked),
+                                                      self._lora_b_t(lora_b_stacked))
                 layer.compiled_by = compiled
             compiled.add_lora_linear_layer(out, x, compiled_slots, layer.compiled_layer, scale, 0)
         if torch_plan is not None:
             cpu_lora.add_lora_linear(torch_plan, out, x, lora_a_stacked, self._lora_b(lora_b_stacked), scale,
-                                     output_slices, workspace=self._workspace, fused_lora_a=layer.fused_lora_a)
+                                     output_slices, workspace=self._workspace,
+                                     fused_lora_a=self._fused_lora_a(lora_a_stacked))
         return y
+
+    def _stored_fused_lora_a(self, lora_a_stacked) -> torch.Tensor:
+        """The layer's A slices fused in their own dtype (one copy with the torch ops' where the
+        dtypes agree)."""
+        if self._compute.dtype in (None, lora_a_stacked[0].dtype):
+            return self._fused_lora_a(lora_a_stacked)
+        return self._fused_lora_a_stored(lora_a_stacked)
 
     def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
         """Embedding LoRA (``x`` holds each token's row of its adapter's embedding A). Skipped for

@@ -1,6 +1,7 @@
 """End-to-end benchmark: the same multi-adapter workload through vLLM with its stock LoRA ops
 (``--lora-kernels vllm``), with loraplex's ops (``loraplex``; ``loraplex-torch``: without the
-compiled op for small steps), and the base model without LoRA.
+compiled op for small steps; ``loraplex-bf16``: with the adapters stored in bfloat16, as
+``--lora-dtype bfloat16`` serves them under a float32 model), and the base model without LoRA.
 
 Each configuration runs in its own process (a fresh engine), one after the other, in one run.
 Saturated load: every request is submitted at once. Also checks that greedy tokens agree
@@ -39,12 +40,13 @@ def run_config(config: str, args: dict, result_queue) -> None:
     from loraplex.server.engine import Engine, SamplingOptions
 
     select_lora_kernels(select_kernels(config),
-                        compiled_ops_cache=Path(args["cache_dir"]) if config == "loraplex" else None)
+                        compiled_ops_cache=Path(args["cache_dir"]) if config in ("loraplex", "loraplex-bf16") else None)
     engine_config = EngineConfig(
         model_path=args["model_dir"], dtype=args["dtype"], kv_cache_gib=args["kv_cache_gib"],
         max_model_len=1024, max_num_seqs=args["max_num_seqs"], max_num_batched_tokens=args["max_num_batched_tokens"],
         enable_lora=config != "base", max_loras=args["max_loras"], max_lora_rank=args["rank"],
         max_cpu_loras=max(args["max_loras"], len(args["adapters"])), lora_kernels=select_kernels(config),
+        lora_dtype="bfloat16" if config == "loraplex-bf16" else "auto",
         lora_target_modules=tuple(args["lora_target_modules"]) if args["lora_target_modules"] else None)
 
     async def main():
@@ -171,13 +173,18 @@ def main(argv: list[str] | None = None) -> int:
     for config, config_runs in runs.items():
         summary[config]["output_throughput_of_each_run"] = [r["output_throughput"] for r in config_runs]
     if "base" in results:
-        for config in ("vllm", "loraplex", "loraplex-torch"):
+        for config in ("vllm", "loraplex", "loraplex-torch", "loraplex-bf16"):
             if config in results:
                 summary[config]["throughput_vs_base"] = median_ratio(config, "base")
     if "vllm" in results and "loraplex" in results:
         summary["loraplex"]["throughput_vs_stock_lora"] = median_ratio("loraplex", "vllm")
         same = sum(a == b for a, b in zip(results["vllm"]["greedy_tokens"], results["loraplex"]["greedy_tokens"]))
         summary["greedy_agreement"] = {"identical_requests": same, "requests": args.num_requests}
+    if "loraplex" in results and "loraplex-bf16" in results:  # what rounding the adapters to bf16 changes
+        same = sum(a == b for a, b in zip(results["loraplex"]["greedy_tokens"],
+                                          results["loraplex-bf16"]["greedy_tokens"]))
+        summary["loraplex-bf16"]["greedy_identical_to_loraplex"] = {"identical_requests": same,
+                                                                    "requests": args.num_requests}
     summary["workload"] = {k: getattr(args, k) for k in ("num_adapters", "rank", "num_requests", "prompt_len",
                                                           "output_len", "max_loras", "dtype", "repeats")}
     args.out.parent.mkdir(parents=True, exist_ok=True)

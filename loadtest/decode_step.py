@@ -9,6 +9,7 @@ the punica wrapper's per-step metadata and its per-layer calls.
 
     python -m loraplex.loadtest.decode_step --out bench-results/decode-step.json
     python -m loraplex.loadtest.decode_step --targets q_proj,v_proj   # adapters on PEFT's Llama default
+    python -m loraplex.loadtest.decode_step --lora-dtype bfloat16      # adapters stored in bf16
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="auto", help="auto: as `loraplex serve` picks it")
+    parser.add_argument("--lora-dtype", default="auto", choices=("auto", "bfloat16", "float16"),
+                        help="the dtype adapters are stored in (`loraplex serve --lora-dtype`)")
     parser.add_argument("--reserved-cores", type=int, default=0,
                         help="cores kept free of the engine's compute threads (a server keeps 1 for its doors)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/decode-step.json"))
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     timer = WrapperTimer(LoraplexPunicaWrapperCPU)
     llm = LLM(model=str(model_dir), dtype=resolve_dtype(args.dtype), enable_lora=True, max_loras=max(sequences),
-              max_lora_rank=args.rank, max_cpu_loras=max(sequences), max_model_len=512,
+              max_lora_rank=args.rank, max_cpu_loras=max(sequences), lora_dtype=args.lora_dtype, max_model_len=512,
               kv_cache_memory_bytes=1 << 30, enforce_eager=True, seed=0)
     wrappers = timer.instances
     compiled = wrappers[0]._compiled
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
               f" compiled {row['compiled']['prefill_ms']:6.1f} ms", flush=True)
     result = {"rank": args.rank, "targets": args.targets.split(","), "steps": args.steps,
               "prompt_len": args.prompt_len, "repeats": args.repeats, "dtype": resolve_dtype(args.dtype),
+              "lora_dtype": args.lora_dtype,
               "reserved_cores": args.reserved_cores, "compute_threads": threads,
               "compiled_available": compiled is not None, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
     engine = Engine.start(engine_config, on_stats=metrics.engine_step)
     registry = AdapterRegistry(base_model_name)
     limits = AdapterLimits(max_lora_rank=engine_config.max_lora_rank, max_cpu_loras=engine_config.max_cpu_loras,
-                           served_dtype=engine.served_dtype,
+                           served_dtype=engine.served_dtype, adapter_dtype=engine.adapter_dtype,
                            base_shapes=BaseModelShapes.from_model_dir(Path(engine_config.model_path)))
     store_dir = adapter_config.store_dir or Path(tempfile.mkdtemp(prefix="loraplex-adapters-"))
     adapters = AdapterManager(registry=registry, engine=engine, store=SnapshotStore(store_dir, limits.max_bytes),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import (
     JSON_WHITESPACE_CHOICES,
+    LORA_DTYPE_CHOICES,
     LORA_KERNEL_CHOICES,
     AdapterConfig,
     AdmissionConfig,
@@ -61,6 +62,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-lora-rank", type=int, default=defaults_engine.max_lora_rank)
     engine.add_argument("--max-cpu-loras", type=int, default=defaults_engine.max_cpu_loras,
                         help="adapters kept loaded in the engine's CPU-side cache (LRU)")
+    engine.add_argument("--lora-dtype", choices=LORA_DTYPE_CHOICES, default=defaults_engine.lora_dtype,
+                        help="dtype adapter weights are stored in: auto = the model's; bfloat16 under a float32 "
+                             "model halves what each adapter reads a step, and rounds its weights")
     engine.add_argument("--lora-kernels", choices=LORA_KERNEL_CHOICES, default=defaults_engine.lora_kernels,
                         help="batched-LoRA ops: loraplex's own or vLLM's stock ones")
     engine.add_argument("--seed", type=int, default=defaults_engine.seed)
@@ -159,8 +163,9 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, AdapterConfi
         model_path="", dtype=args.dtype, max_model_len=args.max_model_len,
         kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, max_loras=args.max_loras,
-        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_kernels=args.lora_kernels,
-        seed=args.seed, enforce_eager=args.enforce_eager, json_whitespace=args.json_whitespace,
+        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_dtype=args.lora_dtype,
+        lora_kernels=args.lora_kernels, seed=args.seed, enforce_eager=args.enforce_eager,
+        json_whitespace=args.json_whitespace,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size)
     for flag in ("api_key", "admin_token"):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LORA_KERNEL_CHOICES = ("auto", "loraplex", "vllm")
+LORA_DTYPE_CHOICES = ("auto", "bfloat16", "float16")  # vLLM's own
 JSON_WHITESPACE_CHOICES = ("compact", "any")
 
 
@@ -43,6 +44,10 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 16
     max_cpu_loras: int = 32
+    # The dtype vLLM stores adapter weights in: "auto" = the model's (vLLM's default); bfloat16 or
+    # float16 under a float32 model halves the bytes each adapter reads a step (and its memory),
+    # and rounds its weights: each LoRA delta moves by ~2^-8 (bfloat16) of itself.
+    lora_dtype: str = "auto"
     # Modules vLLM wraps with LoRA layers; None = every supported module (embeddings and lm_head
     # too, whose per-token ops then run on every step even if no adapter targets them).
     lora_target_modules: tuple[str, ...] | None = None
@@ -69,6 +74,8 @@ class EngineConfig:
             raise ValueError(f"json_whitespace must be one of {JSON_WHITESPACE_CHOICES}")
         if self.lora_kernels not in LORA_KERNEL_CHOICES:
             raise ValueError(f"lora_kernels must be one of {LORA_KERNEL_CHOICES}, got {self.lora_kernels!r}")
+        if self.lora_dtype not in LORA_DTYPE_CHOICES:
+            raise ValueError(f"lora_dtype must be one of {LORA_DTYPE_CHOICES}, got {self.lora_dtype!r}")
         if self.max_loras < 1 or self.max_cpu_loras < self.max_loras:
             raise ValueError("need 1 <= max_loras <= max_cpu_loras")
         if self.kv_cache_gib <= 0:

@@ -177,6 +177,7 @@ def build_engine_args(config: EngineConfig):
         max_loras=config.max_loras,
         max_lora_rank=config.max_lora_rank,
         max_cpu_loras=config.max_cpu_loras,
+        lora_dtype=config.lora_dtype,
         lora_target_modules=list(config.lora_target_modules) if config.lora_target_modules else None,
         seed=config.seed,
         enforce_eager=resolve_enforce_eager(config.enforce_eager),
@@ -203,6 +204,10 @@ class Engine:
         self.tokenizer = llm.get_tokenizer()
         model_config = llm.model_config
         self.served_dtype = str(model_config.dtype).removeprefix("torch.")
+        # The dtype vLLM stores adapter weights in (its LoRA config, resolved against the model's)
+        lora_config = getattr(getattr(llm, "vllm_config", None), "lora_config", None)
+        self.adapter_dtype = (str(lora_config.lora_dtype).removeprefix("torch.") if lora_config is not None
+                              and config.lora_dtype != "auto" else self.served_dtype)
         self._max_position_embeddings = getattr(model_config.hf_text_config, "max_position_embeddings", None)
         self._vocab_size = model_config.get_vocab_size()
         # Adapter slots in the engine's CPU-side cache as last seen (our adds and removals, and
@@ -338,7 +343,7 @@ class Engine:
 
     def check_adapter(self, path: Path, expected_modules: frozenset[str]) -> None:
         """Run vLLM's worker-side LoRA loading (its PEFT helper, its legality checks and
-        ``LoRAModel.from_local_checkpoint``, on CPU, in the served dtype) on ``path``: what it
+        ``LoRAModel.from_local_checkpoint``, on CPU, in the dtype it stores adapters in) on ``path``: what it
         refuses would otherwise be refused inside an engine step, which kills the engine. Blocking:
         call from a worker thread. Raises :class:`AdapterRejected`."""
         import torch
@@ -352,7 +357,7 @@ class Engine:
             helper = PEFTHelper.from_local_dir(str(path), self._max_position_embeddings)
             helper.validate_legal(lora_config)
             LoRAModel.from_local_checkpoint(str(path), set(expected_modules), peft_helper=helper, lora_model_id=1,
-                                            device="cpu", dtype=getattr(torch, self.served_dtype),
+                                            device="cpu", dtype=getattr(torch, self.adapter_dtype),
                                             model_vocab_size=self._vocab_size)
         except Exception as exc:  # noqa: BLE001 - whatever the loader raises is a refusal
             raise AdapterRejected(f"{type(exc).__name__}: {exc}") from exc

@@ -66,6 +66,7 @@ class AdapterLimits:
     max_lora_rank: int
     max_cpu_loras: int
     served_dtype: str  # the engine's dtype: weights must be finite in it once scaled
+    adapter_dtype: str | None = None  # the dtype the engine stores adapter weights in (None: served_dtype)
     base_shapes: BaseModelShapes | None = None
     max_bytes: int = 2 << 30
 
@@ -152,7 +153,7 @@ class AdapterManager:
         snapshot = self.store.take(path)
         try:
             info = inspect_adapter(snapshot.path, limits.max_lora_rank, limits.base_shapes, limits.max_bytes)
-            check_weights(snapshot.path, info.scale, limits.served_dtype)
+            check_weights(snapshot.path, info.scale, limits.served_dtype, limits.adapter_dtype)
             modules = set(limits.base_shapes.modules) if limits.base_shapes else set(info.target_modules)
             try:
                 self.engine.check_adapter(snapshot.path, frozenset(modules | EMBEDDING_MODULES))

@@ -3,7 +3,8 @@
 :func:`inspect_adapter` needs no torch: the safetensors header is read directly (8-byte
 little-endian length + JSON), which is enough to reject corrupt or truncated files and to read
 tensor shapes. :func:`check_weights` then reads every tensor (torch, imported only there): all
-finite, and finite once vLLM folds the scale into B in the served dtype.
+finite, and finite once vLLM folds the scale into B in the served dtype and the dtype it stores
+adapters in.
 """
 
 from __future__ import annotations
@@ -243,14 +244,16 @@ def _scale(config: dict, rank: int) -> float:
     return scale
 
 
-def check_weights(path: Path, scale: float, served_dtype: str) -> None:
-    """Every tensor floating point and finite, and finite in ``served_dtype`` -- B after vLLM
-    multiplies it by ``scale`` too. (A NaN in one adapter must never reach the engine.)"""
+def check_weights(path: Path, scale: float, served_dtype: str, adapter_dtype: str | None = None) -> None:
+    """Every tensor floating point and finite, and finite in ``served_dtype`` and in
+    ``adapter_dtype`` (the engine stores the weights in it; None: ``served_dtype``) -- B after
+    vLLM multiplies it by ``scale`` too. (A NaN in one adapter must never reach the engine.)"""
     import torch
     from safetensors import SafetensorError, safe_open
 
-    dtype = getattr(torch, served_dtype)
-    limit = torch.finfo(dtype).max
+    # The narrower of the two dtypes bounds the values
+    limit, narrowest = min((torch.finfo(getattr(torch, name)).max, name)
+                           for name in (served_dtype, adapter_dtype or served_dtype))
     try:
         with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as weights:
             for key in weights.keys():  # noqa: SIM118 - safe_open has no __iter__
@@ -262,7 +265,7 @@ def check_weights(path: Path, scale: float, served_dtype: str) -> None:
                     raise InvalidAdapter(f"tensor {key!r} holds NaN or Inf values")
                 folded = largest * scale if ".lora_B." in key else largest
                 if folded > limit:
-                    raise InvalidAdapter(f"tensor {key!r} overflows {served_dtype} (max |value| {largest:g}"
+                    raise InvalidAdapter(f"tensor {key!r} overflows {narrowest} (max |value| {largest:g}"
                                          + (f" x scale {scale:g})" if ".lora_B." in key else ")"))
     except SafetensorError as exc:
         raise InvalidAdapter(f"{ADAPTER_WEIGHTS} cannot be read: {exc}") from exc

@@ -6,7 +6,9 @@ with LoRA, greedy tokens for every (prompt, adapter) in one batch, written as JS
 WRAPPER: ``gpu`` (our CUDA punica wrapper, its Triton ops in the interpreter), ``cpu`` (ours, CPU
 ops) or ``stock`` (vLLM's CPU wrapper); ``cpu-churn``: ours (with the compiled op where it is
 built) on 2 slots for more adapters, each round's batch taking the adapters in turns, so vLLM
-rewrites slots between steps (tokens of every round, in order)."""
+rewrites slots between steps (tokens of every round, in order); ``cpu-bf16-adapters``: ours
+with the compiled op, the adapters stored in bfloat16 (``--lora-dtype bfloat16``) under the
+float32 model (``{"lora_dtype": ..., "tokens": [...]}``)."""
 
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ def main() -> None:
     from vllm.platforms.cpu import CpuPlatform
 
     churn = wrapper == "cpu-churn"
-    if churn:
+    if wrapper in ("cpu-churn", "cpu-bf16-adapters"):
         os.environ[vllm_plugin.COMPILED_OPS_ENV] = os.environ["ENGINE_CHILD_COMPILED_OPS_DIR"]
     qualname = {"gpu": vllm_plugin.GPU_WRAPPER, "cpu": vllm_plugin.CPU_WRAPPER, "cpu-churn": vllm_plugin.CPU_WRAPPER,
-                "stock": vllm_plugin.STOCK_CPU_WRAPPER}[wrapper]
+                "cpu-bf16-adapters": vllm_plugin.CPU_WRAPPER, "stock": vllm_plugin.STOCK_CPU_WRAPPER}[wrapper]
     CpuPlatform.get_punica_wrapper = classmethod(lambda cls: qualname)
     prompts = json.loads(os.environ["ENGINE_CHILD_PROMPTS"])
     max_tokens = int(os.environ["ENGINE_CHILD_MAX_TOKENS"])
@@ -40,6 +42,7 @@ def main() -> None:
     slots = 2 if churn else 3
     llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", enable_lora=True, max_loras=slots,
               max_lora_rank=8, max_cpu_loras=slots, max_model_len=128, max_num_batched_tokens=128,
+              lora_dtype="bfloat16" if wrapper == "cpu-bf16-adapters" else "auto",
               kv_cache_memory_bytes=64 << 20, enforce_eager=True, seed=0)
     loras = [None] + [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(adapter_dirs)]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -61,6 +64,8 @@ def main() -> None:
                 tokens.append({f"{p}:{loras.index(lora)}": t for (p, lora), t in zip(
                     [(i, lora) for i in range(len(prompts)) for lora in pair],
                     run([(prompt, lora) for prompt in prompts for lora in pair]))})
+    if wrapper == "cpu-bf16-adapters":  # and the dtype vLLM stored them in
+        tokens = {"lora_dtype": str(llm.llm_engine.vllm_config.lora_config.lora_dtype), "tokens": tokens}
     with open(out_path, "w") as f:
         json.dump(tokens, f)
 

@@ -91,3 +91,25 @@ def test_slots_rewritten_between_steps_serve_each_adapter_its_own_weights(tiny_m
     assert len(batches) == 6 and all(len(batch) == 3 * len(prompts) for batch in batches)
     for batch in batches:
         assert batch == {key: per_request[key] for key in batch}
+
+
+@pytest.mark.timeout(1200)
+def test_adapters_stored_in_bfloat16_under_a_float32_model(tiny_model, tmp_path):
+    """``--lora-dtype bfloat16`` under a float32 model: vLLM stores the adapters in bf16 and our
+    wrapper hands them to the compiled op as stored (a long prompt's run too). With weights bf16
+    holds exactly (and a power-of-two scale, which vLLM folds into B exactly) only the storage
+    changes, not the arithmetic: HF+peft's float32 tokens, request for request."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir, _, model = tiny_model
+    adapters = []
+    for i in range(2):
+        adapter = make_adapter(model, tmp_path / f"bf16-exact-{i}", seed=20 + i, rank=8, b_std=0.5)
+        weights_file = adapter / "adapter_model.safetensors"
+        save_file({name: w.bfloat16().float() for name, w in load_file(weights_file).items()}, weights_file)
+        adapters.append(adapter)
+    prompts = [*PROMPTS, list(range(3, 83))]
+    expected = hf_peft_tokens(model.eval(), adapters, prompts)
+    assert len({tuple(t) for t in expected}) > len(prompts), "the adapters must change the output"
+    served = engine_tokens(model_dir, adapters, "cpu-bf16-adapters", tmp_path / "bf16.json", prompts)
+    assert served["lora_dtype"] == "torch.bfloat16" and served["tokens"] == expected

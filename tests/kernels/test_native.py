@@ -129,6 +129,24 @@ def test_float32_weights_on_bfloat16_activations(compiled, popularity):
     torch.testing.assert_close(actual, expected, **tolerances(torch.bfloat16))
 
 
+@pytest.mark.parametrize("weights_dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("popularity", POPULARITIES)
+@pytest.mark.parametrize("num_tokens", (1, 3, 40, 150))
+def test_low_precision_weights_on_float32_activations(compiled, num_tokens, popularity, weights_dtype):
+    """What the wrapper hands it for a float32 model with adapters stored in bf16 or fp16
+    (--lora-dtype): float32 rows, the weights as stored. The op widens them as it reads them, so
+    the result is float32 copies' to the bit."""
+    slots = token_slots(num_tokens, 4, popularity, seed=5)
+    lora_a, lora_b = make_weights(4, 16, weights_dtype, seed=5)
+    x = torch.randn(num_tokens, HIDDEN_IN)
+    base = torch.randn(num_tokens, sum(SLICE_WIDTHS))
+    expected = reference.add_lora_linear(base.clone(), x, lora_a, lora_b, slots, 0.5, SLICE_WIDTHS)
+    as_stored = run_compiled(compiled, base.clone(), x, lora_a, lora_b, slots, 0.5)
+    from_copies = run_compiled(compiled, base.clone(), x, lora_a, lora_b, slots, 0.5, weight_dtype=torch.float32)
+    assert torch.equal(as_stored, from_copies)
+    torch.testing.assert_close(as_stored, expected, **tolerances(torch.float32))
+
+
 def test_rows_past_the_tokens_and_strided_rows(compiled):
     """vLLM may hand over buffers with spare rows; only the tokens' rows are touched."""
     slots = torch.tensor([0, -1, 1])

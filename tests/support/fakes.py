@@ -49,6 +49,7 @@ class FakeEngine:
     def __init__(self, delay_s: float = 0.0, refuse: set[str] = frozenset()) -> None:
         self.tokenizer = FakeTokenizer()
         self.served_dtype = "float32"
+        self.adapter_dtype = "float32"
         self.delay_s = delay_s
         self.refuse = set(refuse)  # adapter names the engine's loader refuses
         self.resident: set[int] = set()

@@ -8,7 +8,8 @@ from loraplex.server.config import EngineConfig, LimitsConfig, ServerConfig
 
 
 @pytest.mark.parametrize("kwargs", [{"block_size": 20}, {"block_size": 0}, {"block_size": 512}, {"block_size": -16}, {"max_loras": 0},
-                                    {"max_loras": 9, "max_cpu_loras": 8}, {"kv_cache_gib": 0}])
+                                    {"max_loras": 9, "max_cpu_loras": 8}, {"kv_cache_gib": 0},
+                                    {"lora_dtype": "float32"}, {"lora_dtype": "bf16"}])
 def test_engine_config_refuses(kwargs):
     with pytest.raises(ValueError):
         EngineConfig(model_path="m", **kwargs)
@@ -79,3 +80,13 @@ def test_block_size_reaches_vllm_and_the_evaluation_asks_for_32():
     assert build_engine_args(EngineConfig(model_path="m")).block_size is None  # vLLM picks
     assert EvalEngineConfig(model_dir="m", adapter_dir="a", rank=8, target_modules=None, max_new_tokens=8,
                             max_model_len=64).block_size == 32
+
+
+def test_lora_dtype_reaches_vllm_from_the_command_line():
+    from loraplex.server.engine import build_engine_args
+
+    args = cli.build_parser().parse_args(["serve", "--lora-dtype", "bfloat16"])
+    engine_config, _, _ = cli._serve_configs(args)
+    assert engine_config.lora_dtype == "bfloat16"
+    assert build_engine_args(engine_config).lora_dtype == "bfloat16"
+    assert build_engine_args(EngineConfig(model_path="m")).lora_dtype == "auto"  # the model's, as vLLM's default

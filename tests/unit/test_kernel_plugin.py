@@ -383,6 +383,40 @@ def test_float32_steps_run_every_token_compiled(monkeypatch, index_mapping):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("weights_dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("index_mapping", [
+    (7, 9, 0, 9),              # decode
+    (7,) * 300 + (9, 0, 7),    # a long prefill run and decode tokens
+], ids=("decode", "long-run-and-decode"))
+def test_float32_steps_read_low_precision_weights_as_stored(monkeypatch, weights_dtype, index_mapping):
+    """A float32 model with adapters stored in bfloat16 or float16 (--lora-dtype): the compiled op
+    takes every token and reads the weights as stored, no float copies made (on a CPU without
+    native bf16 the torch ops would compute from them); its result is the same, bit for bit, as
+    from float32 copies of those weights, and the reference's."""
+    from loraplex.kernels import cpu_lora
+
+    wrapper, torch_calls = _wrapper_counting_calls(monkeypatch, index_mapping)
+    wrapper._compute = cpu_lora.ComputeWeights(enabled=True, slot_writes=wrapper._slot_writes)
+    slots = wrapper.token_lora_indices.clone()
+    g = torch.Generator().manual_seed(4)
+    lora_a = tuple((torch.randn(3, 1, 8, 32, generator=g) / 4).to(weights_dtype) for _ in range(2))
+    lora_b = tuple((torch.randn(3, 1, 24, 8, generator=g) / 4).to(weights_dtype) for _ in range(2))
+    x = torch.randn(len(index_mapping), 32, generator=g)
+    out = torch.randn(len(index_mapping), 48, generator=g)
+    expected = reference.add_lora_linear(out.clone(), x, lora_a, lora_b, slots, 0.5, (24, 24))
+    from_copies = out.clone()
+    wrapper.add_lora_linear(from_copies, x, tuple(a.float() for a in lora_a), tuple(b.float() for b in lora_b), 0.5,
+                            (24, 24))
+    wrapper.add_lora_linear(out, x, lora_a, lora_b, 0.5, (24, 24))
+    assert wrapper._compiled.calls == 2 and not torch_calls
+    # (the caches' entries: [tensors, group, versions, value, ...])
+    held_a, held_b_t = wrapper._fused_lora_a_stored._cache[id(lora_a)][3], wrapper._lora_b_t._cache[id(lora_b)][3]
+    assert held_a.dtype == weights_dtype and {b.dtype for b in held_b_t} == {weights_dtype}
+    assert id(lora_a) not in wrapper._fused_lora_a._cache and not wrapper._compute._copies._cache
+    assert torch.equal(out, from_copies)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
 def test_the_bf16_build_takes_every_bfloat16_run(monkeypatch, dtype):
     """With the AVX512-BF16 build, a bfloat16 step's long prefill run (past the limits) and its

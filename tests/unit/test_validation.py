@@ -166,6 +166,10 @@ def test_check_weights_refuses_what_overflows_once_folded_or_cast(tmp_path):
     check_weights(small, 1.0, "float32")
     with pytest.raises(InvalidAdapter, match="overflows float16"):
         check_weights(small, 1.0, "float16")
+    # A float32 model with adapters stored in float16 (--lora-dtype): bounded by float16
+    check_weights(small, 1.0, "float32", "bfloat16")
+    with pytest.raises(InvalidAdapter, match="overflows float16"):
+        check_weights(small, 1.0, "float32", "float16")
     ints = _save(make_dir(tmp_path / "int") if (tmp_path / "int").mkdir() is None else None,
                  {"m.layers.0.q_proj.lora_A.weight": torch.ones(8, 4, dtype=torch.int32)})
     with pytest.raises(InvalidAdapter, match="not floating point"):

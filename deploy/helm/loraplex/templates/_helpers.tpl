@@ -52,6 +52,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - --max-lora-rank={{ .maxLoraRank }}
 - --max-cpu-loras={{ .maxCpuLoras }}
 - --lora-kernels={{ .loraKernels }}
+{{- with .loraDtype }}
+- --lora-dtype={{ . }}
+{{- end }}
 {{- if not (kindIs "invalid" .enforceEager) }}
 - {{ if .enforceEager }}--enforce-eager{{ else }}--no-enforce-eager{{ end }}
 {{- end }}
