@@ -147,6 +147,19 @@ def test_low_precision_weights_on_float32_activations(compiled, num_tokens, popu
     torch.testing.assert_close(as_stored, expected, **tolerances(torch.float32))
 
 
+@pytest.mark.parametrize("poison", POISONS, ids=("nan", "inf"))
+@pytest.mark.parametrize("popularity", POPULARITIES)
+def test_a_bad_slot_stored_in_bfloat16_never_reaches_float32_tokens(compiled, popularity, poison):
+    """Float32 rows, weights as --lora-dtype bfloat16 stores them: a NaN/Inf slot still shows
+    only in its own tokens."""
+    slots, x, (a, b), (bad_a, bad_b), bad = isolation_case(64, popularity, poison, bad_in_batch=True)
+    a, b, bad_a, bad_b = ([w.bfloat16() for w in ws] for ws in (a, b, bad_a, bad_b))
+    clean = run_compiled(compiled, base_output(64), x, a, b, slots, 0.5)
+    poisoned = run_compiled(compiled, base_output(64), x, bad_a, bad_b, slots, 0.5)
+    assert_others_identical(slots, clean, poisoned, bad)
+    assert not torch.isfinite(poisoned[slots == bad]).all(), "the bad slot's own tokens must show it"
+
+
 def test_rows_past_the_tokens_and_strided_rows(compiled):
     """vLLM may hand over buffers with spare rows; only the tokens' rows are touched."""
     slots = torch.tensor([0, -1, 1])
