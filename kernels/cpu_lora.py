@@ -441,22 +441,11 @@ class ComputeWeights:
         self._copies = PerTensorCache(lambda weights: weights.float(), slot_writes,
                                       copies=lambda weights, copy: [(copy, weights)])
 
-    @property
-    def dtype(self) -> torch.dtype | None:
-        """The dtype every weight is computed in (None: each weight's own)."""
-        return torch.float32 if self.enabled else None
-
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
         """``weights`` in the compute dtype (a cached copy, refreshed when they are rewritten)."""
         if not self.enabled or weights.dtype == torch.float32:
             return weights
         return self._copies(weights)
-
-    def convert(self, weights: torch.Tensor) -> torch.Tensor:
-        """``weights`` in the compute dtype, uncached (for a cache of one's own)."""
-        if not self.enabled or weights.dtype == torch.float32:
-            return weights
-        return weights.float()
 
 
 def native_bf16_matmul() -> bool:

@@ -81,14 +81,11 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         self._compute = cpu_lora.ComputeWeights(enabled=not cpu_lora.native_bf16_matmul(),
                                                 slot_writes=self._slot_writes)
         self._workspace = cpu_lora.Workspace()
-        # Each layer's A slices concatenated along the rank (one shrink for q/k/v or gate/up): in
-        # the torch ops' compute dtype, and in the weights' own dtype for the compiled op, which
-        # widens low-precision weights as it reads them (exactly: the same products as from float
-        # copies, from half the bytes). The second is the first where the two dtypes agree.
+        # Each layer's A slices concatenated along the rank (one shrink for q/k/v or gate/up), in
+        # the weights' own dtype: the compiled op widens low-precision weights as it reads them
+        # (exactly: the same products as from float copies, from half the bytes); the torch ops
+        # take it through ``_compute`` (its float copy where the CPU lacks native bf16).
         self._fused_lora_a = cpu_lora.PerTensorCache(
-            lambda slices: cpu_lora.fuse_slices(slices, self._compute.dtype), self._slot_writes,
-            copies=cpu_lora.fused_slice_copies)
-        self._fused_lora_a_stored = cpu_lora.PerTensorCache(
             lambda slices: cpu_lora.fuse_slices(slices), self._slot_writes, copies=cpu_lora.fused_slice_copies)
         # Each layer's B slices as [S, N_i, R] in the compute dtype, and transposed, [S, R, N_i]
         # contiguous in their own dtype, for the compiled op (made the first time it runs that layer).
@@ -217,22 +214,15 @@ class LoraplexPunicaWrapperCPU(PunicaWrapperCPU):
         if compiled_slots is not None:
             compiled = self._compiled
             if layer.compiled_by is not compiled:  # the first time the op runs this layer
-                layer.compiled_layer = compiled.Layer(self._stored_fused_lora_a(lora_a_stacked),
+                layer.compiled_layer = compiled.Layer(self._fused_lora_a(lora_a_stacked),
                                                       self._lora_b_t(lora_b_stacked))
                 layer.compiled_by = compiled
             compiled.add_lora_linear_layer(out, x, compiled_slots, layer.compiled_layer, scale, 0)
         if torch_plan is not None:
             cpu_lora.add_lora_linear(torch_plan, out, x, lora_a_stacked, self._lora_b(lora_b_stacked), scale,
                                      output_slices, workspace=self._workspace,
-                                     fused_lora_a=self._fused_lora_a(lora_a_stacked))
+                                     fused_lora_a=self._compute(self._fused_lora_a(lora_a_stacked)))
         return y
-
-    def _stored_fused_lora_a(self, lora_a_stacked) -> torch.Tensor:
-        """The layer's A slices fused in their own dtype (one copy with the torch ops' where the
-        dtypes agree)."""
-        if self._compute.dtype in (None, lora_a_stacked[0].dtype):
-            return self._fused_lora_a(lora_a_stacked)
-        return self._fused_lora_a_stored(lora_a_stacked)
 
     def add_lora_embedding(self, y, x, lora_b_stacked, add_inputs=True, **kwargs):
         """Embedding LoRA (``x`` holds each token's row of its adapter's embedding A). Skipped for

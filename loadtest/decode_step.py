@@ -23,6 +23,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from loraplex.server.config import LORA_DTYPE_CHOICES
+
 from .adapters import ALL_TARGETS
 
 KINDS = ("base", "torch", "compiled")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="auto", help="auto: as `loraplex serve` picks it")
-    parser.add_argument("--lora-dtype", default="auto", choices=("auto", "bfloat16", "float16"),
+    parser.add_argument("--lora-dtype", default="auto", choices=LORA_DTYPE_CHOICES,
                         help="the dtype adapters are stored in (`loraplex serve --lora-dtype`)")
     parser.add_argument("--reserved-cores", type=int, default=0,
                         help="cores kept free of the engine's compute threads (a server keeps 1 for its doors)")
