@@ -52,7 +52,7 @@ from pathlib import Path
 from .churn import ChurnConfig
 from .client import RequestResult
 from .runner import RunConfig, num_requests_for, report, run_with_churn
-from .stats import percentile
+from .stats import in_flight_during_decode, percentile
 from .workload import WorkloadConfig
 
 
@@ -103,7 +103,9 @@ def overload(args) -> dict:
     return out
 
 
-def _latency_summary(results: list[RequestResult], warmup_s: float) -> dict:
+def _latency_summary(results: list[RequestResult], warmup_s: float, in_flight: bool = True) -> dict:
+    """Counts and latencies of the requests sent after the warm-up; with ``in_flight``, what their
+    decode shared the engine with (``results`` must be one run's: their times share one origin)."""
     measured = [r for r in results if r.sent_at >= warmup_s]
     done = [r for r in measured if r.ok]
 
@@ -112,9 +114,14 @@ def _latency_summary(results: list[RequestResult], warmup_s: float) -> dict:
 
     ttft = [r.ttft_s for r in done if r.ttft_s is not None]
     tpot = [r.tpot_s for r in done if r.tpot_s is not None]
-    return {"sent": len(measured), "completed": len(done), "errors": len(measured) - len(done),
-            "p50_ttft_ms": ms(ttft, 50), "p99_ttft_ms": ms(ttft, 99), "p50_tpot_ms": ms(tpot, 50),
-            "p99_e2e_ms": _p99_ms(done, "e2e_s")}
+    summary = {"sent": len(measured), "completed": len(done), "errors": len(measured) - len(done),
+               "p50_ttft_ms": ms(ttft, 50), "p99_ttft_ms": ms(ttft, 99), "p50_tpot_ms": ms(tpot, 50),
+               "p99_e2e_ms": _p99_ms(done, "e2e_s")}
+    if in_flight:  # (every completed request, warm-up included: those share the measured ones' steps too)
+        summary.update(in_flight_during_decode([(r.sent_at, r.sent_at + r.ttft_s, r.sent_at + r.e2e_s, r.model)
+                                                for r in results if r.ok and r.ttft_s is not None
+                                                and r.e2e_s is not None]))
+    return summary
 
 
 def lora_overhead(args) -> dict:
@@ -135,7 +142,12 @@ def lora_overhead(args) -> dict:
             pair[label] = _latency_summary(results, args.warmup)
             pooled[label] += results
         out["pairs"].append(pair)
-    out["pooled"] = {label: _latency_summary(results, args.warmup) for label, results in pooled.items()}
+    out["pooled"] = {label: _latency_summary(results, args.warmup, in_flight=False)
+                     for label, results in pooled.items()}
+    for label, summary in out["pooled"].items():  # (the runs' clocks differ: the mean of the pairs')
+        for key in ("mean_sequences_in_flight", "mean_models_in_flight"):
+            values = [p[label][key] for p in out["pairs"] if p[label].get(key) is not None]
+            summary[key] = statistics.mean(values) if values else None
     for metric in ("p50_tpot_ms", "p50_ttft_ms", "p99_ttft_ms"):
         ratios = [_ratio(p["adapters"][metric], p["base"][metric]) for p in out["pairs"]]
         ratios = [r for r in ratios if r is not None]

@@ -41,6 +41,11 @@ class CaptureWriter:
     def path_for(self, model: str) -> Path:
         return self.directory / capture_file_name(model)
 
+    def record_all(self, model: str, source: dict, completions: list[str]) -> None:
+        """One line per completion (the choices of one prompt)."""
+        for completion in completions:
+            self.record(model, source, completion)
+
     def record(self, model: str, source: dict, completion: str) -> None:
         """``source`` is ``{"prompt": str}`` or ``{"messages": [...]}`` as the client sent it."""
         if "messages" in source:

@@ -362,6 +362,11 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - whatever the loader raises is a refusal
             raise AdapterRejected(f"{type(exc).__name__}: {exc}") from exc
 
+    @staticmethod
+    async def _snapshot_fingerprint(adapter: AdapterVersion) -> tuple | None:
+        """``stat`` of the adapter's snapshot files, in a worker thread (off the event loop)."""
+        return await asyncio.to_thread(snapshot_fingerprint, Path(adapter.snapshot_path))
+
     async def add_adapter(self, adapter: AdapterVersion) -> None:
         """Load ``adapter`` into the engine's CPU cache (or refresh its LRU position), awaited
         and checked: a refusal raises :class:`AdapterRejected` and the engine lives."""
@@ -374,7 +379,7 @@ class Engine:
                 raise EngineUnavailable("the engine has failed") from exc
             raise AdapterRejected(str(exc)) from exc
         self._resident.add(adapter.adapter_slot)
-        self._loaded_before[adapter.adapter_slot] = snapshot_fingerprint(Path(adapter.snapshot_path))
+        self._loaded_before[adapter.adapter_slot] = await self._snapshot_fingerprint(adapter)
 
     async def ensure_adapter(self, adapter: AdapterVersion) -> bool:
         """Before a request is scheduled: load its adapter explicitly the first time, so a load
@@ -390,7 +395,7 @@ class Engine:
         if slot in self._resident:
             return True
         fingerprint = self._loaded_before.get(slot)
-        if fingerprint is not None and fingerprint == snapshot_fingerprint(Path(adapter.snapshot_path)):
+        if fingerprint is not None and fingerprint == await self._snapshot_fingerprint(adapter):
             self._resident.add(slot)  # it is once its step runs
             self._reloaded_since_refresh.add(slot)
             return False

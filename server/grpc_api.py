@@ -220,7 +220,7 @@ class AdaptersServicer(pb_grpc.AdaptersServicer):
     @_grpc_errors()
     async def LoadAdapter(self, request, context):
         self._check_admin(context)
-        return self._info(await self.adapters.load(request.name, self.adapters.resolve_path(request.path)), True)
+        return self._info(await self.adapters.load_lora_path(request.name, request.path), True)
 
     @_grpc_errors()
     async def UnloadAdapter(self, request, context):

@@ -220,7 +220,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/v1/load_lora_adapter", dependencies=admin)
 async def load_lora_adapter(body: LoadAdapterBody, request: Request):
     adapters = _door(request).adapters
-    entry = await adapters.load(body.lora_name, adapters.resolve_path(body.lora_path))
+    entry = await adapters.load_lora_path(body.lora_name, body.lora_path)
     return AsciiJSONResponse({"message": f"Success: LoRA adapter '{entry.name}' added successfully.",
                               "adapter": entry.describe(admin=True)})
 

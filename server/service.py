@@ -386,9 +386,9 @@ class GenerationService:
                 num_generated += len(chunk.token_ids)
                 yield chunk
             outcome = "ok"
-            if captured is not None:
-                for pieces in captured.values():
-                    self.capture.record(request.model, request.capture_source, "".join(pieces))
+            if captured is not None:  # (file writes in a worker thread: a slow disk must not stall the loop)
+                await asyncio.to_thread(self.capture.record_all, request.model, request.capture_source,
+                                        ["".join(pieces) for pieces in captured.values()])
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "aborted"
             raise

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..engine import AdapterRejected
 from .registry import AdapterError, AdapterRegistry, AdapterState, AdapterVersion, LoadCancelled
 from .store import SnapshotStore
-from .validation import BaseModelShapes, adapter_subdirs, check_weights, inspect_adapter
+from .validation import BaseModelShapes, adapter_subdirs, check_weights, inspect_adapter, resolved_path
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,11 @@ class AdapterManager:
             if self.adapter_dir is None:
                 raise AdapterPathRejected("a relative lora_path needs --adapter-dir; give an absolute path")
             root = self.adapter_dir.resolve()
-            resolved = (root / raw).resolve()
+            resolved = resolved_path(root / raw, AdapterPathRejected)
             if not resolved.is_relative_to(root) or resolved == root:
                 raise AdapterPathRejected(f"lora_path {lora_path!r} leaves the adapter directory")
         else:
-            resolved = raw.resolve()
+            resolved = resolved_path(raw, AdapterPathRejected)
         if self.allowed_roots and not any(resolved.is_relative_to(r) for r in self.allowed_roots):
             raise AdapterPathRejected(f"lora_path {lora_path!r} is outside the allowed adapter roots")
         if not resolved.is_dir():
@@ -111,20 +111,29 @@ class AdapterManager:
         return resolved
 
     # -- loading ----------------------------------------------------------------------------------
+    async def load_lora_path(self, name: str, lora_path: str) -> AdapterVersion:
+        """An admin's load (either door): :meth:`resolve_path`, in a worker thread like every file
+        access after start-up (a hung mount must not stall the event loop), then :meth:`load`."""
+        return await self.load(name, await asyncio.to_thread(self.resolve_path, lora_path))
+
     async def load(self, name: str, path: Path, *, warm: bool = True) -> AdapterVersion:
         """Validate ``path``, snapshot it, register it as a new version of ``name`` and (``warm``)
         load it into the engine's adapter cache. Raises an :class:`AdapterError` with a clear
         message on failure; a failure never disturbs other adapters or a served version of this one.
-        An unload of ``name`` that arrives meanwhile wins (:class:`LoadCancelled`)."""
+        An unload of ``name`` that arrives meanwhile wins (:class:`LoadCancelled`). A load cancelled
+        midway (its gRPC caller's deadline passed) leaves nothing behind: the version is failed, its
+        snapshot released and the engine rid of it."""
         started = time.perf_counter()
         try:
-            entry = self.registry.begin_load(name, path.resolve())
+            entry = self.registry.begin_load(name, await asyncio.to_thread(resolved_path, path, AdapterPathRejected))
         except AdapterError as exc:
             self._count_failure(exc)
             raise
         in_engine = False
+        # (shielded: a cancelled load still learns what the worker thread took, and releases it)
+        validation = asyncio.ensure_future(asyncio.to_thread(self._validated_snapshot, path))
         try:
-            snapshot, info = await asyncio.to_thread(self._validated_snapshot, path)
+            snapshot, info = await asyncio.shield(validation)
             entry.snapshot, entry.snapshot_path, entry.digest = snapshot, snapshot.path, snapshot.digest
             entry.rank, entry.target_modules = info.rank, info.target_modules
             if warm:
@@ -136,6 +145,16 @@ class AdapterManager:
             await self._discard(entry, in_engine)
             self._count_failure(exc)
             raise
+        except BaseException as exc:  # cancelled, or nothing foreseen: no version is left half-loaded
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            self.registry.fail_load(entry, "the load was cancelled before it finished" if cancelled
+                                    else f"the load failed ({type(exc).__name__})")
+            if not validation.done():
+                validation.add_done_callback(self._release_taken_snapshot)
+            self._spawn(self._discard(entry, in_engine))  # (its own task: a second cancel cannot cut it short)
+            if not cancelled:
+                logger.exception("adapter %s v%d: the load failed", name, entry.version)
+            raise
         if self.metrics is not None:
             self.metrics.adapter_loaded(time.perf_counter() - started)
         if previous is not None:
@@ -144,6 +163,11 @@ class AdapterManager:
         logger.info("adapter %s v%d ready (rank %d, slot %d, sha256 %s)", name, entry.version, entry.rank,
                     entry.adapter_slot, entry.digest[:12])
         return entry
+
+    def _release_taken_snapshot(self, validation: asyncio.Future) -> None:
+        """A cancelled load's validation finished after all: drop the snapshot it took."""
+        if not validation.cancelled() and validation.exception() is None:
+            self._spawn(self._release_snapshot(validation.result()[0]))
 
     def _validated_snapshot(self, path: Path):
         """Worker thread: the source's checks (clear messages), then the snapshot's: structure,
@@ -210,7 +234,7 @@ class AdapterManager:
         try:
             await self.engine.remove_adapter(entry)
         finally:
-            self.store.release(snapshot)
+            await self._release_snapshot(snapshot)
 
     async def _discard(self, entry: AdapterVersion, in_engine: bool) -> None:
         """Undo a load that did not commit."""
@@ -220,7 +244,11 @@ class AdapterManager:
                 await self.engine.remove_adapter(entry)
         finally:
             if snapshot is not None:
-                self.store.release(snapshot)
+                await self._release_snapshot(snapshot)
+
+    async def _release_snapshot(self, snapshot) -> None:
+        """The store's release (removing the last user's files) in a worker thread, off the event loop."""
+        await asyncio.to_thread(self.store.release, snapshot)
 
     async def unload(self, name: str) -> AdapterVersion:
         """Stop serving ``name``: leased requests finish on their version, loads in flight are cancelled."""

@@ -114,12 +114,21 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def resolved_path(path: Path, error: type[Exception]) -> Path:
+    """``path`` with symlinks followed; ``error`` (an AdapterError) where that cannot end (a symlink
+    loop: pathlib raises RuntimeError) or the file system refuses."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise error(f"{path.name!r} cannot be resolved (a symlink loop?): {exc}") from None
+
+
 def resolve_inside(root: Path, name: str) -> Path:
     """``root/name`` with symlinks followed; refused if that leaves ``root`` (a link planted to
     read another file of the server's). Used on the operator's directory and again by the
     snapshot copy, which opens exactly the path returned."""
-    resolved = (root / name).resolve()
-    if not resolved.is_relative_to(root.resolve()):
+    resolved = resolved_path(root / name, InvalidAdapter)
+    if not resolved.is_relative_to(resolved_path(root, InvalidAdapter)):
         raise InvalidAdapter(f"{name} is a symlink that leaves the adapter directory")
     return resolved
 

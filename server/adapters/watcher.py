@@ -114,7 +114,9 @@ class AdapterDirWatcher:
                 self._served[name] = current[name]
 
     async def poll_once(self) -> Changes:
-        current = scan(self.adapter_dir)
+        # The directory is read in a worker thread, like every file access after start-up: a slow
+        # or hung file system (a network mount, hundreds of adapters) must not stall the event loop.
+        current = await asyncio.to_thread(scan, self.adapter_dir)
         changes = plan_changes(self._previous, current, self._served)
         self._previous = current
         busy = await asyncio.to_thread(being_written, self.adapter_dir, changes.load)

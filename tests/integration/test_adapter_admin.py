@@ -113,6 +113,24 @@ def _symlinked_weights(good: Path, dst: Path) -> Path:
     return dst
 
 
+def _symlink_loop(dst: Path, name: str) -> Path:
+    (dst / f"{name}-twin").symlink_to(dst / name)
+    (dst / name).symlink_to(dst / f"{name}-twin")
+    return dst / name
+
+
+def _looped_path(good: Path, dst: Path) -> str:
+    dst.mkdir()
+    return str(_symlink_loop(dst, "adapter"))  # resolving it never ends: pathlib raises RuntimeError
+
+
+def _looped_weights(good: Path, dst: Path) -> Path:
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    _symlink_loop(dst, "adapter_model.safetensors")
+    return dst
+
+
 def _pickle_only(good: Path, dst: Path) -> Path:
     dst.mkdir()
     (dst / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
@@ -144,6 +162,8 @@ BAD_ADAPTERS = {  # name -> (build(good, dst) -> path or str, expected message)
                             "modules_to_save"),
     "bad-bias": (lambda good, dst: _copy_good(good, dst, {"bias": "all"}), "bias"),
     "bad-symlink": (_symlinked_weights, "symlink that leaves the adapter directory"),
+    "bad-symlink-loop-path": (_looped_path, "cannot be resolved"),
+    "bad-symlink-loop-weights": (_looped_weights, "cannot be resolved"),
     "bad-peft-type": (lambda good, dst: _copy_good(good, dst, {"peft_type": "IA3"}), "not supported"),
 }
 

@@ -7,7 +7,7 @@ from scipy import stats as scipy_stats
 from loraplex.loadtest.arrivals import inter_arrival_times, send_times
 from loraplex.loadtest.client import RequestResult
 from loraplex.loadtest.runner import SLO, check_target
-from loraplex.loadtest.stats import percentile, summarize_ms
+from loraplex.loadtest.stats import in_flight_during_decode, percentile, summarize_ms
 from loraplex.loadtest.workload import WorkloadConfig, build_requests
 
 
@@ -153,6 +153,21 @@ def test_latency_summary_leaves_out_the_warmup_and_counts_errors():
     assert summary["p50_ttft_ms"] == pytest.approx(1000 * percentile([0.1 * i for i in range(1, 11)], 50))
     assert summary["p50_tpot_ms"] == pytest.approx(100.0)  # (e2e - ttft) / (16 - 1) = 1.5 s / 15
     assert summary["p99_ttft_ms"] < 9000
+    assert summary["mean_models_in_flight"] == 1.0 < summary["mean_sequences_in_flight"]  # one model, overlapping
+
+
+def test_in_flight_during_decode_weighs_each_decode_by_time():
+    a, b, c = (0.0, 1.0, 4.0, "m0"), (1.0, 2.0, 6.0, "m1"), (3.0, 5.0, 9.0, "m0")
+    got = in_flight_during_decode([a, b, c])
+    # a decodes 1-4: a+b for 2 s, a+b+c (two models) for 1 s; b decodes 2-6: a+b 1 s, a+b+c 1 s,
+    # b+c 2 s; c decodes 5-9: b+c 1 s, c alone 3 s
+    per_request_sequences = [(2 * 2 + 3 * 1) / 3, (2 * 1 + 3 * 1 + 2 * 2) / 4, (2 * 1 + 1 * 3) / 4]
+    per_request_models = [2.0, 2.0, (2 * 1 + 1 * 3) / 4]
+    assert got["mean_sequences_in_flight"] == pytest.approx(sum(per_request_sequences) / 3)
+    assert got["mean_models_in_flight"] == pytest.approx(sum(per_request_models) / 3)
+    alone = in_flight_during_decode([(0.0, 0.5, 2.0, "m0"), (5.0, 5.5, 7.0, "m1")])
+    assert alone == {"mean_sequences_in_flight": 1.0, "mean_models_in_flight": 1.0}
+    assert in_flight_during_decode([(0.0, 1.0, 1.0, "m0")])["mean_models_in_flight"] is None  # no decode
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -202,6 +217,10 @@ def test_lora_overhead_alternates_abba_and_pools_every_pair(monkeypatch):
     assert len(out["pairs"]) == 4 and out["pooled"]["base"]["completed"] == 40
     assert out["p50_ttft_adapters_vs_base"] == pytest.approx(1.25)  # median of 0.625, 1.25, 1.25, 1.25
     assert out["pooled_p50_ttft_adapters_vs_base"] == pytest.approx(1.25)
+    # each run's clock starts at 0: pooled, what a decode shared is the pairs' mean, not every run's overlap
+    pairs_in_flight = [p["adapters"]["mean_sequences_in_flight"] for p in out["pairs"]]
+    pooled_in_flight = out["pooled"]["adapters"]["mean_sequences_in_flight"]
+    assert pooled_in_flight == pytest.approx(sum(pairs_in_flight) / 4) and 1.0 < pooled_in_flight < 3
 
 
 @pytest.mark.parametrize("argv", (["--adapter", "a", "--examples", "0"], ["--adapter", "a", "--repeats", "0"], []))

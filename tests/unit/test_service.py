@@ -250,7 +250,10 @@ def test_a_queued_request_keeps_its_version_through_an_unload(tmp_path):
         _, items = await queued
         await blocker
         assert len(items) == 3 and engine.requests[-1][1] == str(v1.snapshot_path)
-        await asyncio.sleep(0)  # the removal task runs
+        for _ in range(100):  # the removal task runs (the snapshot's files go in a worker thread)
+            if not v1.snapshot_path.exists():
+                break
+            await asyncio.sleep(0.01)
         assert v1.adapter_slot in engine.removed and not v1.snapshot_path.exists()
         with pytest.raises(ModelNotFound):
             await run_all(service, text(model="a"))
@@ -301,3 +304,121 @@ def test_admin_paths_that_cannot_name_a_file_are_refused(tmp_path, lora_path):
     _, manager, _ = make_service(tmp_path)
     with pytest.raises(AdapterPathRejected):
         manager.resolve_path(lora_path)
+
+
+def _symlink_loop(directory, name):
+    (directory / f"{name}-twin").symlink_to(directory / name)
+    (directory / name).symlink_to(directory / f"{name}-twin")
+    return directory / name
+
+
+def test_an_admin_path_that_is_a_symlink_loop_is_refused(tmp_path):
+    from loraplex.server.adapters.manager import AdapterPathRejected
+
+    _, manager, _ = make_service(tmp_path)
+    loop = _symlink_loop(tmp_path, "loop")
+    with pytest.raises(AdapterPathRejected, match="cannot be resolved"):
+        asyncio.run(manager.load_lora_path("a", str(loop)))
+
+
+def test_an_adapter_file_that_is_a_symlink_loop_fails_its_load_alone(tmp_path):
+    from loraplex.server.adapters.registry import AdapterError, AdapterState
+
+    _, manager, engine = make_service(tmp_path)
+    directory = make_adapter_dir(tmp_path, "a")
+    (directory / "adapter_config.json").unlink()
+    _symlink_loop(directory, "adapter_config.json")
+
+    async def main():
+        with pytest.raises(AdapterError, match="cannot be resolved"):
+            await manager.load("a", directory)
+        await manager.load("b", make_adapter_dir(tmp_path, "b"))
+
+    asyncio.run(main())
+    states = {e.name: e.state for e in manager.registry.adapters()}
+    assert states == {"a": AdapterState.FAILED, "b": AdapterState.READY}
+    assert manager.store.num_snapshots() == 1 and len(engine.resident) == 1
+
+
+@pytest.mark.parametrize("stage", ["validation", "engine"])
+def test_a_cancelled_load_leaves_no_version_loading_nor_a_snapshot_nor_an_engine_entry(tmp_path, monkeypatch, stage):
+    """A gRPC client whose deadline passes cancels its LoadAdapter call mid-load: the version is
+    failed, its snapshot released, the engine rid of it; the served version keeps serving."""
+    import threading
+
+    from loraplex.server.adapters.registry import AdapterState
+
+    _, manager, engine = make_service(tmp_path)
+    gate, entered, finished = threading.Event(), threading.Event(), threading.Event()
+
+    async def main():
+        v1 = await manager.load("a", make_adapter_dir(tmp_path, "a"))
+        if stage == "validation":
+            validate = manager._validated_snapshot
+
+            def slow(path):
+                entered.set()
+                gate.wait(5)
+                try:
+                    return validate(path)
+                finally:
+                    finished.set()
+            monkeypatch.setattr(manager, "_validated_snapshot", slow)
+        else:
+            add = engine.add_adapter
+
+            async def slow_add(adapter):
+                await add(adapter)
+                entered.set()
+                await asyncio.sleep(5)
+            monkeypatch.setattr(engine, "add_adapter", slow_add)
+        load = asyncio.ensure_future(manager.load("a", make_adapter_dir(tmp_path, "a2", seed=1)))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        load.cancel()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        if stage == "validation":  # the validation thread finishes after the cancel, snapshot taken
+            while not finished.is_set():
+                await asyncio.sleep(0.01)
+        for _ in range(5):  # (the callbacks and the cleanup task run)
+            await asyncio.sleep(0.01)
+        return v1
+
+    v1 = asyncio.run(main())
+    assert manager.registry.resolve("a") is v1 and v1.state is AdapterState.READY
+    assert not manager.registry._loading
+    assert manager.store.num_snapshots() == 1 and engine.resident == {v1.adapter_slot}
+
+
+def test_a_capture_write_that_hangs_stalls_neither_the_loop_nor_other_requests(tmp_path, monkeypatch):
+    """--capture-dir on a slow or hung disk: the write waits in a worker thread; the line still lands."""
+    import threading
+
+    from loraplex.server.capture import CaptureWriter
+
+    service, _, _ = make_service(tmp_path)
+    service.capture = CaptureWriter(tmp_path / "capture")
+    release = threading.Event()
+    record = service.capture.record
+
+    def hung_record(model, source, completion):
+        if source["prompt"] == "first":
+            release.wait(5)
+        record(model, source, completion)
+
+    monkeypatch.setattr(service.capture, "record", hung_record)
+
+    async def main():
+        captured = asyncio.ensure_future(run_all(service, text("first")))
+        await asyncio.sleep(0.05)
+        assert not captured.done()  # its line is being written
+        _, others = await asyncio.wait_for(run_all(service, text("second")), 2)  # another request is served
+        release.set()
+        await captured
+        return others
+
+    assert len(asyncio.run(main())) == 3
+    lines = (tmp_path / "capture" / "base.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"second"' in lines[0] and '"first"' in lines[1]  # the hung one landed last

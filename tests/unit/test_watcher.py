@@ -64,6 +64,36 @@ def test_polls_over_a_directory(tmp_path):
     assert manager.calls[-1] == ("unload", "new") and len(manager.calls) == 3
 
 
+def test_a_poll_reads_the_directory_off_the_event_loop(tmp_path, monkeypatch):
+    """A hung file system (a network mount) stalls the poll, never the loop serving requests."""
+    import threading
+
+    from loraplex.server.adapters import watcher as watcher_module
+
+    release = threading.Event()
+    real_scan = watcher_module.scan
+
+    def slow_scan(adapter_dir):
+        release.wait(5)
+        return real_scan(adapter_dir)
+
+    monkeypatch.setattr(watcher_module, "scan", slow_scan)
+    watcher = AdapterDirWatcher(FakeManager(), tmp_path, interval_s=0)
+
+    async def main():
+        poll = asyncio.ensure_future(watcher.poll_once())
+        ticks = 0
+        for _ in range(5):  # the loop keeps running while the scan is stuck
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not poll.done()
+        release.set()
+        await poll
+        return ticks
+
+    assert asyncio.run(main()) == 5
+
+
 def test_a_directory_with_a_file_open_for_writing_is_not_loaded(tmp_path):
     """A copy that stalled half-written at full size: stable size and mtime prove nothing, but its
     writer still holds the file open."""
