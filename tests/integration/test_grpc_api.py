@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -180,3 +181,37 @@ def test_adapters_service_needs_the_admin_token_for_changes_and_paths(server, ad
     by_name = {a.name: a for a in listing.adapters}
     assert set(adapter_names) <= set(by_name) and by_name[adapter_names[0]].path
     assert by_name[adapter_names[0]].status == "ready" and by_name[adapter_names[0]].rank == 8
+
+
+def test_a_load_whose_deadline_passes_leaves_no_half_loaded_version(server, client, hf_base_model, tmp_path):
+    """A careless operator's LoadAdapter with a deadline shorter than the load: the server cancels
+    the handler mid-load; the version is failed (not left loading, its snapshot and engine entry
+    dropped), and a second load of the same name, given time, serves."""
+    import httpx
+
+    from tests.support.adapters import make_adapter
+    from tests.support.server import wait_for
+
+    path = make_adapter(hf_base_model, tmp_path / "late", seed=9101)
+    admin = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
+    async def load(timeout):
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            return await pb_grpc.AdaptersStub(channel).LoadAdapter(
+                pb.LoadAdapterRequest(name="late-loader", path=str(path)), metadata=admin, timeout=timeout)
+
+    def listed():
+        listing = httpx.get(f"{server.url}/v1/adapters", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+        return {a["name"]: a for a in listing["data"]}.get("late-loader")
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        run(load(0.05))  # validation and the engine's loader take longer
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: (listed() or {}).get("status") == "failed"), listed()
+    failed = listed()
+    assert "cancelled" in failed["error"]
+    assert failed["snapshot_path"] is None or wait_for(lambda: not Path(failed["snapshot_path"]).exists())
+    assert run(load(120)).status == "ready"
+    assert client.completions.create(model="late-loader", prompt="Hi", max_tokens=2).choices[0].text
+    httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "late-loader"},
+               headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)
