@@ -144,3 +144,5 @@ class AdapterDirWatcher:
                 await self.poll_once()
             except OSError as exc:
                 logger.error("adapter dir %s cannot be read: %s", self.adapter_dir, exc)
+            except Exception:  # (a symlink loop put in its place, say): one poll fails, the watching goes on
+                logger.exception("adapter dir %s: this poll failed", self.adapter_dir)

@@ -94,6 +94,36 @@ def test_a_poll_reads_the_directory_off_the_event_loop(tmp_path, monkeypatch):
     assert asyncio.run(main()) == 5
 
 
+def test_a_failing_poll_does_not_end_the_watching(tmp_path):
+    """--adapter-dir replaced by a symlink loop (pathlib raises RuntimeError, not OSError), then
+    put back: the polls in between fail and are logged; the next good one loads what is there."""
+    manager = FakeManager()
+    watched = tmp_path / "adapters"
+    watched.mkdir()
+    watcher = AdapterDirWatcher(manager, watched, interval_s=0.01)
+    watcher.mark_loaded([])
+    aside = tmp_path / "aside"
+    watched.rename(aside)
+    watched.symlink_to(tmp_path / "loop")
+    (tmp_path / "loop").symlink_to(watched)
+
+    async def main():
+        task = asyncio.ensure_future(watcher.run())
+        await asyncio.sleep(0.1)  # polls fail on the loop
+        assert not task.done()
+        watched.unlink()
+        aside.rename(watched)
+        write_adapter(watched / "new")
+        for _ in range(200):
+            if manager.calls:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(main())
+    assert manager.calls == [("load", "new")]
+
+
 def test_a_directory_with_a_file_open_for_writing_is_not_loaded(tmp_path):
     """A copy that stalled half-written at full size: stable size and mtime prove nothing, but its
     writer still holds the file open."""
