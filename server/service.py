@@ -390,7 +390,8 @@ class GenerationService:
                 await asyncio.to_thread(self.capture.record_all, request.model, request.capture_source,
                                         ["".join(pieces) for pieces in captured.values()])
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = "aborted"
+            if outcome != "ok":  # (cancelled while its capture line was being written: it was served in full)
+                outcome = "aborted"
             raise
         except EngineUnavailable as exc:
             outcome = "failed_503"

@@ -98,7 +98,7 @@ class AdapterManager:
         if not raw.is_absolute():
             if self.adapter_dir is None:
                 raise AdapterPathRejected("a relative lora_path needs --adapter-dir; give an absolute path")
-            root = self.adapter_dir.resolve()
+            root = resolved_path(self.adapter_dir, AdapterPathRejected)
             resolved = resolved_path(root / raw, AdapterPathRejected)
             if not resolved.is_relative_to(root) or resolved == root:
                 raise AdapterPathRejected(f"lora_path {lora_path!r} leaves the adapter directory")

@@ -422,3 +422,33 @@ def test_a_capture_write_that_hangs_stalls_neither_the_loop_nor_other_requests(t
     assert len(asyncio.run(main())) == 3
     lines = (tmp_path / "capture" / "base.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"second"' in lines[0] and '"first"' in lines[1]  # the hung one landed last
+
+
+def test_a_client_gone_while_its_capture_line_is_written_was_still_served_in_full(tmp_path, monkeypatch):
+    import threading
+
+    from loraplex.server.capture import CaptureWriter
+
+    service, _, _ = make_service(tmp_path)
+    service.capture = CaptureWriter(tmp_path / "capture")
+    writing, release = threading.Event(), threading.Event()
+    record = service.capture.record
+
+    def slow_record(model, source, completion):
+        writing.set()
+        release.wait(5)
+        record(model, source, completion)
+
+    monkeypatch.setattr(service.capture, "record", slow_record)
+
+    async def main():
+        served = asyncio.ensure_future(run_all(service, text("gone")))
+        while not writing.is_set():
+            await asyncio.sleep(0.01)
+        served.cancel()  # every token was handed over; the client leaves during the write
+        with pytest.raises(asyncio.CancelledError):
+            await served
+        release.set()
+
+    asyncio.run(main())
+    assert outcomes(service.metrics).get(("", "ok")) == 1 and ("", "aborted") not in outcomes(service.metrics)
