@@ -113,7 +113,7 @@ class AdapterManager:
     # -- loading ----------------------------------------------------------------------------------
     async def load_lora_path(self, name: str, lora_path: str) -> AdapterVersion:
         """An admin's load (either door): :meth:`resolve_path`, in a worker thread like every file
-        access after start-up (a hung mount must not stall the event loop), then :meth:`load`."""
+        access while serving (a hung mount must not stall the event loop), then :meth:`load`."""
         return await self.load(name, await asyncio.to_thread(self.resolve_path, lora_path))
 
     async def load(self, name: str, path: Path, *, warm: bool = True) -> AdapterVersion:

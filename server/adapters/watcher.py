@@ -114,7 +114,7 @@ class AdapterDirWatcher:
                 self._served[name] = current[name]
 
     async def poll_once(self) -> Changes:
-        # The directory is read in a worker thread, like every file access after start-up: a slow
+        # The directory is read in a worker thread, like every file access while serving: a slow
         # or hung file system (a network mount, hundreds of adapters) must not stall the event loop.
         current = await asyncio.to_thread(scan, self.adapter_dir)
         changes = plan_changes(self._previous, current, self._served)
