@@ -142,7 +142,7 @@ class AdapterManager:
             previous = self.registry.commit_load(entry)
         except AdapterError as exc:
             self.registry.fail_load(entry, str(exc))
-            await self._discard(entry, in_engine)
+            await asyncio.shield(self._discard(entry, in_engine))  # (a cancel meanwhile does not cut it short)
             self._count_failure(exc)
             raise
         except BaseException as exc:  # cancelled, or nothing foreseen: no version is left half-loaded
@@ -231,6 +231,11 @@ class AdapterManager:
         if not self.registry.is_idle_and_retired(entry) or entry.snapshot is None:
             return
         snapshot, entry.snapshot = entry.snapshot, None
+        # (shielded: a caller cancelled meanwhile, a gRPC UnloadAdapter past its deadline, does not
+        # cut the removal short and leave the version in the engine)
+        await asyncio.shield(self._remove(entry, snapshot))
+
+    async def _remove(self, entry: AdapterVersion, snapshot) -> None:
         try:
             await self.engine.remove_adapter(entry)
         finally:

@@ -452,3 +452,31 @@ def test_a_client_gone_while_its_capture_line_is_written_was_still_served_in_ful
 
     asyncio.run(main())
     assert outcomes(service.metrics).get(("", "ok")) == 1 and ("", "aborted") not in outcomes(service.metrics)
+
+
+def test_a_cancelled_unload_still_takes_the_version_out_of_the_engine(tmp_path, monkeypatch):
+    """A gRPC UnloadAdapter whose deadline passes while the engine removes the adapter."""
+    _, manager, engine = make_service(tmp_path)
+    remove = engine.remove_adapter
+
+    async def slow_remove(adapter):
+        await asyncio.sleep(0.2)
+        await remove(adapter)
+
+    monkeypatch.setattr(engine, "remove_adapter", slow_remove)
+
+    async def main():
+        v1 = await manager.load("a", make_adapter_dir(tmp_path, "a"))
+        unload = asyncio.ensure_future(manager.unload("a"))
+        await asyncio.sleep(0.05)
+        unload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await unload
+        for _ in range(100):
+            if manager.store.num_snapshots() == 0:
+                break
+            await asyncio.sleep(0.02)
+        return v1
+
+    v1 = asyncio.run(main())
+    assert v1.adapter_slot in engine.removed and not engine.resident and manager.store.num_snapshots() == 0
