@@ -27,6 +27,10 @@
   the adapters against the base model's.
 
     python -m loraplex.loadtest.scenarios lora_overhead --url ... --rate 1 --base M --models A0 ... A15
+- admin_race: gRPC loads, unloads and requests on the same names racing, with deadlines from 5 ms
+  to 10 s (``loadtest/admin_race.py``): no INTERNAL, no version left loading, no engine entry leaked.
+
+    python -m loraplex.loadtest.scenarios admin_race --race-adapters DIR DIR ... --admin-token T --duration 90
 - adapter_scaling: one rate over the first 8, 16, 64, 256 adapters of ``--models`` (``--counts``),
   uniform and zipf:1.2 (``--mixes``): TTFT p50/p99 of each against the 8-adapter run of its mix.
   Run it against servers with ``--max-loras 8`` and ``16`` (and ``--max-cpu-loras`` below the
@@ -286,6 +290,16 @@ def chaos(args) -> dict:
             "engine_deaths": int(chaos_summary["health_failures"] > 0), **chaos_summary}
 
 
+def admin_race(args) -> dict:
+    from .admin_race import AdminRaceConfig, run_admin_race
+
+    config = AdminRaceConfig(url=args.url, grpc_target=args.grpc_target, admin_token=args.admin_token,
+                             sources=tuple(p.resolve() for p in args.race_adapters), duration_s=args.duration,
+                             seed=args.seed)
+    print(f"== admin race over gRPC for {args.duration:.0f} s", file=sys.stderr)
+    return asyncio.run(run_admin_race(config))
+
+
 def slow_clients(args) -> dict:
     from .slow_clients import SlowClientConfig, run_slow_clients
 
@@ -316,7 +330,7 @@ def slow_clients(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", choices=("overload", "fairness", "soak", "chaos", "slow_clients", "lora_overhead",
-                                             "adapter_scaling"))
+                                             "adapter_scaling", "admin_race"))
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--capacity", type=float, help="req/s the server sustains within its SLO")
     parser.add_argument("--rate", type=float, help="lora_overhead/adapter_scaling: the fixed arrival rate, req/s")
@@ -340,12 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-token", default=None)
     parser.add_argument("--good-adapter", type=Path, default=None, help="chaos: a valid adapter the bad ones copy")
     parser.add_argument("--chaos-interval", type=float, default=3.0, help="chaos: seconds between actions")
+    parser.add_argument("--race-adapters", type=Path, nargs="*", default=(),
+                        help="admin_race: adapter directories its names are loaded from")
+    parser.add_argument("--grpc-target", default="127.0.0.1:50051", help="admin_race: the gRPC door, host:port")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers")
     args = parser.parse_args(argv)
     fixed_rate = args.scenario in ("lora_overhead", "adapter_scaling")
     if fixed_rate and (args.rate is None or args.rate <= 0 or not args.models):
         parser.error(f"{args.scenario} needs --rate and --models")
-    if not fixed_rate and args.capacity is None:
+    if args.scenario == "admin_race" and (not args.race_adapters or not args.admin_token):
+        parser.error("admin_race needs --race-adapters and --admin-token")
+    if not fixed_rate and args.scenario != "admin_race" and args.capacity is None:
         parser.error(f"{args.scenario} needs --capacity")
     if args.scenario == "lora_overhead" and not args.base:
         parser.error("lora_overhead needs --base")
@@ -361,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--churn-adapters needs --admin-token")
     result = {"overload": overload, "fairness": fairness, "soak": soak, "chaos": chaos,
               "slow_clients": slow_clients, "lora_overhead": lora_overhead,
-              "adapter_scaling": adapter_scaling}[args.scenario](args)
+              "adapter_scaling": adapter_scaling, "admin_race": admin_race}[args.scenario](args)
     result = {"scenario": args.scenario, **result}
     print(json.dumps(result, indent=2))
     if args.out is not None:

@@ -149,7 +149,7 @@ class AdapterManager:
             cancelled = isinstance(exc, asyncio.CancelledError)
             self.registry.fail_load(entry, "the load was cancelled before it finished" if cancelled
                                     else f"the load failed ({type(exc).__name__})")
-            if not validation.done():
+            if entry.snapshot is None:  # what the validation took (now or later) was never handed over
                 validation.add_done_callback(self._release_taken_snapshot)
             self._spawn(self._discard(entry, in_engine))  # (its own task: a second cancel cannot cut it short)
             if not cancelled:

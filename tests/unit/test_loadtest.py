@@ -175,6 +175,7 @@ def test_in_flight_during_decode_weighs_each_decode_by_time():
     (["lora_overhead", "--rate", "1", "--models", "a"], "needs --base"),
     (["adapter_scaling", "--rate", "1"], "needs --rate and --models"),
     (["overload", "--models", "m"], "needs --capacity"),
+    (["admin_race", "--admin-token", "t"], "needs --race-adapters and --admin-token"),
 ])
 def test_scenario_arguments_are_checked_before_any_request(argv, message, capsys):
     from loraplex.loadtest.scenarios import main
@@ -241,3 +242,20 @@ def test_eval_benchmark_refuses_a_wrong_adapter_in_one_line(tmp_path, capsys):
         main(["--adapter", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
     assert exit_info.value.code == 2
     assert "adapter_config.json is missing" in capsys.readouterr().err
+
+
+def test_admin_race_verdict_counts_server_faults_stuck_loads_and_leaked_engine_entries():
+    from collections import Counter
+
+    from loraplex.loadtest.admin_race import race_verdict
+
+    codes = Counter({("load", "OK"): 3, ("load", "DEADLINE_EXCEEDED"): 5, ("unload", "INTERNAL"): 1,
+                     ("generate", "UNKNOWN"): 2, ("generate", "NOT_FOUND"): 4})
+    listing = [{"name": "a", "status": "ready"}, {"name": "race-a", "status": "loading"}]
+    metrics = {'loraplex:adapters{state="ready"}': 1.0, 'loraplex:adapters_resident{tier="cpu"}': 3.0}
+    verdict = race_verdict(codes, listing, metrics, 200)
+    assert verdict["server_faults"] == 3 and verdict["left_loading"] == ["race-a"]
+    assert verdict["leaked_engine_entries"] == 2.0 and verdict["calls"]["load DEADLINE_EXCEEDED"] == 5
+    one_resident = {**metrics, 'loraplex:adapters_resident{tier="cpu"}': 1.0}
+    clean = race_verdict(Counter({("load", "OK"): 1}), listing[:1], one_resident, 200)
+    assert clean["server_faults"] == 0 and clean["left_loading"] == [] and clean["leaked_engine_entries"] == 0

@@ -480,3 +480,26 @@ def test_a_cancelled_unload_still_takes_the_version_out_of_the_engine(tmp_path, 
 
     v1 = asyncio.run(main())
     assert v1.adapter_slot in engine.removed and not engine.resident and manager.store.num_snapshots() == 0
+
+
+def test_loads_cancelled_at_random_moments_leak_no_snapshot_and_no_engine_entry(tmp_path):
+    """Cancels landing anywhere in a load (before, during and just after its validation thread,
+    during the engine load): whatever was taken is given back."""
+    import random
+
+    _, manager, engine = make_service(tmp_path)
+    sources = [make_adapter_dir(tmp_path, f"s{i}", seed=i) for i in range(3)]
+    rng = random.Random(0)
+
+    async def main():
+        for round_ in range(40):
+            load = asyncio.ensure_future(manager.load("a", sources[round_ % 3]))
+            await asyncio.sleep(rng.uniform(0, 0.01))
+            load.cancel()
+            await asyncio.gather(load, return_exceptions=True)
+        await asyncio.sleep(0.3)  # the validation threads and clean-up tasks finish
+
+    asyncio.run(main())
+    ready = [e for e in manager.registry.adapters() if e.state.value == "ready"]
+    assert not manager.registry._loading
+    assert manager.store.num_snapshots() == len(ready) and len(engine.resident) == len(ready)
