@@ -60,6 +60,10 @@ from .stats import in_flight_during_decode, percentile
 from .workload import WorkloadConfig
 
 
+# The scenarios whose rates are fractions of ``--capacity``
+CAPACITY_SCENARIOS = ("overload", "fairness", "soak", "chaos", "slow_clients")
+
+
 def _run(config: RunConfig) -> tuple[list[RequestResult], dict, list[dict]]:
     results, churn_records = asyncio.run(run_with_churn(config))
     return results, report(results, config), churn_records
@@ -364,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.scenario} needs --rate and --models")
     if args.scenario == "admin_race" and (not args.race_adapters or not args.admin_token):
         parser.error("admin_race needs --race-adapters and --admin-token")
-    if not fixed_rate and args.scenario != "admin_race" and args.capacity is None:
+    if args.scenario in CAPACITY_SCENARIOS and args.capacity is None:
         parser.error(f"{args.scenario} needs --capacity")
     if args.scenario == "lora_overhead" and not args.base:
         parser.error("lora_overhead needs --base")

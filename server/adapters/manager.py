@@ -142,7 +142,7 @@ class AdapterManager:
             previous = self.registry.commit_load(entry)
         except AdapterError as exc:
             self.registry.fail_load(entry, str(exc))
-            await asyncio.shield(self._discard(entry, in_engine))  # (a cancel meanwhile does not cut it short)
+            await asyncio.shield(self._take_out(entry, in_engine))  # (a cancel meanwhile does not cut it short)
             self._count_failure(exc)
             raise
         except BaseException as exc:  # cancelled, or nothing foreseen: no version is left half-loaded
@@ -151,7 +151,7 @@ class AdapterManager:
                                     else f"the load failed ({type(exc).__name__})")
             if entry.snapshot is None:  # what the validation took (now or later) was never handed over
                 validation.add_done_callback(self._release_taken_snapshot)
-            self._spawn(self._discard(entry, in_engine))  # (its own task: a second cancel cannot cut it short)
+            self._spawn(self._take_out(entry, in_engine))  # (its own task: a second cancel cannot cut it short)
             if not cancelled:
                 logger.exception("adapter %s v%d: the load failed", name, entry.version)
             raise
@@ -226,30 +226,25 @@ class AdapterManager:
 
     # -- removal ----------------------------------------------------------------------------------
     async def _remove_if_idle(self, entry: AdapterVersion) -> None:
-        """The one place a version leaves: once it is no longer served and nobody holds it, out
-        of the engine first, then its snapshot (so the engine never reads a removed snapshot)."""
-        if not self.registry.is_idle_and_retired(entry) or entry.snapshot is None:
+        """The one place a served version leaves: once it is no longer served and nobody holds it."""
+        if not self.registry.is_idle_and_retired(entry):
             return
-        snapshot, entry.snapshot = entry.snapshot, None
         # (shielded: a caller cancelled meanwhile, a gRPC UnloadAdapter past its deadline, does not
         # cut the removal short and leave the version in the engine)
-        await asyncio.shield(self._remove(entry, snapshot))
+        await asyncio.shield(self._take_out(entry, in_engine=True))
 
-    async def _remove(self, entry: AdapterVersion, snapshot) -> None:
-        try:
-            await self.engine.remove_adapter(entry)
-        finally:
-            await self._release_snapshot(snapshot)
-
-    async def _discard(self, entry: AdapterVersion, in_engine: bool) -> None:
-        """Undo a load that did not commit."""
+    async def _take_out(self, entry: AdapterVersion, in_engine: bool) -> None:
+        """A retired version, or a load that did not commit: out of the engine first (``in_engine``),
+        then its snapshot, so the engine never reads a removed snapshot. Once: the version gives up
+        its snapshot before anything is awaited."""
         snapshot, entry.snapshot = entry.snapshot, None
+        if snapshot is None:
+            return
         try:
-            if in_engine and snapshot is not None:
+            if in_engine:
                 await self.engine.remove_adapter(entry)
         finally:
-            if snapshot is not None:
-                await self._release_snapshot(snapshot)
+            await self._release_snapshot(snapshot)
 
     async def _release_snapshot(self, snapshot) -> None:
         """The store's release (removing the last user's files) in a worker thread, off the event loop."""

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.adapters import make_adapter
+from tests.support.adapters import make_adapter, symlink_loop
 from tests.support.server import wait_for
 
 from .conftest import ADMIN_TOKEN
@@ -113,21 +113,15 @@ def _symlinked_weights(good: Path, dst: Path) -> Path:
     return dst
 
 
-def _symlink_loop(dst: Path, name: str) -> Path:
-    (dst / f"{name}-twin").symlink_to(dst / name)
-    (dst / name).symlink_to(dst / f"{name}-twin")
-    return dst / name
-
-
 def _looped_path(good: Path, dst: Path) -> str:
     dst.mkdir()
-    return str(_symlink_loop(dst, "adapter"))  # resolving it never ends: pathlib raises RuntimeError
+    return str(symlink_loop(dst / "adapter"))  # resolving it never ends: pathlib raises RuntimeError
 
 
 def _looped_weights(good: Path, dst: Path) -> Path:
     dst.mkdir()
     (dst / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
-    _symlink_loop(dst, "adapter_model.safetensors")
+    symlink_loop(dst / "adapter_model.safetensors")
     return dst
 
 

@@ -31,3 +31,12 @@ def greedy_with_adapter(base_model, tokenizer, adapter_dir: Path, prompt: str, m
         return greedy_tokens(model, tokenizer, prompt, max_new_tokens)
     finally:
         model.unload()
+
+
+def symlink_loop(path: Path) -> Path:
+    """Make ``path`` one end of a two-link symlink loop (its twin beside it): resolving it never
+    ends, and pathlib raises RuntimeError rather than OSError."""
+    twin = path.with_name(f"{path.name}-twin")
+    twin.symlink_to(path)
+    path.symlink_to(twin)
+    return path

@@ -12,6 +12,7 @@ from loraplex.server.metrics import Metrics
 from loraplex.server.prompts import PromptBuilder
 from loraplex.server.service import GenerationService, InferenceRequest, Prepared, SamplingInput, merge_streams
 from loraplex.server.structured import StructuredInput
+from tests.support.adapters import symlink_loop
 from tests.support.fakes import FakeEngine, make_adapter_dir, make_manager
 
 pytest.importorskip("torch")  # the fake adapters are written with safetensors' torch API
@@ -306,17 +307,11 @@ def test_admin_paths_that_cannot_name_a_file_are_refused(tmp_path, lora_path):
         manager.resolve_path(lora_path)
 
 
-def _symlink_loop(directory, name):
-    (directory / f"{name}-twin").symlink_to(directory / name)
-    (directory / name).symlink_to(directory / f"{name}-twin")
-    return directory / name
-
-
 def test_an_admin_path_that_is_a_symlink_loop_is_refused(tmp_path):
     from loraplex.server.adapters.manager import AdapterPathRejected
 
     _, manager, _ = make_service(tmp_path)
-    loop = _symlink_loop(tmp_path, "loop")
+    loop = symlink_loop(tmp_path / "loop")
     with pytest.raises(AdapterPathRejected, match="cannot be resolved"):
         asyncio.run(manager.load_lora_path("a", str(loop)))
 
@@ -327,7 +322,7 @@ def test_an_adapter_file_that_is_a_symlink_loop_fails_its_load_alone(tmp_path):
     _, manager, engine = make_service(tmp_path)
     directory = make_adapter_dir(tmp_path, "a")
     (directory / "adapter_config.json").unlink()
-    _symlink_loop(directory, "adapter_config.json")
+    symlink_loop(directory / "adapter_config.json")
 
     async def main():
         with pytest.raises(AdapterError, match="cannot be resolved"):

@@ -4,6 +4,7 @@ import asyncio
 import shutil
 
 from loraplex.server.adapters.watcher import AdapterDirWatcher, plan_changes
+from tests.support.adapters import symlink_loop
 
 A1 = (("adapter_config.json", 10, 1), ("adapter_model.safetensors", 100, 1))
 A2 = (("adapter_config.json", 10, 1), ("adapter_model.safetensors", 200, 2))
@@ -104,14 +105,14 @@ def test_a_failing_poll_does_not_end_the_watching(tmp_path):
     watcher.mark_loaded([])
     aside = tmp_path / "aside"
     watched.rename(aside)
-    watched.symlink_to(tmp_path / "loop")
-    (tmp_path / "loop").symlink_to(watched)
+    symlink_loop(watched)
 
     async def main():
         task = asyncio.ensure_future(watcher.run())
         await asyncio.sleep(0.1)  # polls fail on the loop
         assert not task.done()
         watched.unlink()
+        watched.with_name("adapters-twin").unlink()
         aside.rename(watched)
         write_adapter(watched / "new")
         for _ in range(200):
