@@ -31,6 +31,11 @@
   to 10 s (``loadtest/admin_race.py``): no INTERNAL, no version left loading, no engine entry leaked.
 
     python -m loraplex.loadtest.scenarios admin_race --race-adapters DIR DIR ... --admin-token T --duration 90
+- costly_grammar: one tenant sends a new schema of bounded strings (slow to compile) every 20 s,
+  the others new small schemas and plain requests (``loadtest/costly_grammar.py``): what the
+  others wait for; no 5xx, /health 200.
+
+    python -m loraplex.loadtest.scenarios costly_grammar --url ... --models HOSTILE M1 M2 --duration 120
 - adapter_scaling: one rate over the first 8, 16, 64, 256 adapters of ``--models`` (``--counts``),
   uniform and zipf:1.2 (``--mixes``): TTFT p50/p99 of each against the 8-adapter run of its mix.
   Run it against servers with ``--max-loras 8`` and ``16`` (and ``--max-cpu-loras`` below the
@@ -304,6 +309,16 @@ def admin_race(args) -> dict:
     return asyncio.run(run_admin_race(config))
 
 
+def costly_grammar(args) -> dict:
+    from .costly_grammar import CostlyGrammarConfig, run_costly_grammar
+
+    config = CostlyGrammarConfig(url=args.url, hostile_model=args.models[0], other_models=tuple(args.models[1:]),
+                                 duration_s=args.duration, hostile_fields=args.hostile_fields)
+    print(f"== costly schemas from {config.hostile_model} beside {len(config.other_models)} other tenants for "
+          f"{args.duration:.0f} s", file=sys.stderr)
+    return asyncio.run(run_costly_grammar(config))
+
+
 def slow_clients(args) -> dict:
     from .slow_clients import SlowClientConfig, run_slow_clients
 
@@ -334,7 +349,7 @@ def slow_clients(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", choices=("overload", "fairness", "soak", "chaos", "slow_clients", "lora_overhead",
-                                             "adapter_scaling", "admin_race"))
+                                             "adapter_scaling", "admin_race", "costly_grammar"))
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--capacity", type=float, help="req/s the server sustains within its SLO")
     parser.add_argument("--rate", type=float, help="lora_overhead/adapter_scaling: the fixed arrival rate, req/s")
@@ -361,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--race-adapters", type=Path, nargs="*", default=(),
                         help="admin_race: adapter directories its names are loaded from")
     parser.add_argument("--grpc-target", default="127.0.0.1:50051", help="admin_race: the gRPC door, host:port")
+    parser.add_argument("--hostile-fields", type=int, default=200,
+                        help="costly_grammar: bounded strings in each hostile schema")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers")
     args = parser.parse_args(argv)
     fixed_rate = args.scenario in ("lora_overhead", "adapter_scaling")
@@ -374,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("lora_overhead needs --base")
     if args.scenario == "chaos" and (not args.good_adapter or not args.admin_token or not args.models):
         parser.error("chaos needs --models, --good-adapter and --admin-token")
+    if args.scenario == "costly_grammar" and (len(args.models) < 2 or args.hostile_fields < 1):
+        parser.error("costly_grammar needs --models HOSTILE OTHER... and --hostile-fields >= 1")
     if args.scenario in ("overload", "soak", "slow_clients") and not args.models:
         parser.error(f"{args.scenario} needs --models")
     if args.scenario == "fairness" and (not args.hot or not args.cold):
@@ -384,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--churn-adapters needs --admin-token")
     result = {"overload": overload, "fairness": fairness, "soak": soak, "chaos": chaos,
               "slow_clients": slow_clients, "lora_overhead": lora_overhead,
-              "adapter_scaling": adapter_scaling, "admin_race": admin_race}[args.scenario](args)
+              "adapter_scaling": adapter_scaling, "admin_race": admin_race,
+              "costly_grammar": costly_grammar}[args.scenario](args)
     result = {"scenario": args.scenario, **result}
     print(json.dumps(result, indent=2))
     if args.out is not None:

@@ -40,6 +40,7 @@ async def build_server(engine_config: EngineConfig, adapter_config: AdapterConfi
     metrics = Metrics(base_model_name, max_adapter_labels=server_config.metrics_max_adapters,
                       max_loras=engine_config.max_loras)
     engine = Engine.start(engine_config, on_stats=metrics.engine_step)
+    engine.start_grammar_compiler()  # (in the background)
     registry = AdapterRegistry(base_model_name)
     limits = AdapterLimits(max_lora_rank=engine_config.max_lora_rank, max_cpu_loras=engine_config.max_cpu_loras,
                            served_dtype=engine.served_dtype, adapter_dtype=engine.adapter_dtype,

@@ -71,6 +71,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--json-whitespace", choices=JSON_WHITESPACE_CHOICES, default=defaults_engine.json_whitespace,
                         help="JSON from response_format: compact (default: fewer tokens, no runaway newlines "
                              "from small models) or any (whitespace as the model likes, vLLM's default)")
+    engine.add_argument("--max-grammar-compile-s", type=float, default=defaults_engine.grammar_compile_budget_s,
+                        help="CPU-seconds a new structured-output constraint may take to compile (checked once "
+                             "per constraint, before the engine compiles it; over it: 400); 0: unbounded")
     engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=defaults_engine.enforce_eager,
                         help="eager execution; default: on for CPUs, off for GPUs (CUDA graphs)")
     engine.add_argument("--tensor-parallel-size", type=int, default=defaults_engine.tensor_parallel_size, help="vLLM: GPUs per model shard group")
@@ -165,7 +168,7 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, AdapterConfi
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_dtype=args.lora_dtype,
         lora_kernels=args.lora_kernels, seed=args.seed, enforce_eager=args.enforce_eager,
-        json_whitespace=args.json_whitespace,
+        json_whitespace=args.json_whitespace, grammar_compile_budget_s=args.max_grammar_compile_s or None,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size)
     for flag in ("api_key", "admin_token"):

@@ -60,6 +60,9 @@ class EngineConfig:
     # JSON from structured outputs: "compact" (no whitespace between tokens: fewer tokens, and a
     # small model cannot loop on newlines until max_tokens) or "any" (vLLM's default).
     json_whitespace: str = "compact"
+    # CPU-seconds one structured-output constraint may take to compile (server/grammar_budget.py),
+    # checked once per constraint in a child process before the engine compiles it; None: unbounded.
+    grammar_compile_budget_s: float | None = 10.0
     # CPU engines: cores kept free of the engine's compute threads for this process (None: vLLM's
     # default, one). A server needs its core for the doors; a batch job (the training evaluation) does not.
     cpu_reserved_cores: int | None = None
@@ -80,6 +83,8 @@ class EngineConfig:
             raise ValueError("need 1 <= max_loras <= max_cpu_loras")
         if self.kv_cache_gib <= 0:
             raise ValueError("kv_cache_gib must be positive")
+        if self.grammar_compile_budget_s is not None and not self.grammar_compile_budget_s > 0:
+            raise ValueError("grammar_compile_budget_s must be positive (None: unbounded)")
         if self.block_size is not None and not (16 <= self.block_size <= 256 and self.block_size % 16 == 0):
             raise ValueError(f"block_size must be a multiple of 16 from 16 to 256, got {self.block_size}")
 

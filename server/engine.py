@@ -12,6 +12,7 @@ import gc
 import logging
 import math
 import os
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from .adapters.registry import AdapterVersion
 from .adapters.store import snapshot_fingerprint
 from .config import EngineConfig
+from .grammar_budget import GrammarBudget, ProcessCompiler
 from .structured import StructuredSpec
 
 logger = logging.getLogger(__name__)
@@ -219,8 +221,13 @@ class Engine:
         # its validated, read-only snapshot, if that is unchanged.
         self._loaded_before: dict[int, tuple | None] = {}
         self._reloaded_since_refresh: set[int] = set()
-        # Structured-output constraints are checked here, one at a time, off the event loop.
+        # Structured-output constraints are checked here, one at a time, off the event loop; then
+        # what the engine would compile is compiled once under a CPU-time budget (None: unbounded).
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-grammar")
+        self._grammar_budget = (GrammarBudget(config.grammar_compile_budget_s, self._start_grammar_compiler)
+                                if config.grammar_compile_budget_s else None)
+        self._tokenizer_info_json: str | None = None
+        self._tokenizer_info_lock = threading.Lock()
 
     @classmethod
     def start(cls, config: EngineConfig, on_stats=None) -> "Engine":
@@ -304,11 +311,12 @@ class Engine:
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def check_options(self, options: SamplingOptions) -> None:
+    async def check_options(self, options: SamplingOptions, tenant: str = "") -> None:
         """The engine's own sampling checks, before any work: raises ValueError with its message.
         A structured-output constraint is converted by the engine's backend as the engine will do
         it (xgrammar, or its fallbacks), in a worker thread: a schema it cannot handle is refused
-        here, and a large one never holds up the event loop."""
+        here, and a large one never holds up the event loop. Then what xgrammar would compile is
+        compiled once, under the grammar budget (``tenant``: whose turn it takes there)."""
         from vllm.exceptions import VLLMClientError
 
         try:
@@ -316,15 +324,43 @@ class Engine:
         except (TypeError, ValueError, VLLMClientError) as exc:
             raise ValueError(str(exc)) from None
         if options.structured is not None:
-            await asyncio.get_running_loop().run_in_executor(self._checks, self._verify, params)
+            compiled = await asyncio.get_running_loop().run_in_executor(self._checks, self._verify, params)
+            if compiled is not None and self._grammar_budget is not None:
+                await self._grammar_budget.check(tenant, *compiled)
 
-    def _verify(self, params) -> None:
+    def _verify(self, params) -> tuple[str, str] | None:
+        """vLLM's checks of ``params``; then (kind, text) of what xgrammar will compile for it (None
+        when another backend takes it)."""
+        from vllm.v1.structured_output.request import get_structured_output_key
+
         llm = self._llm
         try:
             params.verify(llm.model_config, llm.vllm_config.speculative_config,
                           llm.vllm_config.structured_outputs_config, self.tokenizer)
         except Exception as exc:  # noqa: BLE001 - whatever the backend raises is this request's refusal
             raise ValueError(str(exc).strip() or type(exc).__name__) from None
+        structured = params.structured_outputs
+        if structured is None or structured._backend != "xgrammar":
+            return None
+        option, spec = get_structured_output_key(structured)  # (a choice is a grammar by now)
+        return option.name.lower(), spec
+
+    def _start_grammar_compiler(self) -> ProcessCompiler:
+        """A grammar budget lane's compiler: xgrammar on the engine's tokenizer, as vLLM's backend
+        builds it (in the lane's thread)."""
+        with self._tokenizer_info_lock:  # (each lane's thread starts its own compiler)
+            if self._tokenizer_info_json is None:
+                import xgrammar as xgr
+
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self._vocab_size)
+                self._tokenizer_info_json = info.serialize_json()
+        return ProcessCompiler(self._tokenizer_info_json, any_whitespace=self.config.json_whitespace != "compact")
+
+    def start_grammar_compiler(self) -> None:
+        """Start the grammar budget's compiler now, in its thread, so that the first structured
+        request does not wait for it."""
+        if self._grammar_budget is not None:
+            self._grammar_budget.prestart()
 
     def num_unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()
@@ -424,6 +460,8 @@ class Engine:
         llm, self._llm = self._llm, _StoppedEngine()
         llm.shutdown()
         self._checks.shutdown(wait=False, cancel_futures=True)
+        if self._grammar_budget is not None:
+            self._grammar_budget.close()
         # vLLM's AsyncLLM sits in reference cycles: collected now, while vLLM's modules are alive
         # (left to the interpreter's exit, its __del__ shuts it down again and prints a traceback).
         del llm

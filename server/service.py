@@ -29,6 +29,7 @@ from .engine import (Engine, EngineRequestFailed, EngineUnavailable, GenerationC
                      TokenLogprob)
 from .errors import (InternalError, InvalidRequest, RequestError, ServiceUnavailable, TooManyRequests,
                      from_adapter_error, refusal_outcome)
+from .grammar_budget import CompilerBusy
 from .metrics import Metrics
 from .prompts import PromptBuilder, check_text
 from .structured import StructuredInput, check_structured
@@ -218,9 +219,11 @@ class GenerationService:
             generations.append(GenerationRequest(request.model, ids, options, f"{request_id}{suffix}", source))
         options = generations[0].options
         try:
-            await self.engine.check_options(options)
+            await self.engine.check_options(options, tenant=request.model)
         except ValueError as exc:  # the engine's own sampling checks, before any work
             raise InvalidRequest(str(exc), param="response_format" if options.structured else None) from None
+        except CompilerBusy as exc:  # the constraint's check got too little CPU: not its fault
+            raise TooManyRequests(str(exc), retry_after_s=exc.retry_after_s) from None
         return Prepared(request_id, generations, n)
 
     async def _tokenize(self, request: InferenceRequest, n: int) -> tuple[list[list[int]], list[dict | None]]:

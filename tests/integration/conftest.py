@@ -14,6 +14,7 @@ NUM_ADAPTERS = 9
 ADAPTER_RANK = 8
 ADMIN_TOKEN = "test-admin-token"
 METRICS_MAX_ADAPTERS = 4
+GRAMMAR_COMPILE_BUDGET_S = 3  # (every test's schemas compile in milliseconds)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +60,8 @@ def server(tmp_path_factory, adapter_dir: Path, cache_dir: Path, base_model_dir:
         ["--adapter-dir", str(adapter_dir), "--cache-dir", str(cache_dir), "--dtype", "float32",
          "--kv-cache-gib", "1", "--max-loras", "4", "--max-cpu-loras", "16", "--max-model-len", "1024",
          "--admin-token", ADMIN_TOKEN, "--watch-interval", "0.5", "--pin", "adapter-0",
-         "--metrics-max-adapters", str(METRICS_MAX_ADAPTERS), "--capture-dir", str(capture_dir)],
+         "--metrics-max-adapters", str(METRICS_MAX_ADAPTERS), "--capture-dir", str(capture_dir),
+         "--max-grammar-compile-s", str(GRAMMAR_COMPILE_BUDGET_S)],
         log_path)
     yield running
     children = running.descendants()

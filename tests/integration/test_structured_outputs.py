@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
+import uuid
 from typing import Literal
 
 import grpc
@@ -98,6 +100,60 @@ def test_a_bad_schema_leaves_the_next_request_alone(client, server, base_model_n
         client.chat.completions.create(model=base_model_name, messages=TICKET, max_tokens=8, response_format=bad)
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert client.chat.completions.create(model=base_model_name, messages=TICKET, max_tokens=4).choices[0].message
+
+
+def test_a_constraint_too_costly_to_compile_is_a_400_and_holds_up_nobody(server, base_model_name, adapter_names):
+    from loraplex.loadtest.costly_grammar import costly_schema
+    from tests.integration.conftest import GRAMMAR_COMPILE_BUDGET_S
+
+    costly = costly_schema(600, "field")  # valid, small, slow: each bounded string ~ a CPU-second
+    assert len(json.dumps(costly)) < 32 << 10  # inside the schema size bound
+    costly_format = {"type": "json_schema", "json_schema": {"name": "costly", "schema": costly}}
+    field = f"note_{uuid.uuid4().hex[:8]}"  # a schema no earlier run compiled
+    light = {"type": "object", "properties": {field: {"type": "string"}}, "required": [field]}
+    light_format = {"type": "json_schema", "json_schema": {"name": "light", "schema": light}}
+
+    async def post(http, model, response_format):
+        started = time.monotonic()
+        response = await http.post("/v1/chat/completions", json={
+            "model": model, "messages": TICKET, "max_tokens": 24, "temperature": 0,
+            "response_format": response_format})
+        return response, time.monotonic() - started
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+            costly_call = asyncio.ensure_future(post(http, adapter_names[3], costly_format))
+            await asyncio.sleep(0.5)  # its compile has started; another tenant's new schema now
+            light_result = await post(http, adapter_names[4], light_format)
+            return await costly_call, light_result
+
+    (refused, refused_s), (served, served_s) = asyncio.run(main())
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "response_format" and "CPU-seconds" in error["message"], error
+    assert served.status_code == 200, served.text
+    assert served.json()["choices"][0]["message"]["content"].startswith('{"note_')
+    # Unbounded, a third of this schema took the engine ~2 min on a 2-core CPU, and the other
+    # tenant's request waited for all of it; bounded, both wait for one budget (wall clock <= 10x).
+    assert refused_s < 10 * GRAMMAR_COMPILE_BUDGET_S + 60 and served_s < 10 * GRAMMAR_COMPILE_BUDGET_S + 60
+
+    # The verdict is kept: the same schema again, through the other door too, is refused without a compile.
+    again = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": base_model_name, "prompt": "x", "max_tokens": 4, "response_format": costly_format})
+    assert again.status_code == 400 and "CPU-seconds" in again.json()["error"]["message"]
+
+    async def grpc_call():
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            return await pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(
+                model=adapter_names[5], text="x", sampling=pb.SamplingParameters(
+                    max_tokens=4, json_schema=json.dumps(costly, separators=(",", ":")))))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        asyncio.run(grpc_call())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "CPU-seconds" in caught.value.details()
+    assert server.log_path.read_text(errors="replace").count(
+        f"over the {GRAMMAR_COMPILE_BUDGET_S:.1f} s compile budget") == 1
+    assert httpx.get(f"{server.url}/health").status_code == 200
 
 
 def check_top(entries: list, k: int) -> None:

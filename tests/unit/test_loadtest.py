@@ -176,6 +176,8 @@ def test_in_flight_during_decode_weighs_each_decode_by_time():
     (["adapter_scaling", "--rate", "1"], "needs --rate and --models"),
     (["overload", "--models", "m"], "needs --capacity"),
     (["admin_race", "--admin-token", "t"], "needs --race-adapters and --admin-token"),
+    (["costly_grammar", "--models", "only-one"], "costly_grammar needs --models HOSTILE OTHER"),
+    (["costly_grammar", "--models", "a", "b", "--hostile-fields", "0"], "--hostile-fields >= 1"),
 ])
 def test_scenario_arguments_are_checked_before_any_request(argv, message, capsys):
     from loraplex.loadtest.scenarios import main
@@ -259,3 +261,22 @@ def test_admin_race_verdict_counts_server_faults_stuck_loads_and_leaked_engine_e
     one_resident = {**metrics, 'loraplex:adapters_resident{tier="cpu"}': 1.0}
     clean = race_verdict(Counter({("load", "OK"): 1}), listing[:1], one_resident, 200)
     assert clean["server_faults"] == 0 and clean["left_loading"] == [] and clean["leaked_engine_entries"] == 0
+
+
+def test_costly_grammar_verdict_counts_server_errors_and_summarises_each_kind():
+    import json
+
+    from loraplex.loadtest.costly_grammar import costly_schema, grammar_verdict
+
+    records = [{"kind": "hostile", "status": 400, "latency_s": 12.0},
+               {"kind": "hostile", "status": 503, "latency_s": 1.0},
+               {"kind": "light_schema", "status": 200, "latency_s": 2.0},
+               {"kind": "light_schema", "status": 200, "latency_s": 4.0},
+               {"kind": "plain", "status": 0, "latency_s": 9.0}]
+    verdict = grammar_verdict(records, health_failures=1)
+    assert verdict["server_errors"] == 2 and verdict["health_failures"] == 1
+    assert verdict["hostile"]["statuses"] == {"400": 1, "503": 1}
+    assert verdict["light_schema"]["max_s"] == 4.0 and verdict["light_schema"]["p50_s"] == 4.0
+    assert verdict["plain"]["sent"] == 1
+    schema = costly_schema(200, "x")
+    assert len(schema["properties"]) == 200 and len(json.dumps(schema)) < 32 << 10  # inside the server's bound

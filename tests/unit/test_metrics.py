@@ -221,6 +221,7 @@ def test_a_shut_down_engine_lets_go_of_vllm_and_refuses_calls():
     llm.cycle = llm  # as vLLM's: only the cycle collector frees it
     engine = _bookkeeping_only(Engine, llm)
     engine._checks = ThreadPoolExecutor(max_workers=1)
+    engine._grammar_budget = None
     alive = weakref.ref(llm)
     del llm
     assert engine.healthy

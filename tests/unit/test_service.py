@@ -159,6 +159,24 @@ def test_bad_requests_are_refused_before_any_work(tmp_path, request_, param):
     assert outcomes(service.metrics) == {("", "rejected_400"): 1.0}  # counted once
 
 
+def test_a_constraint_check_starved_of_cpu_is_a_429_with_retry_after_and_the_tenant_is_passed(tmp_path):
+    from loraplex.server.errors import TooManyRequests
+    from loraplex.server.grammar_budget import CompilerBusy
+
+    service, _, engine = make_service(tmp_path)
+    tenants = []
+
+    async def busy(options, tenant=""):
+        tenants.append(tenant)
+        raise CompilerBusy("too busy", retry_after_s=10.0)
+
+    engine.check_options = busy
+    with pytest.raises(TooManyRequests) as info:
+        asyncio.run(run_all(service, text(model="base")))
+    assert info.value.retry_after_s == 10.0 and tenants == ["base"]
+    assert engine.requests == [] and service.admission.running == 0
+
+
 def test_prompt_count_is_checked_before_tokenizing(tmp_path):
     service, _, engine = make_service(tmp_path)
     calls = []

@@ -1,0 +1,124 @@
+"""A hostile tenant's structured-output constraints that are slow to compile, beside other tenants'
+new small schemas and plain requests: what the others wait for.
+
+Every ``hostile_interval_s`` the first model sends a new schema (never sent before, so never
+cached) of ``hostile_fields`` bounded strings (valid, ~45 bytes a field, each about a CPU-second
+of xgrammar's compile); every ``light_interval_s`` each other model sends one request with a new
+one-field schema and one plain request. Reported per kind: statuses and latency; what must hold:
+no 5xx, /health 200 all along, the light schemas served.
+
+    python -m loraplex.loadtest.scenarios costly_grammar --url ... --models HOSTILE M1 M2 --duration 120
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+import httpx
+
+KINDS = ("hostile", "light_schema", "plain")
+
+
+@dataclass(frozen=True)
+class CostlyGrammarConfig:
+    url: str
+    hostile_model: str
+    other_models: tuple[str, ...]
+    duration_s: float = 120.0
+    hostile_fields: int = 200
+    hostile_interval_s: float = 20.0
+    light_interval_s: float = 3.0
+    max_tokens: int = 16
+    timeout_s: float = 900.0
+
+
+def costly_schema(num_fields: int, tag: str) -> dict:
+    """A valid schema of ``num_fields`` strings, each with its own maxLength (bounded lengths are
+    what xgrammar 0.2.8 compiles slowest)."""
+    return {"type": "object", "properties": {f"{tag}_{i}": {"type": "string", "maxLength": 50 + i}
+                                             for i in range(num_fields)}}
+
+
+def light_schema(tag: str) -> dict:
+    return {"type": "object", "properties": {tag: {"type": "string"}}, "required": [tag]}
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def grammar_verdict(records: list[dict], health_failures: int) -> dict:
+    """``records``: {"kind", "status", "latency_s"} per request (status 0: no answer)."""
+    out: dict = {"health_failures": health_failures,
+                 "server_errors": sum(1 for r in records if r["status"] >= 500 or r["status"] == 0)}
+    for kind in KINDS:
+        rs = [r for r in records if r["kind"] == kind]
+        latencies = [r["latency_s"] for r in rs]
+        statuses: dict[str, int] = {}
+        for r in rs:
+            statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        out[kind] = {"sent": len(rs), "statuses": statuses,
+                     "p50_s": _quantile(latencies, 0.5), "p99_s": _quantile(latencies, 0.99),
+                     "max_s": max(latencies, default=None)}
+    return out
+
+
+async def _request(client: httpx.AsyncClient, records: list[dict], kind: str, model: str, schema: dict | None,
+                   max_tokens: int) -> None:
+    body: dict = {"model": model, "messages": [{"role": "user", "content": "Describe a cat in JSON."}],
+                  "max_tokens": max_tokens, "temperature": 0}
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": kind, "schema": schema}}
+    started = time.monotonic()
+    try:
+        status = (await client.post("/v1/chat/completions", json=body)).status_code
+    except httpx.HTTPError:
+        status = 0
+    records.append({"kind": kind, "status": status, "latency_s": time.monotonic() - started})
+
+
+async def run_costly_grammar(config: CostlyGrammarConfig) -> dict:
+    records: list[dict] = []
+    health_failures = 0
+    stop_at = time.monotonic() + config.duration_s
+    async with httpx.AsyncClient(base_url=config.url, timeout=config.timeout_s) as client:
+        async def hostile() -> None:
+            tasks = []
+            while time.monotonic() < stop_at:
+                schema = costly_schema(config.hostile_fields, f"f{uuid.uuid4().hex[:6]}")
+                tasks.append(asyncio.ensure_future(_request(client, records, "hostile", config.hostile_model,
+                                                            schema, config.max_tokens)))
+                await asyncio.sleep(config.hostile_interval_s)
+            await asyncio.gather(*tasks)
+
+        async def others() -> None:
+            tasks = []
+            await asyncio.sleep(1.0)  # after the first hostile schema
+            while time.monotonic() < stop_at:
+                for model in config.other_models:
+                    tasks.append(asyncio.ensure_future(_request(
+                        client, records, "light_schema", model, light_schema(f"n{uuid.uuid4().hex[:8]}"),
+                        config.max_tokens)))
+                    tasks.append(asyncio.ensure_future(_request(client, records, "plain", model, None,
+                                                                config.max_tokens)))
+                await asyncio.sleep(config.light_interval_s)
+            await asyncio.gather(*tasks)
+
+        async def health() -> None:
+            nonlocal health_failures
+            while time.monotonic() < stop_at:
+                try:
+                    ok = (await client.get("/health", timeout=10)).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                health_failures += not ok
+                await asyncio.sleep(1.0)
+
+        await asyncio.gather(hostile(), others(), health())
+    return grammar_verdict(records, health_failures)

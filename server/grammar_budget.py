@@ -1,0 +1,363 @@
+"""The cost bound on compiling a structured-output constraint: each constraint not seen before is
+compiled once, in a child process, under a CPU-time budget, before the engine is given it.
+
+Why: vLLM's backend (xgrammar 0.2.8) spends about a CPU-second per bounded string (``maxLength``,
+``minLength``) or counted repetition, so a 9 KB schema of 200 such strings compiles for ~2 min,
+and the 32 KiB bound allows ~10 min. The engine compiles in a pool of (cores + 1) // 2 threads
+shared by every tenant, and a compile cannot be stopped: one tenant's schema would hold every
+other tenant's structured request (and a core) for as long as it takes. Here a compile over the
+budget is killed with its process and the request refused (400), and the verdict is kept, so the
+same constraint costs nothing the next time. Checks run on two lanes (two compiler processes),
+a tenant on at most one at a time, so one tenant's slow schemas leave the other lane to everyone
+else.
+
+The bookkeeping (verdicts, turns, abandoned checks) is plain asyncio; only :class:`ProcessCompiler`
+starts a process, and only that process imports xgrammar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+# The kinds of constraint the engine compiles (vLLM's StructuredOutputOptions, by name; a choice
+# reaches the engine as a grammar).
+KINDS = ("json", "json_object", "regex", "grammar")
+
+
+class CompileOverBudget(Exception):
+    """The compile used more than its budget; the compiler was stopped."""
+
+
+class CompileStalled(Exception):
+    """The compile got too little CPU to finish in ``WALL_FACTOR`` times its budget (a busy
+    machine, not the constraint's fault); the compiler was stopped."""
+
+
+class CompilerBusy(Exception):
+    """The request's constraint could not be checked now (a busy machine): retry later (429)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CompilerLost(Exception):
+    """The compiler process died (or could not start) during the compile."""
+
+
+class Compiler(Protocol):
+    def compile(self, kind: str, spec: str, budget_s: float) -> str | None:
+        """Compile one constraint (blocking): None when it compiled, else why it did not. Raises
+        :class:`CompileOverBudget`, :class:`CompileStalled` or :class:`CompilerLost`; after any of
+        them the compiler is closed."""
+
+    def close(self) -> None: ...
+
+
+class VerdictCache:
+    """Verdicts by constraint (kind and text, hashed): None = compiles within the budget, else
+    why it is refused. Least recently used first out."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._verdicts: OrderedDict[bytes, str | None] = OrderedDict()
+        self._max_entries = max_entries
+
+    @staticmethod
+    def key(kind: str, spec: str) -> bytes:
+        return hashlib.sha256(f"{kind}\0{spec}".encode("utf-8", "surrogatepass")).digest()
+
+    def get(self, key: bytes) -> tuple[bool, str | None]:
+        """(known, refusal)."""
+        if key not in self._verdicts:
+            return False, None
+        self._verdicts.move_to_end(key)
+        return True, self._verdicts[key]
+
+    def put(self, key: bytes, refusal: str | None) -> None:
+        self._verdicts[key] = refusal
+        self._verdicts.move_to_end(key)
+        while len(self._verdicts) > self._max_entries:
+            self._verdicts.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._verdicts)
+
+
+@dataclass
+class _TenantTurn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # checks of this tenant holding or waiting for the lock
+
+
+@dataclass
+class _Check:
+    """One constraint being checked, shared by every request that asked for it meanwhile."""
+
+    waiting: int = 0  # requests still waiting for the verdict
+    task: asyncio.Task | None = field(default=None, repr=False)
+
+
+class _Lane:
+    """One compiler process and the thread that talks to it. A lane whose compile went over the
+    budget starts a new process before it is free again (the tenant that caused it waits for it)."""
+
+    def __init__(self, budget: "GrammarBudget", index: int) -> None:
+        self.budget = budget
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"loraplex-grammar-{index}")
+        self.compiler: Compiler | None = None
+        self.retry_start_at = 0.0
+
+    def ensure_compiler(self) -> Compiler | None:
+        """The lane's compiler, started when needed (in the lane's thread). None when it cannot
+        start: then constraints pass unchecked, as without a budget, and a start is tried again
+        after ``RETRY_START_S``."""
+        if self.compiler is None and time.monotonic() >= self.retry_start_at:
+            try:
+                self.compiler = self.budget.make_compiler()
+            except Exception:  # noqa: BLE001 - a compiler that cannot start must not refuse every request
+                logger.exception("a grammar compiler could not start; structured outputs pass unchecked on its "
+                                 "lane for %.0f s", self.budget.RETRY_START_S)
+                self.retry_start_at = time.monotonic() + self.budget.RETRY_START_S
+        return self.compiler
+
+    def compile(self, kind: str, spec: str) -> tuple[bool, str | None]:
+        """(checked, refusal) of one compile, in the lane's thread. Raises :class:`CompileStalled`
+        (after restarting the compiler): no verdict."""
+        budget = self.budget
+        compiler = self.ensure_compiler()
+        if compiler is None:
+            return False, None
+        started = time.perf_counter()
+        try:
+            refusal = compiler.compile(kind, spec, budget.budget_s)
+        except CompileStalled:
+            self.compiler = None
+            logger.warning("a structured-output constraint got too little CPU to compile; the request is told to retry")
+            self.ensure_compiler()
+            raise
+        except (CompileOverBudget, CompilerLost) as exc:
+            self.compiler = None
+            if isinstance(exc, CompileOverBudget):
+                logger.warning("structured-output constraint refused: over the %.1f s compile budget", budget.budget_s)
+                refusal = (f"this structured-output constraint takes more than {budget.budget_s:g} CPU-seconds to "
+                           "compile, this server's limit; bounded lengths and counts (maxLength, minLength, "
+                           "maxItems, {m,n} in a regex or pattern) cost the most")
+            else:
+                logger.warning("the grammar compiler failed on a structured-output constraint: %s", exc)
+                refusal = "the structured-output constraint could not be compiled (the compiler failed on it)"
+            self.ensure_compiler()  # (before the lane is free: see the class docstring)
+            return True, refusal
+        logger.debug("constraint compiled in %.2f s (%s)", time.perf_counter() - started, kind)
+        return True, None if refusal is None else f"the structured-output constraint cannot be compiled: {refusal}"
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=False, cancel_futures=True)
+        compiler, self.compiler = self.compiler, None
+        if compiler is not None:
+            compiler.close()
+
+
+class GrammarBudget:
+    """``await check(tenant, kind, spec)`` raises ValueError (the request's 400) when the
+    constraint cannot be compiled within ``budget_s`` CPU-seconds, or fails to compile, and
+    :class:`CompilerBusy` (429) when the machine gave its compile too little CPU to tell.
+
+    ``lanes`` compilers run checks side by side; a tenant has at most one check on a lane (and
+    while its over-budget compile's lane restarts, that restart is its turn too), so a tenant
+    whose schemas are slow holds one lane, and the other tenants' checks run on the others."""
+
+    RETRY_START_S = 60.0
+
+    def __init__(self, budget_s: float, make_compiler: Callable[[], Compiler], lanes: int = 2,
+                 max_verdicts: int = 4096) -> None:
+        if not budget_s > 0:
+            raise ValueError("the grammar compile budget must be positive")
+        if lanes < 1:
+            raise ValueError("the grammar budget needs at least one lane")
+        self.budget_s = budget_s
+        self.make_compiler = make_compiler
+        self._verdicts = VerdictCache(max_verdicts)
+        self._checks: dict[bytes, _Check] = {}
+        # A tenant's checks run one at a time (its own lock); lanes go to tenants in the order they
+        # asked (a FIFO queue of free lanes).
+        self._tenant_turns: dict[str, _TenantTurn] = {}
+        self._lanes = [_Lane(self, i) for i in range(lanes)]
+        self._free_lanes: asyncio.Queue[_Lane] | None = None  # (made in the running loop)
+
+    def prestart(self) -> None:
+        """Start every lane's compiler now, in the background: each is a process importing
+        xgrammar, seconds of work."""
+        for lane in self._lanes:
+            lane.thread.submit(lane.ensure_compiler)
+
+    async def check(self, tenant: str, kind: str, spec: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown constraint kind {kind!r}")
+        if kind == "json_object":  # one fixed grammar (any JSON object), cheap: nothing to check
+            return
+        key = VerdictCache.key(kind, spec)
+        known, refusal = self._verdicts.get(key)
+        if not known:
+            check = self._checks.get(key)
+            if check is None:
+                check = self._checks[key] = _Check()
+                check.task = asyncio.ensure_future(self._run(key, check, tenant, kind, spec))
+            check.waiting += 1
+            try:
+                # (shielded: a request that leaves does not stop a compile that has started, so
+                # the lane is held until it ends and its verdict is kept)
+                busy, refusal = await asyncio.shield(check.task)
+            finally:
+                check.waiting -= 1
+            if busy:
+                raise CompilerBusy("the server is too busy to check this structured-output constraint now; retry",
+                                   retry_after_s=self.budget_s)
+        if refusal is not None:
+            raise ValueError(refusal)
+
+    async def _run(self, key: bytes, check: _Check, tenant: str, kind: str, spec: str) -> tuple[bool, str | None]:
+        """(busy, refusal): busy when the machine gave the compile too little CPU (no verdict)."""
+        if self._free_lanes is None:
+            self._free_lanes = asyncio.Queue()
+            for lane in self._lanes:
+                self._free_lanes.put_nowait(lane)
+        turn = self._tenant_turns.get(tenant)
+        if turn is None:
+            turn = self._tenant_turns[tenant] = _TenantTurn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                known, refusal = self._verdicts.get(key)
+                if known or not check.waiting:  # decided meanwhile, or nobody waits for it any more
+                    return False, refusal
+                lane = await self._free_lanes.get()
+                try:
+                    checked, refusal = await asyncio.get_running_loop().run_in_executor(
+                        lane.thread, lane.compile, kind, spec)
+                except CompileStalled:
+                    return True, None
+                finally:
+                    self._free_lanes.put_nowait(lane)
+                if checked:
+                    self._verdicts.put(key, refusal)
+                return False, refusal
+        finally:
+            self._checks.pop(key, None)
+            turn.users -= 1
+            if not turn.users:
+                del self._tenant_turns[tenant]
+
+    def close(self) -> None:
+        for check in list(self._checks.values()):
+            if check.task is not None:
+                check.task.cancel()
+        for lane in self._lanes:
+            lane.close()
+
+
+# -- the compiler process ---------------------------------------------------------------------
+class ProcessCompiler:
+    """xgrammar's compiler, configured as vLLM's backend configures it, in a child process that is
+    killed when a compile goes over its budget (CPU time of the child, read every 50 ms; a wall
+    clock of ``WALL_FACTOR`` times the budget stops it too, on a machine too busy to give it CPU)."""
+
+    POLL_S = 0.05
+    WALL_FACTOR = 10.0
+    START_TIMEOUT_S = 300.0
+
+    def __init__(self, tokenizer_info_json: str, any_whitespace: bool) -> None:
+        import multiprocessing
+
+        import psutil
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=compiler_main, args=(child_conn, tokenizer_info_json, any_whitespace),
+                                        name="loraplex-grammar-compiler", daemon=True)
+        self._process.start()
+        child_conn.close()
+        self._ps = psutil.Process(self._process.pid)
+        try:
+            if not self._conn.poll(self.START_TIMEOUT_S):
+                raise CompilerLost("the grammar compiler did not start")
+            self._conn.recv()
+        except (EOFError, OSError) as exc:
+            self.close()
+            raise CompilerLost("the grammar compiler did not start") from exc
+        except CompilerLost:
+            self.close()
+            raise
+
+    def _cpu_s(self) -> float:
+        times = self._ps.cpu_times()
+        return times.user + times.system
+
+    def compile(self, kind: str, spec: str, budget_s: float) -> str | None:
+        try:
+            cpu_start, wall_start = self._cpu_s(), time.monotonic()
+            self._conn.send((kind, spec))
+            while not self._conn.poll(self.POLL_S):
+                if self._cpu_s() - cpu_start > budget_s:
+                    self.close()
+                    raise CompileOverBudget()
+                if time.monotonic() - wall_start > self.WALL_FACTOR * budget_s:
+                    self.close()
+                    raise CompileStalled()
+            status, message = self._conn.recv()
+        except (CompileOverBudget, CompileStalled):
+            raise
+        except Exception as exc:  # noqa: BLE001 - EOF, a broken pipe, the process gone (psutil): lost
+            self.close()
+            raise CompilerLost(f"{type(exc).__name__}: {exc}") from None
+        return None if status == "ok" else message
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(timeout=5)
+        self._conn.close()
+
+
+def compiler_main(conn, tokenizer_info_json: str, any_whitespace: bool) -> None:
+    """The child: compile what the parent sends, one at a time, in one thread, no cache (the
+    parent keeps the verdicts), until the pipe closes; at a lower CPU priority than the engine and
+    the doors (its budget is CPU time, so that costs a constraint nothing but wall time)."""
+    import os
+
+    os.nice(10)
+    import xgrammar as xgr
+
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(tokenizer_info_json), max_threads=1,
+                                   cache_enabled=False)
+    # vLLM's compact JSON: no whitespace, and no space after its separators
+    json_options = {"any_whitespace": any_whitespace, "separators": None if any_whitespace else (",", ":")}
+    conn.send(("ready", None))
+    while True:
+        try:
+            kind, spec = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if kind == "json":
+                compiler.compile_json_schema(spec, **json_options)
+            elif kind == "json_object":
+                compiler.compile_json_schema('{"type": "object"}', **json_options)
+            elif kind == "regex":
+                compiler.compile_regex(spec)
+            else:
+                compiler.compile_grammar(spec)
+            conn.send(("ok", None))
+        except Exception as exc:  # noqa: BLE001 - the constraint's own failure, reported
+            message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc).strip())  # (xgrammar's time and source line)
+            conn.send(("error", f"{type(exc).__name__}: {message[:500]}"))

@@ -1,0 +1,322 @@
+"""The grammar compile budget's bookkeeping (a fake compiler: verdicts kept, turns per tenant,
+abandoned checks, a compiler that cannot start), and the real compiler process on a synthetic
+vocabulary (xgrammar, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+
+import pytest
+
+from loraplex.server import grammar_budget
+from loraplex.server.grammar_budget import (CompilerBusy, CompileOverBudget, CompileStalled, GrammarBudget,
+                                              VerdictCache)
+
+
+class FakeCompiler:
+    """Compiles ``spec`` in ``costs[spec]`` seconds (0 when absent); over the budget it stops at
+    the budget and raises, as the process compiler does; ``errors[spec]`` is a compile error."""
+
+    def __init__(self, shared: dict) -> None:
+        self.shared = shared
+        self.closed = False
+
+    def compile(self, kind: str, spec: str, budget_s: float) -> str | None:
+        self.shared["compiled"].append(spec)
+        cost = self.shared["costs"].get(spec, 0.0)
+        if cost == "stalled":  # the machine gave it no CPU
+            self.close()
+            raise CompileStalled()
+        if cost > budget_s:
+            time.sleep(budget_s)
+            self.close()
+            raise CompileOverBudget()
+        time.sleep(cost)
+        return self.shared["errors"].get(spec)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def shared() -> dict:
+    return {"compiled": [], "costs": {}, "errors": {}, "started": 0}
+
+
+def make_budget(shared: dict, budget_s: float = 0.3, lanes: int = 1, start_s: float = 0.0) -> GrammarBudget:
+    def start() -> FakeCompiler:
+        time.sleep(start_s)
+        shared["started"] += 1
+        return FakeCompiler(shared)
+
+    return GrammarBudget(budget_s, start, lanes=lanes)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_verdict_is_kept_so_a_constraint_compiles_once(shared):
+    shared["errors"]["bad"] = "no such type"
+
+    async def main():
+        budget = make_budget(shared)
+        for _ in range(3):
+            await budget.check("a", "json", "good")
+            with pytest.raises(ValueError, match="cannot be compiled: no such type"):
+                await budget.check("b", "json", "bad")
+        # the same text as another kind is another constraint
+        await budget.check("a", "regex", "good")
+        budget.close()
+
+    run(main())
+    assert shared["compiled"] == ["good", "bad", "good"]
+
+
+def test_over_the_budget_is_refused_and_the_lane_restarts_its_compiler(shared):
+    shared["costs"]["heavy"] = 10.0
+
+    async def main():
+        budget = make_budget(shared, budget_s=0.2)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="more than 0.2 CPU-seconds"):
+            await budget.check("a", "json", "heavy")
+        assert time.monotonic() - started < 5  # stopped at its budget, not after its 10 s
+        assert shared["started"] == 2  # the first, and its replacement before the lane was free again
+        with pytest.raises(ValueError, match="more than 0.2 CPU-seconds"):  # kept: not compiled again
+            await budget.check("b", "json", "heavy")
+        await budget.check("b", "json", "light")
+        budget.close()
+
+    run(main())
+    assert shared["compiled"] == ["heavy", "light"]
+    assert shared["started"] == 2
+
+
+def test_on_one_lane_tenants_take_turns_so_another_waits_for_one_check_of_each(shared):
+    for name in ("a1", "a2", "a3"):
+        shared["costs"][name] = 0.15
+
+    async def main():
+        budget = make_budget(shared)
+        costly = [asyncio.ensure_future(budget.check("tenant-a", "json", name)) for name in ("a1", "a2", "a3")]
+        await asyncio.sleep(0.05)  # a1 is compiling, a2 and a3 wait in tenant-a's own line
+        await budget.check("tenant-b", "json", "b1")
+        assert not costly[1].done() and not costly[2].done()
+        await asyncio.gather(*costly)
+        budget.close()
+
+    run(main())
+    assert shared["compiled"] == ["a1", "b1", "a2", "a3"]
+
+
+def test_a_tenant_with_slow_schemas_holds_one_lane_and_its_restarts_and_others_use_the_other(shared):
+    """Two lanes; tenant a sends schemas over the budget back to back (each kill restarts its lane,
+    0.3 s); tenant b's new small schemas never wait for a's."""
+    for i in range(4):
+        shared["costs"][f"heavy{i}"] = 10.0
+
+    async def main():
+        budget = make_budget(shared, budget_s=0.2, lanes=2, start_s=0.3)
+        budget.prestart()
+        await asyncio.sleep(0.5)  # both lanes started
+
+        async def hostile():
+            for i in range(4):
+                with pytest.raises(ValueError, match="CPU-seconds"):
+                    await budget.check("a", "json", f"heavy{i}")
+
+        async def light():
+            waits = []
+            for i in range(20):
+                started = time.monotonic()
+                await budget.check("b", "json", f"light{i}")
+                waits.append(time.monotonic() - started)
+                await asyncio.sleep(0.1)
+            return waits
+
+        _, waits = await asyncio.gather(hostile(), light())
+        budget.close()
+        return waits
+
+    waits = run(main())
+    assert max(waits) < 0.15, waits  # (one over-budget compile alone is 0.2 s, and its restart 0.3 s)
+    assert shared["started"] == 2 + 4
+
+
+def test_a_check_nobody_waits_for_any_more_is_never_compiled(shared):
+    shared["costs"]["first"] = 0.2
+
+    async def main():
+        budget = make_budget(shared)
+        first = asyncio.ensure_future(budget.check("a", "json", "first"))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(budget.check("a", "json", "second"))
+        await asyncio.sleep(0.01)
+        second.cancel()  # its client left while it waited for its turn
+        await first
+        await asyncio.sleep(0.05)
+        assert not budget._checks and not budget._tenant_turns  # nothing left behind
+        budget.close()
+
+    run(main())
+    assert shared["compiled"] == ["first"]
+
+
+def test_a_client_leaving_mid_compile_does_not_stop_it_and_its_verdict_is_kept(shared):
+    shared["costs"]["heavy"] = 5.0
+
+    async def main():
+        budget = make_budget(shared, budget_s=0.2)
+        waiting = asyncio.ensure_future(budget.check("a", "json", "heavy"))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        # the compile still holds the one lane: the next tenant waits for it, not longer
+        started = time.monotonic()
+        await budget.check("b", "json", "light")
+        assert 0.05 < time.monotonic() - started < 5
+        with pytest.raises(ValueError, match="CPU-seconds"):  # decided while nobody waited
+            await budget.check("a", "json", "heavy")
+        budget.close()
+
+    run(main())
+    assert shared["compiled"] == ["heavy", "light"]
+
+
+def test_a_compile_starved_of_cpu_is_a_retry_not_a_verdict(shared):
+    shared["costs"]["starved"] = "stalled"
+
+    async def main():
+        budget = make_budget(shared)
+        with pytest.raises(CompilerBusy) as busy:
+            await budget.check("a", "json", "starved")
+        assert busy.value.retry_after_s == budget.budget_s
+        shared["costs"]["starved"] = 0.0  # the machine is idle again: the same constraint is compiled
+        await budget.check("a", "json", "starved")
+        budget.close()
+
+    run(main())
+    assert shared["compiled"] == ["starved", "starved"] and shared["started"] == 2
+
+
+def test_concurrent_requests_for_one_constraint_share_one_compile(shared):
+    shared["costs"]["same"] = 0.1
+
+    async def main():
+        budget = make_budget(shared)
+        await asyncio.gather(*(budget.check(tenant, "json", "same") for tenant in ("a", "b", "c", "a")))
+        budget.close()
+
+    run(main())
+    assert shared["compiled"] == ["same"]
+
+
+def test_json_object_is_one_fixed_grammar_and_never_compiled(shared):
+    async def main():
+        budget = make_budget(shared)
+        await budget.check("a", "json_object", "")
+        with pytest.raises(ValueError, match="unknown constraint kind"):
+            await budget.check("a", "structural_tag", "{}")
+        budget.close()
+
+    run(main())
+    assert shared["compiled"] == [] and shared["started"] == 0
+
+
+def test_a_compiler_that_cannot_start_lets_constraints_through_and_is_retried(shared, monkeypatch):
+    attempts = []
+
+    def broken():
+        attempts.append(time.monotonic())
+        raise OSError("cannot spawn")
+
+    async def main():
+        budget = GrammarBudget(1.0, broken, lanes=1)
+        budget.RETRY_START_S = 0.2
+        await budget.check("a", "json", "x")  # passes unchecked (as without a budget)
+        await budget.check("a", "json", "x")  # not kept as a verdict; no new start before the retry time
+        assert len(attempts) == 1
+        await asyncio.sleep(0.25)
+        await budget.check("a", "json", "x")
+        assert len(attempts) == 2
+        budget.close()
+
+    run(main())
+
+
+def test_verdict_cache_is_bounded_and_least_recently_used_goes_first():
+    cache = VerdictCache(max_entries=2)
+    keys = [VerdictCache.key("json", str(i)) for i in range(3)]
+    cache.put(keys[0], None)
+    cache.put(keys[1], "refused")
+    assert cache.get(keys[0]) == (True, None)  # now the most recent
+    cache.put(keys[2], None)
+    assert len(cache) == 2
+    assert cache.get(keys[1]) == (False, None)
+    assert cache.get(keys[0]) == (True, None)
+    # a lone surrogate in a client's regex still hashes
+    assert VerdictCache.key("regex", "\ud800") != VerdictCache.key("regex", "\udc00")
+
+
+def test_budget_must_be_positive():
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError):
+            GrammarBudget(bad, lambda: None)
+    with pytest.raises(ValueError):
+        GrammarBudget(1.0, lambda: None, lanes=0)
+
+
+# -- the real compiler process -----------------------------------------------------------------
+def _synthetic_tokenizer_info() -> str:
+    xgr = pytest.importorskip("xgrammar")
+    rng = random.Random(0)
+    vocab = [bytes([b]).decode("latin-1") for b in range(256)]
+    vocab += ["".join(rng.choice('abcdefghijklmnopqrstuvwxyz" {}:,') for _ in range(rng.randint(2, 6)))
+              for _ in range(8000)]
+    return xgr.TokenizerInfo(vocab).serialize_json()
+
+
+def test_process_compiler_compiles_refuses_and_is_killed_over_its_budget():
+    compiler = grammar_budget.ProcessCompiler(_synthetic_tokenizer_info(), any_whitespace=False)
+    try:
+        assert compiler.compile("json", json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}),
+                                30) is None
+        assert compiler.compile("grammar", 'root ::= "yes" | "no"', 30) is None
+        error = compiler.compile("regex", "(", 30)
+        assert error.startswith("RuntimeError: Regex parsing error") and "/" not in error.split(":")[1]
+        heavy = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 50 + i} for i in range(100)}}
+        started = time.monotonic()
+        with pytest.raises(CompileOverBudget):
+            compiler.compile("json", json.dumps(heavy), 0.5)
+        assert time.monotonic() - started < 10
+        assert not compiler._process.is_alive()
+    finally:
+        compiler.close()
+
+
+def test_process_compiler_that_dies_mid_compile_is_lost_not_hung():
+    compiler = grammar_budget.ProcessCompiler(_synthetic_tokenizer_info(), any_whitespace=True)
+    heavy = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 50 + i} for i in range(100)}}
+    threading.Timer(0.5, compiler._process.kill).start()
+    with pytest.raises(grammar_budget.CompilerLost):
+        compiler.compile("json", json.dumps(heavy), 60)
+    compiler.close()
+
+
+def test_process_compiler_given_no_cpu_is_stalled_not_over_budget():
+    import os
+    import signal
+
+    compiler = grammar_budget.ProcessCompiler(_synthetic_tokenizer_info(), any_whitespace=False)
+    compiler.WALL_FACTOR = 2.0
+    os.kill(compiler._process.pid, signal.SIGSTOP)  # a machine too busy to run it at all
+    try:
+        with pytest.raises(grammar_budget.CompileStalled):
+            compiler.compile("json", json.dumps({"type": "object"}), 0.5)
+        assert not compiler._process.is_alive()
+    finally:
+        compiler.close()
