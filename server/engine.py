@@ -21,6 +21,7 @@ from pathlib import Path
 from .adapters.registry import AdapterVersion
 from .adapters.store import snapshot_fingerprint
 from .config import EngineConfig
+from .grammar_budget import KINDS as BUDGETED_KINDS
 from .grammar_budget import GrammarBudget, ProcessCompiler
 from .structured import StructuredSpec
 
@@ -343,7 +344,8 @@ class Engine:
         if structured is None or structured._backend != "xgrammar":
             return None
         option, spec = get_structured_output_key(structured)  # (a choice is a grammar by now)
-        return option.name.lower(), spec
+        kind = option.name.lower()
+        return (kind, spec) if kind in BUDGETED_KINDS else None
 
     def _start_grammar_compiler(self) -> ProcessCompiler:
         """A grammar budget lane's compiler: xgrammar on the engine's tokenizer, as vLLM's backend

@@ -18,6 +18,7 @@ starts a process, and only that process imports xgrammar.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -267,6 +268,8 @@ class GrammarBudget:
 
 
 # -- the compiler process ---------------------------------------------------------------------
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
 class ProcessCompiler:
     """xgrammar's compiler, configured as vLLM's backend configures it, in a child process that is
     killed when a compile goes over its budget (CPU time of the child, read every 50 ms; a wall
@@ -333,9 +336,13 @@ def compiler_main(conn, tokenizer_info_json: str, any_whitespace: bool) -> None:
     """The child: compile what the parent sends, one at a time, in one thread, no cache (the
     parent keeps the verdicts), until the pipe closes; at a lower CPU priority than the engine and
     the doors (its budget is CPU time, so that costs a constraint nothing but wall time)."""
+    import ctypes
     import os
+    import signal
 
     os.nice(10)
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the server, even mid-compile
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
     import xgrammar as xgr
 
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(tokenizer_info_json), max_threads=1,

@@ -320,3 +320,43 @@ def test_process_compiler_given_no_cpu_is_stalled_not_over_budget():
         assert not compiler._process.is_alive()
     finally:
         compiler.close()
+
+
+PARENT = """
+import json, sys
+from loraplex.server.grammar_budget import ProcessCompiler
+if __name__ == "__main__":
+    compiler = ProcessCompiler(sys.stdin.read(), any_whitespace=False)
+    print(compiler._process.pid, flush=True)
+    heavy = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 50 + i} for i in range(500)}}
+    compiler.compile("json", json.dumps(heavy), 600)
+"""
+
+
+def test_the_compiler_process_dies_with_its_server_even_mid_compile(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    parent.stdin.write(_synthetic_tokenizer_info())
+    parent.stdin.close()
+    child_pid = int(parent.stdout.readline())
+    time.sleep(1.0)  # compiling now
+    os.kill(parent.pid, signal.SIGKILL)  # the server killed outright: no atexit, no close()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child_pid}/stat") as stat:
+            if stat.read().split()[2] == "Z":  # (a zombie waiting for init: dead)
+                return
+        time.sleep(0.1)
+    os.kill(child_pid, signal.SIGKILL)
+    raise AssertionError("the compiler outlived its server")
