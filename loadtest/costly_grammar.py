@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 import httpx
+
+from .stats import percentile
 
 KINDS = ("hostile", "light_schema", "plain")
 
@@ -46,13 +49,6 @@ def light_schema(tag: str) -> dict:
     return {"type": "object", "properties": {tag: {"type": "string"}}, "required": [tag]}
 
 
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def grammar_verdict(records: list[dict], health_failures: int) -> dict:
     """``records``: {"kind", "status", "latency_s"} per request (status 0: no answer)."""
     out: dict = {"health_failures": health_failures,
@@ -60,11 +56,9 @@ def grammar_verdict(records: list[dict], health_failures: int) -> dict:
     for kind in KINDS:
         rs = [r for r in records if r["kind"] == kind]
         latencies = [r["latency_s"] for r in rs]
-        statuses: dict[str, int] = {}
-        for r in rs:
-            statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
-        out[kind] = {"sent": len(rs), "statuses": statuses,
-                     "p50_s": _quantile(latencies, 0.5), "p99_s": _quantile(latencies, 0.99),
+        out[kind] = {"sent": len(rs), "statuses": dict(Counter(str(r["status"]) for r in rs)),
+                     "p50_s": percentile(latencies, 50) if latencies else None,
+                     "p99_s": percentile(latencies, 99) if latencies else None,
                      "max_s": max(latencies, default=None)}
     return out
 

@@ -142,13 +142,13 @@ class _Lane:
         started = time.perf_counter()
         try:
             refusal = compiler.compile(kind, spec, budget.budget_s)
-        except CompileStalled:
+        except (CompileOverBudget, CompileStalled, CompilerLost) as exc:
             self.compiler = None
-            logger.warning("a structured-output constraint got too little CPU to compile; the request is told to retry")
-            self.ensure_compiler()
-            raise
-        except (CompileOverBudget, CompilerLost) as exc:
-            self.compiler = None
+            self.ensure_compiler()  # (before the lane is free: see the class docstring)
+            if isinstance(exc, CompileStalled):
+                logger.warning("a structured-output constraint got too little CPU to compile; the request is told "
+                               "to retry")
+                raise
             if isinstance(exc, CompileOverBudget):
                 logger.warning("structured-output constraint refused: over the %.1f s compile budget", budget.budget_s)
                 refusal = (f"this structured-output constraint takes more than {budget.budget_s:g} CPU-seconds to "
@@ -157,7 +157,6 @@ class _Lane:
             else:
                 logger.warning("the grammar compiler failed on a structured-output constraint: %s", exc)
                 refusal = "the structured-output constraint could not be compiled (the compiler failed on it)"
-            self.ensure_compiler()  # (before the lane is free: see the class docstring)
             return True, refusal
         logger.debug("constraint compiled in %.2f s (%s)", time.perf_counter() - started, kind)
         return True, None if refusal is None else f"the structured-output constraint cannot be compiled: {refusal}"
@@ -194,7 +193,9 @@ class GrammarBudget:
         # asked (a FIFO queue of free lanes).
         self._tenant_turns: dict[str, _TenantTurn] = {}
         self._lanes = [_Lane(self, i) for i in range(lanes)]
-        self._free_lanes: asyncio.Queue[_Lane] | None = None  # (made in the running loop)
+        self._free_lanes: asyncio.Queue[_Lane] = asyncio.Queue()
+        for lane in self._lanes:
+            self._free_lanes.put_nowait(lane)
 
     def prestart(self) -> None:
         """Start every lane's compiler now, in the background: each is a process importing
@@ -229,10 +230,6 @@ class GrammarBudget:
 
     async def _run(self, key: bytes, check: _Check, tenant: str, kind: str, spec: str) -> tuple[bool, str | None]:
         """(busy, refusal): busy when the machine gave the compile too little CPU (no verdict)."""
-        if self._free_lanes is None:
-            self._free_lanes = asyncio.Queue()
-            for lane in self._lanes:
-                self._free_lanes.put_nowait(lane)
         turn = self._tenant_turns.get(tenant)
         if turn is None:
             turn = self._tenant_turns[tenant] = _TenantTurn()
@@ -270,6 +267,7 @@ class GrammarBudget:
 # -- the compiler process ---------------------------------------------------------------------
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
+
 class ProcessCompiler:
     """xgrammar's compiler, configured as vLLM's backend configures it, in a child process that is
     killed when a compile goes over its budget (CPU time of the child, read every 50 ms; a wall
@@ -292,15 +290,12 @@ class ProcessCompiler:
         child_conn.close()
         self._ps = psutil.Process(self._process.pid)
         try:
-            if not self._conn.poll(self.START_TIMEOUT_S):
-                raise CompilerLost("the grammar compiler did not start")
-            self._conn.recv()
-        except (EOFError, OSError) as exc:
+            ready = self._conn.poll(self.START_TIMEOUT_S) and self._conn.recv()
+        except (EOFError, OSError):  # it died while starting
+            ready = None
+        if not ready:
             self.close()
-            raise CompilerLost("the grammar compiler did not start") from exc
-        except CompilerLost:
-            self.close()
-            raise
+            raise CompilerLost("the grammar compiler did not start")
 
     def _cpu_s(self) -> float:
         times = self._ps.cpu_times()
@@ -358,8 +353,6 @@ def compiler_main(conn, tokenizer_info_json: str, any_whitespace: bool) -> None:
         try:
             if kind == "json":
                 compiler.compile_json_schema(spec, **json_options)
-            elif kind == "json_object":
-                compiler.compile_json_schema('{"type": "object"}', **json_options)
             elif kind == "regex":
                 compiler.compile_regex(spec)
             else:

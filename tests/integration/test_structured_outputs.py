@@ -103,14 +103,13 @@ def test_a_bad_schema_leaves_the_next_request_alone(client, server, base_model_n
 
 
 def test_a_constraint_too_costly_to_compile_is_a_400_and_holds_up_nobody(server, base_model_name, adapter_names):
-    from loraplex.loadtest.costly_grammar import costly_schema
+    from loraplex.loadtest.costly_grammar import costly_schema, light_schema
     from tests.integration.conftest import GRAMMAR_COMPILE_BUDGET_S
 
     costly = costly_schema(600, "field")  # valid, small, slow: each bounded string ~ a CPU-second
     assert len(json.dumps(costly)) < 32 << 10  # inside the schema size bound
     costly_format = {"type": "json_schema", "json_schema": {"name": "costly", "schema": costly}}
-    field = f"note_{uuid.uuid4().hex[:8]}"  # a schema no earlier run compiled
-    light = {"type": "object", "properties": {field: {"type": "string"}}, "required": [field]}
+    light = light_schema(f"note_{uuid.uuid4().hex[:8]}")  # a schema no earlier run compiled
     light_format = {"type": "json_schema", "json_schema": {"name": "light", "schema": light}}
 
     async def post(http, model, response_format):

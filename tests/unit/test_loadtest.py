@@ -276,7 +276,8 @@ def test_costly_grammar_verdict_counts_server_errors_and_summarises_each_kind():
     verdict = grammar_verdict(records, health_failures=1)
     assert verdict["server_errors"] == 2 and verdict["health_failures"] == 1
     assert verdict["hostile"]["statuses"] == {"400": 1, "503": 1}
-    assert verdict["light_schema"]["max_s"] == 4.0 and verdict["light_schema"]["p50_s"] == 4.0
+    assert verdict["light_schema"]["max_s"] == 4.0 and verdict["light_schema"]["p50_s"] == 3.0  # (interpolated)
+    assert verdict["plain"]["p99_s"] == 9.0
     assert verdict["plain"]["sent"] == 1
     schema = costly_schema(200, "x")
     assert len(schema["properties"]) == 200 and len(json.dumps(schema)) < 32 << 10  # inside the server's bound
