@@ -1,13 +1,17 @@
-"""A hostile tenant's structured-output constraints that are slow to compile, beside other tenants'
-new small schemas and plain requests: what the others wait for.
+"""A hostile tenant's structured-output constraints that are slow to compile or to enforce, beside
+other tenants' new small schemas and plain requests: what the others wait for.
 
-Every ``hostile_interval_s`` the first model sends a new schema (never sent before, so never
-cached) of ``hostile_fields`` bounded strings (valid, ~45 bytes a field, each about a CPU-second
-of xgrammar's compile); every ``light_interval_s`` each other model sends one request with a new
-one-field schema and one plain request. Reported per kind: statuses and latency; what must hold:
-no 5xx, /health 200 all along, the light schemas served.
+Every ``hostile_interval_s`` the first model sends a new constraint (never sent before, so never
+cached): with ``hostile_kind`` "compile", a schema of ``hostile_fields`` bounded strings (valid,
+~45 bytes a field, each about a CPU-second of xgrammar's compile); with "mask", a regex of
+``hostile_repeats`` nested repetitions (compiles in a second, each token's mask costs xgrammar
+~0.5 CPU-second at 120, and the engine's batch waits for it at every step). Every
+``light_interval_s`` each other model sends one request with a new one-field schema and one plain
+request. Reported per kind: statuses and latency; what must hold: no 5xx, /health 200 all along,
+the light schemas served.
 
     python -m loraplex.loadtest.scenarios costly_grammar --url ... --models HOSTILE M1 M2 --duration 120
+    python -m loraplex.loadtest.scenarios costly_grammar --hostile-kind mask --url ... --models HOSTILE M1 M2
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import httpx
 from .stats import percentile
 
 KINDS = ("hostile", "light_schema", "plain")
+HOSTILE_KINDS = ("compile", "mask")
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,9 @@ class CostlyGrammarConfig:
     hostile_model: str
     other_models: tuple[str, ...]
     duration_s: float = 120.0
+    hostile_kind: str = "compile"  # one of HOSTILE_KINDS
     hostile_fields: int = 200
+    hostile_repeats: int = 120
     hostile_interval_s: float = 20.0
     light_interval_s: float = 3.0
     max_tokens: int = 16
@@ -43,6 +50,13 @@ def costly_schema(num_fields: int, tag: str) -> dict:
     what xgrammar 0.2.8 compiles slowest)."""
     return {"type": "object", "properties": {f"{tag}_{i}": {"type": "string", "maxLength": 50 + i}
                                              for i in range(num_fields)}}
+
+
+def costly_mask_regex(num_repeats: int, tag: str) -> str:
+    """A valid regex that xgrammar 0.2.8 compiles at once but fills each token's mask for slowly:
+    ``num_repeats`` repetitions of a star over one broad class (every split of the text between
+    them stays alive)."""
+    return f"{tag}([^x]*){{{num_repeats}}}"
 
 
 def light_schema(tag: str) -> dict:
@@ -64,11 +78,13 @@ def grammar_verdict(records: list[dict], health_failures: int) -> dict:
 
 
 async def _request(client: httpx.AsyncClient, records: list[dict], kind: str, model: str, schema: dict | None,
-                   max_tokens: int) -> None:
+                   max_tokens: int, regex: str | None = None) -> None:
     body: dict = {"model": model, "messages": [{"role": "user", "content": "Describe a cat in JSON."}],
                   "max_tokens": max_tokens, "temperature": 0}
     if schema is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": kind, "schema": schema}}
+    if regex is not None:
+        body["structured_outputs"] = {"regex": regex}
     started = time.monotonic()
     try:
         status = (await client.post("/v1/chat/completions", json=body)).status_code
@@ -85,9 +101,14 @@ async def run_costly_grammar(config: CostlyGrammarConfig) -> dict:
         async def hostile() -> None:
             tasks = []
             while time.monotonic() < stop_at:
-                schema = costly_schema(config.hostile_fields, f"f{uuid.uuid4().hex[:6]}")
-                tasks.append(asyncio.ensure_future(_request(client, records, "hostile", config.hostile_model,
-                                                            schema, config.max_tokens)))
+                tag = f"f{uuid.uuid4().hex[:6]}"
+                if config.hostile_kind == "mask":
+                    request = _request(client, records, "hostile", config.hostile_model, None, config.max_tokens,
+                                       regex=costly_mask_regex(config.hostile_repeats, tag))
+                else:
+                    request = _request(client, records, "hostile", config.hostile_model,
+                                       costly_schema(config.hostile_fields, tag), config.max_tokens)
+                tasks.append(asyncio.ensure_future(request))
                 await asyncio.sleep(config.hostile_interval_s)
             await asyncio.gather(*tasks)
 

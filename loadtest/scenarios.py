@@ -31,9 +31,10 @@
   to 10 s (``loadtest/admin_race.py``): no INTERNAL, no version left loading, no engine entry leaked.
 
     python -m loraplex.loadtest.scenarios admin_race --race-adapters DIR DIR ... --admin-token T --duration 90
-- costly_grammar: one tenant sends a new schema of bounded strings (slow to compile) every 20 s,
-  the others new small schemas and plain requests (``loadtest/costly_grammar.py``): what the
-  others wait for; no 5xx, /health 200.
+- costly_grammar: one tenant sends a new schema of bounded strings (slow to compile; with
+  ``--hostile-kind mask``, a regex of nested repetitions, slow to enforce) every 20 s, the others
+  new small schemas and plain requests (``loadtest/costly_grammar.py``): what the others wait
+  for; no 5xx, /health 200.
 
     python -m loraplex.loadtest.scenarios costly_grammar --url ... --models HOSTILE M1 M2 --duration 120
 - adapter_scaling: one rate over the first 8, 16, 64, 256 adapters of ``--models`` (``--counts``),
@@ -313,9 +314,10 @@ def costly_grammar(args) -> dict:
     from .costly_grammar import CostlyGrammarConfig, run_costly_grammar
 
     config = CostlyGrammarConfig(url=args.url, hostile_model=args.models[0], other_models=tuple(args.models[1:]),
-                                 duration_s=args.duration, hostile_fields=args.hostile_fields)
-    print(f"== costly schemas from {config.hostile_model} beside {len(config.other_models)} other tenants for "
-          f"{args.duration:.0f} s", file=sys.stderr)
+                                 duration_s=args.duration, hostile_kind=args.hostile_kind,
+                                 hostile_fields=args.hostile_fields, hostile_repeats=args.hostile_repeats)
+    print(f"== costly constraints ({config.hostile_kind}) from {config.hostile_model} beside "
+          f"{len(config.other_models)} other tenants for {args.duration:.0f} s", file=sys.stderr)
     return asyncio.run(run_costly_grammar(config))
 
 
@@ -378,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-target", default="127.0.0.1:50051", help="admin_race: the gRPC door, host:port")
     parser.add_argument("--hostile-fields", type=int, default=200,
                         help="costly_grammar: bounded strings in each hostile schema")
+    parser.add_argument("--hostile-kind", choices=("compile", "mask"), default="compile",
+                        help="costly_grammar: schemas slow to compile, or regexes slow to enforce")
+    parser.add_argument("--hostile-repeats", type=int, default=120,
+                        help="costly_grammar --hostile-kind mask: nested repetitions in each hostile regex")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the numbers")
     args = parser.parse_args(argv)
     fixed_rate = args.scenario in ("lora_overhead", "adapter_scaling")
@@ -391,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("lora_overhead needs --base")
     if args.scenario == "chaos" and (not args.good_adapter or not args.admin_token or not args.models):
         parser.error("chaos needs --models, --good-adapter and --admin-token")
-    if args.scenario == "costly_grammar" and (len(args.models) < 2 or args.hostile_fields < 1):
-        parser.error("costly_grammar needs --models HOSTILE OTHER... and --hostile-fields >= 1")
+    if args.scenario == "costly_grammar" and (len(args.models) < 2 or args.hostile_fields < 1
+                                              or args.hostile_repeats < 1):
+        parser.error("costly_grammar needs --models HOSTILE OTHER..., --hostile-fields >= 1 and "
+                     "--hostile-repeats >= 1")
     if args.scenario in ("overload", "soak", "slow_clients") and not args.models:
         parser.error(f"{args.scenario} needs --models")
     if args.scenario == "fairness" and (not args.hot or not args.cold):

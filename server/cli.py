@@ -74,6 +74,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-grammar-compile-s", type=float, default=defaults_engine.grammar_compile_budget_s,
                         help="CPU-seconds a new structured-output constraint may take to compile (checked once "
                              "per constraint, before the engine compiles it; over it: 400); 0: unbounded")
+    engine.add_argument("--max-grammar-mask-ms", type=float, default=defaults_engine.grammar_mask_budget_ms,
+                        help="CPU-milliseconds one token's mask may cost for a new structured-output constraint, "
+                             "tried on sample steps with its compile (the engine's batch waits for each mask at "
+                             "every step; over it: 400); 0: not tried")
     engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=defaults_engine.enforce_eager,
                         help="eager execution; default: on for CPUs, off for GPUs (CUDA graphs)")
     engine.add_argument("--tensor-parallel-size", type=int, default=defaults_engine.tensor_parallel_size, help="vLLM: GPUs per model shard group")
@@ -169,6 +173,7 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, AdapterConfi
         max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, lora_dtype=args.lora_dtype,
         lora_kernels=args.lora_kernels, seed=args.seed, enforce_eager=args.enforce_eager,
         json_whitespace=args.json_whitespace, grammar_compile_budget_s=args.max_grammar_compile_s or None,
+        grammar_mask_budget_ms=args.max_grammar_mask_ms or None,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, data_parallel_size=args.data_parallel_size)
     for flag in ("api_key", "admin_token"):

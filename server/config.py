@@ -63,6 +63,10 @@ class EngineConfig:
     # CPU-seconds one structured-output constraint may take to compile (server/grammar_budget.py),
     # checked once per constraint in a child process before the engine compiles it; None: unbounded.
     grammar_compile_budget_s: float | None = 10.0
+    # CPU-milliseconds one token's mask may cost to fill for a constraint (vLLM fills each
+    # structured request's mask on the engine's thread at every step, so the whole batch waits for
+    # it), tried on sample steps with the compile; None: not tried. Needs the compile budget on.
+    grammar_mask_budget_ms: float | None = 50.0
     # CPU engines: cores kept free of the engine's compute threads for this process (None: vLLM's
     # default, one). A server needs its core for the doors; a batch job (the training evaluation) does not.
     cpu_reserved_cores: int | None = None
@@ -85,6 +89,8 @@ class EngineConfig:
             raise ValueError("kv_cache_gib must be positive")
         if self.grammar_compile_budget_s is not None and not self.grammar_compile_budget_s > 0:
             raise ValueError("grammar_compile_budget_s must be positive (None: unbounded)")
+        if self.grammar_mask_budget_ms is not None and not self.grammar_mask_budget_ms > 0:
+            raise ValueError("grammar_mask_budget_ms must be positive (None: not tried)")
         if self.block_size is not None and not (16 <= self.block_size <= 256 and self.block_size % 16 == 0):
             raise ValueError(f"block_size must be a multiple of 16 from 16 to 256, got {self.block_size}")
 

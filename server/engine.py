@@ -23,6 +23,7 @@ from .adapters.store import snapshot_fingerprint
 from .config import EngineConfig
 from .grammar_budget import KINDS as BUDGETED_KINDS
 from .grammar_budget import GrammarBudget, ProcessCompiler
+from .grammar_guard import ENGINE_LIMIT_FACTOR, set_mask_limit
 from .structured import StructuredSpec
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class EngineUnavailable(RuntimeError):
 
 
 class EngineRequestFailed(RuntimeError):
-    """The engine ended one request with an error (a grammar it could not compile); it lives on."""
+    """The engine ended one request with an error (a grammar it could not compile, or one whose
+    token mask cost over the limit: ``grammar_guard.py``); it lives on."""
 
 
 # JSON has no -inf: a token the model gives no chance at all is reported as this (as vLLM does).
@@ -225,7 +227,9 @@ class Engine:
         # Structured-output constraints are checked here, one at a time, off the event loop; then
         # what the engine would compile is compiled once under a CPU-time budget (None: unbounded).
         self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-grammar")
-        self._grammar_budget = (GrammarBudget(config.grammar_compile_budget_s, self._start_grammar_compiler)
+        mask_budget_s = config.grammar_mask_budget_ms / 1e3 if config.grammar_mask_budget_ms else None
+        self._grammar_budget = (GrammarBudget(config.grammar_compile_budget_s, self._start_grammar_compiler,
+                                              mask_budget_s=mask_budget_s)
                                 if config.grammar_compile_budget_s else None)
         self._tokenizer_info_json: str | None = None
         self._tokenizer_info_lock = threading.Lock()
@@ -237,6 +241,9 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         logger.info("starting vLLM engine on %s (lora_kernels=%s)", config.model_path, config.lora_kernels)
+        # read by our plugin in the engine's processes when they start
+        set_mask_limit(None if config.grammar_mask_budget_ms is None
+                       else ENGINE_LIMIT_FACTOR * config.grammar_mask_budget_ms)
         if config.cpu_reserved_cores is not None:  # read by vLLM's CPU worker when it starts
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(config.cpu_reserved_cores)
         stat_loggers = [_stats_relay_factory(on_stats)] if on_stats else None

@@ -1,5 +1,6 @@
-"""The cost bound on compiling a structured-output constraint: each constraint not seen before is
-compiled once, in a child process, under a CPU-time budget, before the engine is given it.
+"""The cost bounds on a structured-output constraint: each constraint not seen before is compiled
+once, in a child process, under a CPU-time budget, and enforced there for a few sample steps under
+a per-token budget, before the engine is given it.
 
 Why: vLLM's backend (xgrammar 0.2.8) spends about a CPU-second per bounded string (``maxLength``,
 ``minLength``) or counted repetition, so a 9 KB schema of 200 such strings compiles for ~2 min,
@@ -10,6 +11,16 @@ budget is killed with its process and the request refused (400), and the verdict
 same constraint costs nothing the next time. Checks run on two lanes (two compiler processes),
 a tenant on at most one at a time, so one tenant's slow schemas leave the other lane to everyone
 else.
+
+Why the sample steps: at every engine step, vLLM fills the token mask of each structured request
+in the batch, one after another on the engine's thread, before the batch's step runs. A regex of
+nested or overlapping repetitions compiles at once and still costs xgrammar seconds per mask
+(``(([^x]*){20}){6}``: ~9 CPU-seconds, 15 characters), so 16 tokens of it held another tenant's
+one-second request for 69 s. Here the compiled constraint is walked for a few steps (random tokens
+it allows) and its mask fills timed; when two of them are over the per-token budget it is refused
+(400).
+A walk samples; a constraint whose costly states only a rare path reaches can pass, and then the
+engine's own bound (``grammar_guard.py``) ends its request at its first slow mask.
 
 The bookkeeping (verdicts, turns, abandoned checks) is plain asyncio; only :class:`ProcessCompiler`
 starts a process, and only that process imports xgrammar.
@@ -57,11 +68,20 @@ class CompilerLost(Exception):
     """The compiler process died (or could not start) during the compile."""
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """What compiling one constraint gave: ``error`` (why it did not compile; None: it did), and
+    ``mask_s``, the CPU-seconds of a token's mask on the sample steps (:func:`mask_cost_s`)."""
+
+    error: str | None = None
+    mask_s: float = 0.0
+
+
 class Compiler(Protocol):
-    def compile(self, kind: str, spec: str, budget_s: float) -> str | None:
-        """Compile one constraint (blocking): None when it compiled, else why it did not. Raises
-        :class:`CompileOverBudget`, :class:`CompileStalled` or :class:`CompilerLost`; after any of
-        them the compiler is closed."""
+    def compile(self, kind: str, spec: str, budget_s: float, mask_budget_s: float | None) -> Compiled:
+        """Compile one constraint and walk its sample steps (blocking; the walk stops once its mask
+        cost is over ``mask_budget_s``). Raises :class:`CompileOverBudget`,
+        :class:`CompileStalled` or :class:`CompilerLost`; after any of them the compiler is closed."""
 
     def close(self) -> None: ...
 
@@ -141,7 +161,7 @@ class _Lane:
             return False, None
         started = time.perf_counter()
         try:
-            refusal = compiler.compile(kind, spec, budget.budget_s)
+            compiled = compiler.compile(kind, spec, budget.budget_s, budget.mask_budget_s)
         except (CompileOverBudget, CompileStalled, CompilerLost) as exc:
             self.compiler = None
             self.ensure_compiler()  # (before the lane is free: see the class docstring)
@@ -152,14 +172,25 @@ class _Lane:
             if isinstance(exc, CompileOverBudget):
                 logger.warning("structured-output constraint refused: over the %.1f s compile budget", budget.budget_s)
                 refusal = (f"this structured-output constraint takes more than {budget.budget_s:g} CPU-seconds to "
-                           "compile, this server's limit; bounded lengths and counts (maxLength, minLength, "
-                           "maxItems, {m,n} in a regex or pattern) cost the most")
+                           "compile and try, this server's limit; bounded lengths and counts (maxLength, "
+                           "minLength, maxItems, {m,n} in a regex or pattern) and nested repetitions ((a*)*) "
+                           "cost the most")
             else:
                 logger.warning("the grammar compiler failed on a structured-output constraint: %s", exc)
                 refusal = "the structured-output constraint could not be compiled (the compiler failed on it)"
             return True, refusal
-        logger.debug("constraint compiled in %.2f s (%s)", time.perf_counter() - started, kind)
-        return True, None if refusal is None else f"the structured-output constraint cannot be compiled: {refusal}"
+        logger.debug("constraint compiled and tried in %.2f s (%s; costliest mask %.1f ms)",
+                     time.perf_counter() - started, kind, 1e3 * compiled.mask_s)
+        if compiled.error is not None:
+            return True, f"the structured-output constraint cannot be compiled: {compiled.error}"
+        if budget.mask_budget_s is not None and compiled.mask_s > budget.mask_budget_s:
+            logger.warning("structured-output constraint refused: a token's mask took %.0f ms (limit %g ms)",
+                           1e3 * compiled.mask_s, 1e3 * budget.mask_budget_s)
+            return True, (f"enforcing this structured-output constraint costs {1e3 * compiled.mask_s:.0f} ms of CPU "
+                          f"per generated token (this server's limit: {1e3 * budget.mask_budget_s:g} ms), and every "
+                          "request in the engine's batch would wait for it at each step; nested or overlapping "
+                          "repetitions (such as (a*)* or ([^x]*){20} in a regex or pattern) cost the most")
+        return True, None
 
     def close(self) -> None:
         self.thread.shutdown(wait=False, cancel_futures=True)
@@ -170,8 +201,10 @@ class _Lane:
 
 class GrammarBudget:
     """``await check(tenant, kind, spec)`` raises ValueError (the request's 400) when the
-    constraint cannot be compiled within ``budget_s`` CPU-seconds, or fails to compile, and
-    :class:`CompilerBusy` (429) when the machine gave its compile too little CPU to tell.
+    constraint cannot be compiled (and tried) within ``budget_s`` CPU-seconds, fails to compile, or
+    one of its token masks costs more than ``mask_budget_s`` CPU-seconds on the sample steps (None:
+    not tried), and :class:`CompilerBusy` (429) when the machine gave its compile too little CPU to
+    tell.
 
     ``lanes`` compilers run checks side by side; a tenant has at most one check on a lane (and
     while its over-budget compile's lane restarts, that restart is its turn too), so a tenant
@@ -180,12 +213,15 @@ class GrammarBudget:
     RETRY_START_S = 60.0
 
     def __init__(self, budget_s: float, make_compiler: Callable[[], Compiler], lanes: int = 2,
-                 max_verdicts: int = 4096) -> None:
+                 max_verdicts: int = 4096, mask_budget_s: float | None = None) -> None:
         if not budget_s > 0:
             raise ValueError("the grammar compile budget must be positive")
+        if mask_budget_s is not None and not mask_budget_s > 0:
+            raise ValueError("the grammar mask budget must be positive (None: not tried)")
         if lanes < 1:
             raise ValueError("the grammar budget needs at least one lane")
         self.budget_s = budget_s
+        self.mask_budget_s = mask_budget_s
         self.make_compiler = make_compiler
         self._verdicts = VerdictCache(max_verdicts)
         self._checks: dict[bytes, _Check] = {}
@@ -270,8 +306,9 @@ PR_SET_PDEATHSIG = 1  # prctl(2)
 
 class ProcessCompiler:
     """xgrammar's compiler, configured as vLLM's backend configures it, in a child process that is
-    killed when a compile goes over its budget (CPU time of the child, read every 50 ms; a wall
-    clock of ``WALL_FACTOR`` times the budget stops it too, on a machine too busy to give it CPU)."""
+    killed when a compile and its sample steps go over the budget (CPU time of the child, read
+    every 50 ms; a wall clock of ``WALL_FACTOR`` times the budget stops it too, on a machine too
+    busy to give it CPU)."""
 
     POLL_S = 0.05
     WALL_FACTOR = 10.0
@@ -301,10 +338,10 @@ class ProcessCompiler:
         times = self._ps.cpu_times()
         return times.user + times.system
 
-    def compile(self, kind: str, spec: str, budget_s: float) -> str | None:
+    def compile(self, kind: str, spec: str, budget_s: float, mask_budget_s: float | None) -> Compiled:
         try:
             cpu_start, wall_start = self._cpu_s(), time.monotonic()
-            self._conn.send((kind, spec))
+            self._conn.send((kind, spec, mask_budget_s))
             while not self._conn.poll(self.POLL_S):
                 if self._cpu_s() - cpu_start > budget_s:
                     self.close()
@@ -312,13 +349,13 @@ class ProcessCompiler:
                 if time.monotonic() - wall_start > self.WALL_FACTOR * budget_s:
                     self.close()
                     raise CompileStalled()
-            status, message = self._conn.recv()
+            status, detail = self._conn.recv()
         except (CompileOverBudget, CompileStalled):
             raise
         except Exception as exc:  # noqa: BLE001 - EOF, a broken pipe, the process gone (psutil): lost
             self.close()
             raise CompilerLost(f"{type(exc).__name__}: {exc}") from None
-        return None if status == "ok" else message
+        return Compiled(mask_s=detail) if status == "ok" else Compiled(error=detail)
 
     def close(self) -> None:
         if self._process.is_alive():
@@ -327,10 +364,15 @@ class ProcessCompiler:
         self._conn.close()
 
 
+MASK_WALKS = 4  # sample walks through a compiled constraint, each of up to MASK_WALK_STEPS tokens
+MASK_WALK_STEPS = 16
+
+
 def compiler_main(conn, tokenizer_info_json: str, any_whitespace: bool) -> None:
-    """The child: compile what the parent sends, one at a time, in one thread, no cache (the
-    parent keeps the verdicts), until the pipe closes; at a lower CPU priority than the engine and
-    the doors (its budget is CPU time, so that costs a constraint nothing but wall time)."""
+    """The child: compile what the parent sends and walk its sample steps, one at a time, in one
+    thread, no cache (the parent keeps the verdicts), until the pipe closes; at a lower CPU
+    priority than the engine and the doors (its budget is CPU time, so that costs a constraint
+    nothing but wall time)."""
     import ctypes
     import os
     import signal
@@ -347,17 +389,51 @@ def compiler_main(conn, tokenizer_info_json: str, any_whitespace: bool) -> None:
     conn.send(("ready", None))
     while True:
         try:
-            kind, spec = conn.recv()
+            kind, spec, mask_budget_s = conn.recv()
         except (EOFError, OSError):
             return
         try:
             if kind == "json":
-                compiler.compile_json_schema(spec, **json_options)
+                compiled = compiler.compile_json_schema(spec, **json_options)
             elif kind == "regex":
-                compiler.compile_regex(spec)
+                compiled = compiler.compile_regex(spec)
             else:
-                compiler.compile_grammar(spec)
-            conn.send(("ok", None))
+                compiled = compiler.compile_grammar(spec)
+            conn.send(("ok", mask_cost_s(compiled, mask_budget_s) if mask_budget_s is not None else 0.0))
         except Exception as exc:  # noqa: BLE001 - the constraint's own failure, reported
             message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc).strip())  # (xgrammar's time and source line)
             conn.send(("error", f"{type(exc).__name__}: {message[:500]}"))
+
+
+def mask_cost_s(compiled, stop_above_s: float, walks: int = MASK_WALKS, steps: int = MASK_WALK_STEPS) -> float:
+    """CPU-seconds of the second-costliest token-mask fill (what vLLM's engine does for the
+    constraint at every step) over ``walks`` walks of up to ``steps`` tokens, each token drawn at
+    random (seeded: the same verdict every time) from those the mask allows, end-of-sequence
+    excepted: one slow fill alone (the first mask of a broad regex, ~15 ms for ``.{0,200}`` here)
+    is forgiven. Stops at the second fill over ``stop_above_s``."""
+    import torch
+    import xgrammar as xgr
+
+    generator = torch.Generator().manual_seed(0)
+    vocab_size = compiled.tokenizer_info.vocab_size
+    stop_token_ids = torch.tensor(compiled.tokenizer_info.stop_token_ids, dtype=torch.long)
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(vocab_size / 32)] int32, bit t%32 of word t//32
+    bit_of = torch.arange(32, dtype=torch.int32)
+    costliest = [0.0, 0.0]  # the two costliest fills, ascending
+    for _ in range(walks):
+        matcher = xgr.GrammarMatcher(compiled)
+        for _ in range(steps):
+            started = time.process_time()
+            matcher.fill_next_token_bitmask(bitmask)
+            costliest = sorted((*costliest, time.process_time() - started))[1:]
+            if costliest[0] > stop_above_s:
+                return costliest[0]
+            allowed = ((bitmask[0].unsqueeze(1) >> bit_of) & 1).flatten()[:vocab_size].bool()  # [vocab_size]
+            allowed[stop_token_ids] = False
+            allowed_ids = allowed.nonzero().flatten()  # [num_allowed]
+            if not allowed_ids.numel():
+                break
+            token = int(allowed_ids[torch.randint(allowed_ids.numel(), (1,), generator=generator)])
+            if not matcher.accept_token(token) or matcher.is_terminated():
+                break
+    return costliest[0]

@@ -406,8 +406,9 @@ class GenerationService:
             if request.options.structured is None:
                 outcome = "failed_500"
                 raise InternalError(str(exc)) from exc
-            outcome = "failed_400"  # the only per-request failure it has: a grammar it cannot compile
-            raise InvalidRequest("the engine could not compile this request's structured-output constraint",
+            outcome = "failed_400"  # its only per-request failures: a grammar it cannot compile, or too costly a mask
+            raise InvalidRequest("the engine could not compile or enforce this request's structured-output "
+                                 "constraint (a token's mask can cost more than this server allows)",
                                  param="response_format") from exc
         finally:
             end = time.perf_counter()

@@ -88,7 +88,8 @@ async def _generate(config: EvalEngineConfig, prompts: list[list[int]], wanted: 
         max_loras=1, max_cpu_loras=1,
         max_lora_rank=max_lora_rank(config.rank), lora_target_modules=config.target_modules,
         # the training process waits: every core computes; the task's own schema needs no compile budget
-        cpu_reserved_cores=0, grammar_compile_budget_s=None))
+        cpu_reserved_cores=0, grammar_compile_budget_s=None,
+        grammar_mask_budget_ms=None))
     try:
         adapter = AdapterRegistry("base").register_in_place(ADAPTER_NAME, config.adapter_dir)
         await engine.add_adapter(adapter)

@@ -155,6 +155,69 @@ def test_a_constraint_too_costly_to_compile_is_a_400_and_holds_up_nobody(server,
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+def test_a_constraint_too_costly_to_enforce_is_a_400_and_holds_up_nobody(server, base_model_name, adapter_names):
+    # Compiles in a moment, but each token's mask costs xgrammar ~0.25 CPU-second (nested repetitions),
+    # and the engine fills it at every step while the whole batch waits. Unchecked, 16 tokens of
+    # (([^x]*){20}){6} held another tenant's one-second request for 69 s.
+    nested = f"{uuid.uuid4().hex[:6]}(([^x]*){{8}}){{4}}"  # (never seen by this server: no kept verdict)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+            hostile = asyncio.ensure_future(http.post("/v1/chat/completions", json={
+                "model": adapter_names[6], "messages": TICKET, "max_tokens": 16,
+                "structured_outputs": {"regex": nested}}))
+            await asyncio.sleep(0.2)
+            other = await http.post("/v1/chat/completions", json={
+                "model": adapter_names[7], "messages": TICKET, "max_tokens": 8, "temperature": 0})
+            return await hostile, other
+
+    refused, other = asyncio.run(main())
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "response_format" and "ms of CPU per generated token" in error["message"], error
+    assert other.status_code == 200 and other.json()["choices"][0]["message"]["content"]
+
+    async def grpc_call():  # the kept verdict, through the other door
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            return await pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(
+                model=base_model_name, text="x", sampling=pb.SamplingParameters(max_tokens=4, regex=nested)))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        asyncio.run(grpc_call())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "per generated token" in caught.value.details()
+
+
+def test_a_costly_mask_the_sample_steps_missed_ends_its_request_in_the_engine(server, adapter_names):
+    # 60 forced "ab"s, then nested repetitions: the sample steps (16 tokens a walk) never get past
+    # the prefix, so the check passes it; in the engine, the first mask after the prefix costs
+    # ~1.3 CPU-seconds, over the engine's limit (4x --max-grammar-mask-ms): the request ends there
+    # (a 400), instead of ~1.3 s more for every request in the batch at each of its later tokens.
+    evasive = f"{uuid.uuid4().hex[:6]}(ab){{60}}(([^x]*){{10}}){{4}}"
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=600) as http:
+            hostile = asyncio.ensure_future(http.post("/v1/completions", json={
+                "model": adapter_names[6], "prompt": "abababab", "max_tokens": 120, "temperature": 0,
+                "structured_outputs": {"regex": evasive}}))
+            others = [await http.post("/v1/completions", json={
+                "model": adapter_names[7], "prompt": "Hello", "max_tokens": 8, "temperature": 0}) for _ in range(3)]
+            return await hostile, others
+
+    refused, others = asyncio.run(main())
+    assert refused.status_code == 400, refused.text
+    assert "enforce" in refused.json()["error"]["message"]
+    assert all(r.status_code == 200 and r.json()["choices"][0]["text"] for r in others)
+    # streamed, the text so far has gone out; the stream ends with the error event
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=600, json={
+            "model": adapter_names[6], "prompt": "abababab", "max_tokens": 120, "temperature": 0, "stream": True,
+            "structured_outputs": {"regex": evasive}}) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]).count("ab") >= 50
+    assert "enforce" in events[-1]["error"]["message"] and events[-1]["error"]["code"] == 400
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
 def check_top(entries: list, k: int) -> None:
     assert len(entries) == k
     logprobs = [e.logprob for e in entries]

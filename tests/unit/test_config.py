@@ -10,7 +10,8 @@ from loraplex.server.config import EngineConfig, LimitsConfig, ServerConfig
 @pytest.mark.parametrize("kwargs", [{"block_size": 20}, {"block_size": 0}, {"block_size": 512}, {"block_size": -16}, {"max_loras": 0},
                                     {"max_loras": 9, "max_cpu_loras": 8}, {"kv_cache_gib": 0},
                                     {"lora_dtype": "float32"}, {"lora_dtype": "bf16"},
-                                    {"grammar_compile_budget_s": 0}, {"grammar_compile_budget_s": float("nan")}])
+                                    {"grammar_compile_budget_s": 0}, {"grammar_compile_budget_s": float("nan")},
+                                    {"grammar_mask_budget_ms": -5}, {"grammar_mask_budget_ms": float("nan")}])
 def test_engine_config_refuses(kwargs):
     with pytest.raises(ValueError):
         EngineConfig(model_path="m", **kwargs)
@@ -43,7 +44,8 @@ def test_server_config_refuses(kwargs):
 @pytest.mark.parametrize("flags, message", [
     (["--max-loras", "0"], "max_loras"), (["--block-size", "20"], "block_size"),
     (["--max-n", "0"], "max_n"), (["--port", "99999"], "port"), (["--header-timeout", "0"], "header_timeout_s"),
-    (["--max-concurrent", "0"], "max_concurrent"), (["--max-grammar-compile-s", "-1"], "grammar_compile_budget_s")])
+    (["--max-concurrent", "0"], "max_concurrent"), (["--max-grammar-compile-s", "-1"], "grammar_compile_budget_s"),
+    (["--max-grammar-mask-ms", "-1"], "grammar_mask_budget_ms")])
 def test_serve_refuses_out_of_range_in_one_line(tmp_path, capsys, flags, message):
     (tmp_path / "config.json").write_text("{}")  # --model given: nothing is converted or started
     assert cli.main(["serve", "--model", str(tmp_path), *flags]) == 2
@@ -98,3 +100,6 @@ def test_grammar_compile_budget_from_the_command_line():
     assert cli._serve_configs(parse(["serve"]))[0].grammar_compile_budget_s == 10.0
     assert cli._serve_configs(parse(["serve", "--max-grammar-compile-s", "2.5"]))[0].grammar_compile_budget_s == 2.5
     assert cli._serve_configs(parse(["serve", "--max-grammar-compile-s", "0"]))[0].grammar_compile_budget_s is None
+    assert cli._serve_configs(parse(["serve"]))[0].grammar_mask_budget_ms == 50.0
+    assert cli._serve_configs(parse(["serve", "--max-grammar-mask-ms", "20"]))[0].grammar_mask_budget_ms == 20.0
+    assert cli._serve_configs(parse(["serve", "--max-grammar-mask-ms", "0"]))[0].grammar_mask_budget_ms is None

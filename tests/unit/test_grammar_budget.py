@@ -13,19 +13,20 @@ import time
 import pytest
 
 from loraplex.server import grammar_budget
-from loraplex.server.grammar_budget import (CompilerBusy, CompileOverBudget, CompileStalled, GrammarBudget,
-                                              VerdictCache)
+from loraplex.server.grammar_budget import (Compiled, CompilerBusy, CompileOverBudget, CompileStalled,
+                                              GrammarBudget, VerdictCache)
 
 
 class FakeCompiler:
     """Compiles ``spec`` in ``costs[spec]`` seconds (0 when absent); over the budget it stops at
-    the budget and raises, as the process compiler does; ``errors[spec]`` is a compile error."""
+    the budget and raises, as the process compiler does; ``errors[spec]`` is a compile error;
+    ``masks[spec]`` the costliest mask fill of its sample steps (seconds; 0 when absent)."""
 
     def __init__(self, shared: dict) -> None:
         self.shared = shared
         self.closed = False
 
-    def compile(self, kind: str, spec: str, budget_s: float) -> str | None:
+    def compile(self, kind: str, spec: str, budget_s: float, mask_budget_s: float | None) -> Compiled:
         self.shared["compiled"].append(spec)
         cost = self.shared["costs"].get(spec, 0.0)
         if cost == "stalled":  # the machine gave it no CPU
@@ -36,7 +37,8 @@ class FakeCompiler:
             self.close()
             raise CompileOverBudget()
         time.sleep(cost)
-        return self.shared["errors"].get(spec)
+        return Compiled(error=self.shared["errors"].get(spec),
+                        mask_s=0.0 if mask_budget_s is None else self.shared["masks"].get(spec, 0.0))
 
     def close(self) -> None:
         self.closed = True
@@ -44,16 +46,17 @@ class FakeCompiler:
 
 @pytest.fixture
 def shared() -> dict:
-    return {"compiled": [], "costs": {}, "errors": {}, "started": 0}
+    return {"compiled": [], "costs": {}, "errors": {}, "masks": {}, "started": 0}
 
 
-def make_budget(shared: dict, budget_s: float = 0.3, lanes: int = 1, start_s: float = 0.0) -> GrammarBudget:
+def make_budget(shared: dict, budget_s: float = 0.3, lanes: int = 1, start_s: float = 0.0,
+                mask_budget_s: float | None = None) -> GrammarBudget:
     def start() -> FakeCompiler:
         time.sleep(start_s)
         shared["started"] += 1
         return FakeCompiler(shared)
 
-    return GrammarBudget(budget_s, start, lanes=lanes)
+    return GrammarBudget(budget_s, start, lanes=lanes, mask_budget_s=mask_budget_s)
 
 
 def run(coro):
@@ -95,6 +98,28 @@ def test_over_the_budget_is_refused_and_the_lane_restarts_its_compiler(shared):
     run(main())
     assert shared["compiled"] == ["heavy", "light"]
     assert shared["started"] == 2
+
+
+def test_a_constraint_whose_masks_cost_over_the_mask_budget_is_refused_and_the_verdict_kept(shared):
+    shared["masks"].update({"nested": 2.5, "ambiguous": 0.051, "fine": 0.049})
+
+    async def main():
+        budget = make_budget(shared, mask_budget_s=0.05)
+        for _ in range(2):
+            with pytest.raises(ValueError, match="costs 2500 ms of CPU per generated token .*limit: 50 ms"):
+                await budget.check("a", "regex", "nested")
+        with pytest.raises(ValueError, match="costs 51 ms"):
+            await budget.check("b", "json", "ambiguous")
+        await budget.check("b", "json", "fine")
+        budget.close()
+        unbounded = make_budget(shared)  # no mask budget: not tried, so not refused
+        await unbounded.check("a", "regex", "nested")
+        unbounded.close()
+
+    run(main())
+    assert shared["compiled"] == ["nested", "ambiguous", "fine", "nested"]
+    with pytest.raises(ValueError):
+        GrammarBudget(1.0, lambda: None, mask_budget_s=0)
 
 
 def test_on_one_lane_tenants_take_turns_so_another_waits_for_one_check_of_each(shared):
@@ -284,18 +309,73 @@ def test_process_compiler_compiles_refuses_and_is_killed_over_its_budget():
     compiler = grammar_budget.ProcessCompiler(_synthetic_tokenizer_info(), any_whitespace=False)
     try:
         assert compiler.compile("json", json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}),
-                                30) is None
-        assert compiler.compile("grammar", 'root ::= "yes" | "no"', 30) is None
-        error = compiler.compile("regex", "(", 30)
+                                30, None) == Compiled()
+        assert compiler.compile("grammar", 'root ::= "yes" | "no"', 30, None) == Compiled()
+        error = compiler.compile("regex", "(", 30, None).error
         assert error.startswith("RuntimeError: Regex parsing error") and "/" not in error.split(":")[1]
         heavy = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 50 + i} for i in range(100)}}
         started = time.monotonic()
         with pytest.raises(CompileOverBudget):
-            compiler.compile("json", json.dumps(heavy), 0.5)
+            compiler.compile("json", json.dumps(heavy), 0.5, None)
         assert time.monotonic() - started < 10
         assert not compiler._process.is_alive()
     finally:
         compiler.close()
+
+
+def test_process_compiler_times_the_masks_of_sample_steps():
+    compiler = grammar_budget.ProcessCompiler(_synthetic_tokenizer_info(), any_whitespace=False)
+    try:
+        light = [compiler.compile("json", json.dumps({"type": "object", "properties": {"a": {"type": "string"}}}),
+                                  30, 1.0),
+                 compiler.compile("regex", r"\d{4}-\d{2}-\d{2}", 30, 1.0)]
+        # nested repetitions: compiled in a moment, a mask ~0.2 s here (~9 s on a real 49k vocabulary);
+        # the walk stops at the first mask over the budget
+        nested = compiler.compile("regex", "(([^x]*){20}){6}", 30, 0.02)
+        assert all(c.error is None for c in (*light, nested))
+        assert max(c.mask_s for c in light) < 0.005 < 0.02 < nested.mask_s
+        assert compiler.compile("regex", "(a", 30, 0.02).error  # a compile error is still one
+    finally:
+        compiler.close()
+
+
+def test_one_slow_mask_is_forgiven_two_are_the_cost_and_end_the_walk(monkeypatch):
+    xgr = pytest.importorskip("xgrammar")
+    from types import SimpleNamespace
+
+    fills: list[float] = []
+
+    class ScriptedMatcher:
+        """Its i-th fill (over all walks) costs ``costs[i]`` CPU-seconds and allows every token."""
+
+        def __init__(self, compiled) -> None:
+            self.costs = compiled.costs
+
+        def fill_next_token_bitmask(self, bitmask) -> None:
+            cost = self.costs[len(fills)] if len(fills) < len(self.costs) else 0.0
+            started = time.thread_time()
+            while time.thread_time() - started < cost:
+                pass
+            fills.append(cost)
+            bitmask.fill_(-1)
+
+        def accept_token(self, token: int) -> bool:
+            assert token != 0  # the stop token is never drawn
+            return True
+
+        def is_terminated(self) -> bool:
+            return False
+
+    monkeypatch.setattr(xgr, "GrammarMatcher", ScriptedMatcher)
+
+    def compiled(costs):
+        return SimpleNamespace(costs=costs, tokenizer_info=SimpleNamespace(vocab_size=40, stop_token_ids=[0]))
+
+    assert grammar_budget.mask_cost_s(compiled([0.05]), 0.02, walks=2, steps=8) < 0.02  # a cold first mask
+    assert len(fills) == 16
+    fills.clear()
+    assert grammar_budget.mask_cost_s(compiled([0.05, 0.0, 0.03, 0.0]), 0.02, walks=2, steps=8) >= 0.03
+    assert len(fills) == 3  # stopped at the second slow fill
 
 
 def test_process_compiler_that_dies_mid_compile_is_lost_not_hung():
@@ -303,7 +383,7 @@ def test_process_compiler_that_dies_mid_compile_is_lost_not_hung():
     heavy = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 50 + i} for i in range(100)}}
     threading.Timer(0.5, compiler._process.kill).start()
     with pytest.raises(grammar_budget.CompilerLost):
-        compiler.compile("json", json.dumps(heavy), 60)
+        compiler.compile("json", json.dumps(heavy), 60, None)
     compiler.close()
 
 
@@ -316,7 +396,7 @@ def test_process_compiler_given_no_cpu_is_stalled_not_over_budget():
     os.kill(compiler._process.pid, signal.SIGSTOP)  # a machine too busy to run it at all
     try:
         with pytest.raises(grammar_budget.CompileStalled):
-            compiler.compile("json", json.dumps({"type": "object"}), 0.5)
+            compiler.compile("json", json.dumps({"type": "object"}), 0.5, None)
         assert not compiler._process.is_alive()
     finally:
         compiler.close()
@@ -329,7 +409,7 @@ if __name__ == "__main__":
     compiler = ProcessCompiler(sys.stdin.read(), any_whitespace=False)
     print(compiler._process.pid, flush=True)
     heavy = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 50 + i} for i in range(500)}}
-    compiler.compile("json", json.dumps(heavy), 600)
+    compiler.compile("json", json.dumps(heavy), 600, None)
 """
 
 

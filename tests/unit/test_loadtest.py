@@ -178,6 +178,7 @@ def test_in_flight_during_decode_weighs_each_decode_by_time():
     (["admin_race", "--admin-token", "t"], "needs --race-adapters and --admin-token"),
     (["costly_grammar", "--models", "only-one"], "costly_grammar needs --models HOSTILE OTHER"),
     (["costly_grammar", "--models", "a", "b", "--hostile-fields", "0"], "--hostile-fields >= 1"),
+    (["costly_grammar", "--models", "a", "b", "--hostile-repeats", "0"], "--hostile-repeats >= 1"),
 ])
 def test_scenario_arguments_are_checked_before_any_request(argv, message, capsys):
     from loraplex.loadtest.scenarios import main
@@ -266,7 +267,9 @@ def test_admin_race_verdict_counts_server_faults_stuck_loads_and_leaked_engine_e
 def test_costly_grammar_verdict_counts_server_errors_and_summarises_each_kind():
     import json
 
-    from loraplex.loadtest.costly_grammar import costly_schema, grammar_verdict
+    import re
+
+    from loraplex.loadtest.costly_grammar import costly_mask_regex, costly_schema, grammar_verdict
 
     records = [{"kind": "hostile", "status": 400, "latency_s": 12.0},
                {"kind": "hostile", "status": 503, "latency_s": 1.0},
@@ -281,3 +284,5 @@ def test_costly_grammar_verdict_counts_server_errors_and_summarises_each_kind():
     assert verdict["plain"]["sent"] == 1
     schema = costly_schema(200, "x")
     assert len(schema["properties"]) == 200 and len(json.dumps(schema)) < 32 << 10  # inside the server's bound
+    regex = costly_mask_regex(120, "x")
+    assert regex == "x([^x]*){120}" and re.fullmatch(regex, "xab c")  # valid, and matches text
