@@ -111,6 +111,8 @@ def test_a_constraint_too_costly_to_compile_is_a_400_and_holds_up_nobody(server,
     costly_format = {"type": "json_schema", "json_schema": {"name": "costly", "schema": costly}}
     light = light_schema(f"note_{uuid.uuid4().hex[:8]}")  # a schema no earlier run compiled
     light_format = {"type": "json_schema", "json_schema": {"name": "light", "schema": light}}
+    over_budget = f"over the {GRAMMAR_COMPILE_BUDGET_S:.1f} s compile budget"
+    before = server.log_path.read_text(errors="replace").count(over_budget)
 
     async def post(http, model, response_format):
         started = time.monotonic()
@@ -150,8 +152,30 @@ def test_a_constraint_too_costly_to_compile_is_a_400_and_holds_up_nobody(server,
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         asyncio.run(grpc_call())
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "CPU-seconds" in caught.value.details()
-    assert server.log_path.read_text(errors="replace").count(
-        f"over the {GRAMMAR_COMPILE_BUDGET_S:.1f} s compile budget") == 1
+    assert server.log_path.read_text(errors="replace").count(over_budget) == before + 1
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_a_client_that_leaves_mid_check_does_not_stop_it_and_its_verdict_is_kept(server, base_model_name):
+    from loraplex.loadtest.costly_grammar import costly_schema
+    from tests.integration.conftest import GRAMMAR_COMPILE_BUDGET_S
+
+    over_budget = f"over the {GRAMMAR_COMPILE_BUDGET_S:.1f} s compile budget"
+    costly_format = {"type": "json_schema", "json_schema": {
+        "name": "costly", "schema": costly_schema(600, f"gone_{uuid.uuid4().hex[:6]}")}}
+    body = {"model": base_model_name, "messages": TICKET, "max_tokens": 4, "response_format": costly_format}
+    before = server.log_path.read_text(errors="replace").count(over_budget)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up, mid-check, and closes its connection
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10 * GRAMMAR_COMPILE_BUDGET_S + 60
+    while server.log_path.read_text(errors="replace").count(over_budget) == before:  # the check went on
+        assert time.monotonic() < deadline, "the check of a schema whose client left never ended"
+        time.sleep(0.2)
+    started = time.monotonic()
+    again = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert again.status_code == 400 and "CPU-seconds" in again.json()["error"]["message"]
+    assert time.monotonic() - started < GRAMMAR_COMPILE_BUDGET_S  # the kept verdict, not a second compile
+    assert server.log_path.read_text(errors="replace").count(over_budget) == before + 1
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
