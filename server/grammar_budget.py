@@ -179,7 +179,7 @@ class _Lane:
                 logger.warning("the grammar compiler failed on a structured-output constraint: %s", exc)
                 refusal = "the structured-output constraint could not be compiled (the compiler failed on it)"
             return True, refusal
-        logger.debug("constraint compiled and tried in %.2f s (%s; costliest mask %.1f ms)",
+        logger.debug("constraint compiled and tried in %.2f s (%s; mask cost %.1f ms)",
                      time.perf_counter() - started, kind, 1e3 * compiled.mask_s)
         if compiled.error is not None:
             return True, f"the structured-output constraint cannot be compiled: {compiled.error}"
@@ -202,8 +202,8 @@ class _Lane:
 class GrammarBudget:
     """``await check(tenant, kind, spec)`` raises ValueError (the request's 400) when the
     constraint cannot be compiled (and tried) within ``budget_s`` CPU-seconds, fails to compile, or
-    one of its token masks costs more than ``mask_budget_s`` CPU-seconds on the sample steps (None:
-    not tried), and :class:`CompilerBusy` (429) when the machine gave its compile too little CPU to
+    two of its token masks cost more than ``mask_budget_s`` CPU-seconds each on the sample steps
+    (None: not tried), and :class:`CompilerBusy` (429) when the machine gave its compile too little CPU to
     tell.
 
     ``lanes`` compilers run checks side by side; a tenant has at most one check on a lane (and
