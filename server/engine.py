@@ -319,12 +319,13 @@ class Engine:
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def check_options(self, options: SamplingOptions, tenant: str = "") -> None:
+    async def check_options(self, options: SamplingOptions, tenant: str = "", num_sequences: int = 1) -> None:
         """The engine's own sampling checks, before any work: raises ValueError with its message.
         A structured-output constraint is converted by the engine's backend as the engine will do
         it (xgrammar, or its fallbacks), in a worker thread: a schema it cannot handle is refused
         here, and a large one never holds up the event loop. Then what xgrammar would compile is
-        compiled once, under the grammar budget (``tenant``: whose turn it takes there)."""
+        compiled once, under the grammar budget (``tenant``: whose turn it takes there;
+        ``num_sequences``: the request's prompts x n, each a mask at every step)."""
         from vllm.exceptions import VLLMClientError
 
         try:
@@ -334,7 +335,7 @@ class Engine:
         if options.structured is not None:
             compiled = await asyncio.get_running_loop().run_in_executor(self._checks, self._verify, params)
             if compiled is not None and self._grammar_budget is not None:
-                await self._grammar_budget.check(tenant, *compiled)
+                await self._grammar_budget.check(tenant, *compiled, num_sequences=num_sequences)
 
     def _verify(self, params) -> tuple[str, str] | None:
         """vLLM's checks of ``params``; then (kind, text) of what xgrammar will compile for it (None

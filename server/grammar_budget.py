@@ -86,27 +86,35 @@ class Compiler(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """A checked constraint: ``refusal`` (why it is refused; None: it is not), and ``mask_s``, the
+    CPU-seconds of one of its token masks on the sample steps (0: not tried)."""
+
+    refusal: str | None = None
+    mask_s: float = 0.0
+
+
 class VerdictCache:
-    """Verdicts by constraint (kind and text, hashed): None = compiles within the budget, else
-    why it is refused. Least recently used first out."""
+    """Verdicts by constraint (kind and text, hashed). Least recently used first out."""
 
     def __init__(self, max_entries: int = 4096) -> None:
-        self._verdicts: OrderedDict[bytes, str | None] = OrderedDict()
+        self._verdicts: OrderedDict[bytes, Verdict] = OrderedDict()
         self._max_entries = max_entries
 
     @staticmethod
     def key(kind: str, spec: str) -> bytes:
         return hashlib.sha256(f"{kind}\0{spec}".encode("utf-8", "surrogatepass")).digest()
 
-    def get(self, key: bytes) -> tuple[bool, str | None]:
-        """(known, refusal)."""
-        if key not in self._verdicts:
-            return False, None
-        self._verdicts.move_to_end(key)
-        return True, self._verdicts[key]
+    def get(self, key: bytes) -> Verdict | None:
+        """The verdict, None when not known."""
+        verdict = self._verdicts.get(key)
+        if verdict is not None:
+            self._verdicts.move_to_end(key)
+        return verdict
 
-    def put(self, key: bytes, refusal: str | None) -> None:
-        self._verdicts[key] = refusal
+    def put(self, key: bytes, verdict: Verdict) -> None:
+        self._verdicts[key] = verdict
         self._verdicts.move_to_end(key)
         while len(self._verdicts) > self._max_entries:
             self._verdicts.popitem(last=False)
@@ -152,13 +160,13 @@ class _Lane:
                 self.retry_start_at = time.monotonic() + self.budget.RETRY_START_S
         return self.compiler
 
-    def compile(self, kind: str, spec: str) -> tuple[bool, str | None]:
-        """(checked, refusal) of one compile, in the lane's thread. Raises :class:`CompileStalled`
-        (after restarting the compiler): no verdict."""
+    def compile(self, kind: str, spec: str) -> Verdict | None:
+        """The verdict of one compile, in the lane's thread (None: no compiler, not checked).
+        Raises :class:`CompileStalled` (after restarting the compiler): no verdict."""
         budget = self.budget
         compiler = self.ensure_compiler()
         if compiler is None:
-            return False, None
+            return None
         started = time.perf_counter()
         try:
             compiled = compiler.compile(kind, spec, budget.budget_s, budget.mask_budget_s)
@@ -178,19 +186,20 @@ class _Lane:
             else:
                 logger.warning("the grammar compiler failed on a structured-output constraint: %s", exc)
                 refusal = "the structured-output constraint could not be compiled (the compiler failed on it)"
-            return True, refusal
+            return Verdict(refusal)
         logger.debug("constraint compiled and tried in %.2f s (%s; mask cost %.1f ms)",
                      time.perf_counter() - started, kind, 1e3 * compiled.mask_s)
         if compiled.error is not None:
-            return True, f"the structured-output constraint cannot be compiled: {compiled.error}"
+            return Verdict(f"the structured-output constraint cannot be compiled: {compiled.error}")
         if budget.mask_budget_s is not None and compiled.mask_s > budget.mask_budget_s:
             logger.warning("structured-output constraint refused: a token's mask took %.0f ms (limit %g ms)",
                            1e3 * compiled.mask_s, 1e3 * budget.mask_budget_s)
-            return True, (f"enforcing this structured-output constraint costs {1e3 * compiled.mask_s:.0f} ms of CPU "
-                          f"per generated token (this server's limit: {1e3 * budget.mask_budget_s:g} ms), and every "
-                          "request in the engine's batch would wait for it at each step; nested or overlapping "
-                          "repetitions (such as (a*)* or ([^x]*){20} in a regex or pattern) cost the most")
-        return True, None
+            return Verdict(f"enforcing this structured-output constraint costs {1e3 * compiled.mask_s:.0f} ms of "
+                           f"CPU per generated token (this server's limit: {1e3 * budget.mask_budget_s:g} ms), and "
+                           "every request in the engine's batch would wait for it at each step; nested or "
+                           "overlapping repetitions (such as (a*)* or ([^x]*){20} in a regex or pattern) cost the "
+                           "most", compiled.mask_s)
+        return Verdict(mask_s=compiled.mask_s)
 
     def close(self) -> None:
         self.thread.shutdown(wait=False, cancel_futures=True)
@@ -239,14 +248,16 @@ class GrammarBudget:
         for lane in self._lanes:
             lane.thread.submit(lane.ensure_compiler)
 
-    async def check(self, tenant: str, kind: str, spec: str) -> None:
+    async def check(self, tenant: str, kind: str, spec: str, num_sequences: int = 1) -> None:
+        """``num_sequences``: how many sequences of the request the constraint steers at once (its
+        prompts x n), each a mask at every step."""
         if kind not in KINDS:
             raise ValueError(f"unknown constraint kind {kind!r}")
         if kind == "json_object":  # one fixed grammar (any JSON object), cheap: nothing to check
             return
         key = VerdictCache.key(kind, spec)
-        known, refusal = self._verdicts.get(key)
-        if not known:
+        verdict = self._verdicts.get(key)
+        if verdict is None:
             check = self._checks.get(key)
             if check is None:
                 check = self._checks[key] = _Check()
@@ -255,37 +266,45 @@ class GrammarBudget:
             try:
                 # (shielded: a request that leaves does not stop a compile that has started, so
                 # the lane is held until it ends and its verdict is kept)
-                busy, refusal = await asyncio.shield(check.task)
+                busy, verdict = await asyncio.shield(check.task)
             finally:
                 check.waiting -= 1
             if busy:
                 raise CompilerBusy("the server is too busy to check this structured-output constraint now; retry",
                                    retry_after_s=self.budget_s)
-        if refusal is not None:
-            raise ValueError(refusal)
+            if verdict is None:  # not checked (no compiler): it passes, as without a budget
+                return
+        if verdict.refusal is not None:
+            raise ValueError(verdict.refusal)
+        mask_budget_s = self.mask_budget_s
+        if mask_budget_s is not None and num_sequences * verdict.mask_s > mask_budget_s:
+            raise ValueError(f"enforcing this structured-output constraint costs {1e3 * verdict.mask_s:.0f} ms of CPU "
+                             f"per generated token and sequence: {num_sequences} sequences at once (prompts x n) "
+                             f"would cost {1e3 * num_sequences * verdict.mask_s:.0f} ms at each step (this server's "
+                             f"limit: {1e3 * mask_budget_s:g} ms); ask for fewer at once")
 
-    async def _run(self, key: bytes, check: _Check, tenant: str, kind: str, spec: str) -> tuple[bool, str | None]:
-        """(busy, refusal): busy when the machine gave the compile too little CPU (no verdict)."""
+    async def _run(self, key: bytes, check: _Check, tenant: str, kind: str, spec: str) -> tuple[bool, Verdict | None]:
+        """(busy, verdict): busy when the machine gave the compile too little CPU (no verdict);
+        verdict None when it was not checked."""
         turn = self._tenant_turns.get(tenant)
         if turn is None:
             turn = self._tenant_turns[tenant] = _TenantTurn()
         turn.users += 1
         try:
             async with turn.lock:
-                known, refusal = self._verdicts.get(key)
-                if known or not check.waiting:  # decided meanwhile, or nobody waits for it any more
-                    return False, refusal
+                verdict = self._verdicts.get(key)
+                if verdict is not None or not check.waiting:  # decided meanwhile, or nobody waits any more
+                    return False, verdict
                 lane = await self._free_lanes.get()
                 try:
-                    checked, refusal = await asyncio.get_running_loop().run_in_executor(
-                        lane.thread, lane.compile, kind, spec)
+                    verdict = await asyncio.get_running_loop().run_in_executor(lane.thread, lane.compile, kind, spec)
                 except CompileStalled:
                     return True, None
                 finally:
                     self._free_lanes.put_nowait(lane)
-                if checked:
-                    self._verdicts.put(key, refusal)
-                return False, refusal
+                if verdict is not None:
+                    self._verdicts.put(key, verdict)
+                return False, verdict
         finally:
             self._checks.pop(key, None)
             turn.users -= 1

@@ -219,7 +219,8 @@ class GenerationService:
             generations.append(GenerationRequest(request.model, ids, options, f"{request_id}{suffix}", source))
         options = generations[0].options
         try:
-            await self.engine.check_options(options, tenant=request.model)
+            await self.engine.check_options(options, tenant=request.model,
+                                            num_sequences=len(generations) * options.n)
         except ValueError as exc:  # the engine's own sampling checks, before any work
             raise InvalidRequest(str(exc), param="response_format" if options.structured else None) from None
         except CompilerBusy as exc:  # the constraint's check got too little CPU: not its fault

@@ -57,7 +57,7 @@ class FakeEngine:
         self.requests: list[tuple[str, str | None]] = []  # (request id, adapter path) as generated
         self.fail_next: Exception | None = None
 
-    async def check_options(self, options, tenant: str = "") -> None:
+    async def check_options(self, options, tenant: str = "", num_sequences: int = 1) -> None:
         if options.n > 1 and options.temperature == 0:
             raise ValueError("n > 1 needs temperature > 0")
 

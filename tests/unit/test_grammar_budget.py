@@ -14,7 +14,7 @@ import pytest
 
 from loraplex.server import grammar_budget
 from loraplex.server.grammar_budget import (Compiled, CompilerBusy, CompileOverBudget, CompileStalled,
-                                              GrammarBudget, VerdictCache)
+                                              GrammarBudget, Verdict, VerdictCache)
 
 
 class FakeCompiler:
@@ -118,6 +118,22 @@ def test_a_constraint_whose_masks_cost_over_the_mask_budget_is_refused_and_the_v
 
     run(main())
     assert shared["compiled"] == ["nested", "ambiguous", "fine", "nested"]
+
+
+def test_a_request_s_sequences_each_pay_the_mask_so_their_sum_is_bounded(shared):
+    shared["masks"].update({"steep": 0.02, "cheap": 0.0001})
+
+    async def main():
+        budget = make_budget(shared, mask_budget_s=0.05)
+        await budget.check("a", "regex", "steep", num_sequences=2)  # 40 ms a step
+        with pytest.raises(ValueError, match="costs 20 ms .* 3 sequences at once .* 60 ms at each step"):
+            await budget.check("a", "regex", "steep", num_sequences=3)  # (the kept verdict, the same answer)
+        await budget.check("a", "regex", "steep")
+        await budget.check("b", "json", "cheap", num_sequences=64)
+        budget.close()
+
+    run(main())
+    assert shared["compiled"] == ["steep", "cheap"]
     with pytest.raises(ValueError):
         GrammarBudget(1.0, lambda: None, mask_budget_s=0)
 
@@ -276,13 +292,13 @@ def test_a_compiler_that_cannot_start_lets_constraints_through_and_is_retried(sh
 def test_verdict_cache_is_bounded_and_least_recently_used_goes_first():
     cache = VerdictCache(max_entries=2)
     keys = [VerdictCache.key("json", str(i)) for i in range(3)]
-    cache.put(keys[0], None)
-    cache.put(keys[1], "refused")
-    assert cache.get(keys[0]) == (True, None)  # now the most recent
-    cache.put(keys[2], None)
+    cache.put(keys[0], Verdict())
+    cache.put(keys[1], Verdict("refused"))
+    assert cache.get(keys[0]) == Verdict()  # now the most recent
+    cache.put(keys[2], Verdict(mask_s=0.01))
     assert len(cache) == 2
-    assert cache.get(keys[1]) == (False, None)
-    assert cache.get(keys[0]) == (True, None)
+    assert cache.get(keys[1]) is None
+    assert cache.get(keys[0]) == Verdict() and cache.get(keys[2]).mask_s == 0.01
     # a lone surrogate in a client's regex still hashes
     assert VerdictCache.key("regex", "\ud800") != VerdictCache.key("regex", "\udc00")
 

@@ -166,7 +166,7 @@ def test_a_constraint_check_starved_of_cpu_is_a_429_with_retry_after_and_the_ten
     service, _, engine = make_service(tmp_path)
     tenants = []
 
-    async def busy(options, tenant=""):
+    async def busy(options, tenant="", num_sequences=1):
         tenants.append(tenant)
         raise CompilerBusy("too busy", retry_after_s=10.0)
 
@@ -175,6 +175,20 @@ def test_a_constraint_check_starved_of_cpu_is_a_429_with_retry_after_and_the_ten
         asyncio.run(run_all(service, text(model="base")))
     assert info.value.retry_after_s == 10.0 and tenants == ["base"]
     assert engine.requests == [] and service.admission.running == 0
+
+
+def test_the_constraint_check_is_told_every_sequence_it_steers(tmp_path):
+    service, _, engine = make_service(tmp_path)
+    told = []
+
+    async def check(options, tenant="", num_sequences=1):
+        told.append(num_sequences)
+
+    engine.check_options = check
+    two_prompts = InferenceRequest(model="base", prompts=["a", "b"],
+                                   sampling=SamplingInput(max_tokens=3, n=3, temperature=1.0))
+    asyncio.run(run_all(service, two_prompts))
+    assert told == [6]  # prompts x n: each sequence fills a mask at every step
 
 
 def test_prompt_count_is_checked_before_tokenizing(tmp_path):
