@@ -77,7 +77,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-grammar-mask-ms", type=float, default=defaults_engine.grammar_mask_budget_ms,
                         help="CPU-milliseconds one token's mask may cost for a new structured-output constraint, "
                              "tried on sample steps with its compile (the engine's batch waits for each mask at "
-                             "every step; over it: 400); 0: not tried")
+                             "every step; over it: 400), and the most a model's structured requests in flight may "
+                             "cost together (over it: 429); 0: not tried")
     engine.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=defaults_engine.enforce_eager,
                         help="eager execution; default: on for CPUs, off for GPUs (CUDA graphs)")
     engine.add_argument("--tensor-parallel-size", type=int, default=defaults_engine.tensor_parallel_size, help="vLLM: GPUs per model shard group")

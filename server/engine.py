@@ -22,7 +22,7 @@ from .adapters.registry import AdapterVersion
 from .adapters.store import snapshot_fingerprint
 from .config import EngineConfig
 from .grammar_budget import KINDS as BUDGETED_KINDS
-from .grammar_budget import GrammarBudget, ProcessCompiler
+from .grammar_budget import GrammarBudget, MaskHold, ProcessCompiler
 from .grammar_guard import ENGINE_LIMIT_FACTOR, set_mask_limit
 from .structured import StructuredSpec
 
@@ -319,13 +319,15 @@ class Engine:
             output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
         )
 
-    async def check_options(self, options: SamplingOptions, tenant: str = "", num_sequences: int = 1) -> None:
+    async def check_options(self, options: SamplingOptions, tenant: str = "",
+                            num_sequences: int = 1) -> MaskHold | None:
         """The engine's own sampling checks, before any work: raises ValueError with its message.
         A structured-output constraint is converted by the engine's backend as the engine will do
         it (xgrammar, or its fallbacks), in a worker thread: a schema it cannot handle is refused
         here, and a large one never holds up the event loop. Then what xgrammar would compile is
         compiled once, under the grammar budget (``tenant``: whose turn it takes there;
-        ``num_sequences``: the request's prompts x n, each a mask at every step)."""
+        ``num_sequences``: the request's prompts x n, each a mask at every step). Returns the
+        request's hold on its tenant's mask budget (release it when the request ends; None: none)."""
         from vllm.exceptions import VLLMClientError
 
         try:
@@ -335,7 +337,8 @@ class Engine:
         if options.structured is not None:
             compiled = await asyncio.get_running_loop().run_in_executor(self._checks, self._verify, params)
             if compiled is not None and self._grammar_budget is not None:
-                await self._grammar_budget.check(tenant, *compiled, num_sequences=num_sequences)
+                return await self._grammar_budget.check(tenant, *compiled, num_sequences=num_sequences)
+        return None
 
     def _verify(self, params) -> tuple[str, str] | None:
         """vLLM's checks of ``params``; then (kind, text) of what xgrammar will compile for it (None

@@ -20,7 +20,9 @@ one-second request for 69 s. Here the compiled constraint is walked for a few st
 it allows) and its mask fills timed; when two of them are over the per-token budget it is refused
 (400).
 A walk samples; a constraint whose costly states only a rare path reaches can pass, and then the
-engine's own bound (``grammar_guard.py``) ends its request at its first slow mask.
+engine's own bound (``grammar_guard.py``) ends its request at its first slow mask. The verdict
+keeps the mask's cost: a request pays it once per sequence, and a tenant's requests in flight
+share one budget of it (:class:`MaskHold`; over it, a 429).
 
 The bookkeeping (verdicts, turns, abandoned checks) is plain asyncio; only :class:`ProcessCompiler`
 starts a process, and only that process imports xgrammar.
@@ -66,6 +68,30 @@ class CompilerBusy(Exception):
 
 class CompilerLost(Exception):
     """The compiler process died (or could not start) during the compile."""
+
+
+class MaskBudgetFull(CompilerBusy):
+    """The tenant's structured requests in flight already cost its mask budget at every step:
+    retry when one has finished (429)."""
+
+
+class MaskHold:
+    """A request's share of its tenant's mask cost in flight (CPU-seconds per engine step), held
+    from its check until :meth:`release` (once; again is a no-op)."""
+
+    def __init__(self, in_flight: dict[str, float], tenant: str, cost_s: float) -> None:
+        self._in_flight, self.tenant, self.cost_s = in_flight, tenant, cost_s
+        in_flight[tenant] = in_flight.get(tenant, 0.0) + cost_s
+
+    def release(self) -> None:
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return
+        left = in_flight[self.tenant] - self.cost_s
+        if left > 1e-12:
+            in_flight[self.tenant] = left
+        else:
+            del in_flight[self.tenant]
 
 
 @dataclass(frozen=True)
@@ -237,6 +263,8 @@ class GrammarBudget:
         # A tenant's checks run one at a time (its own lock); lanes go to tenants in the order they
         # asked (a FIFO queue of free lanes).
         self._tenant_turns: dict[str, _TenantTurn] = {}
+        # Per tenant: the mask cost (CPU-seconds per engine step) of its checked requests in flight.
+        self._mask_in_flight: dict[str, float] = {}
         self._lanes = [_Lane(self, i) for i in range(lanes)]
         self._free_lanes: asyncio.Queue[_Lane] = asyncio.Queue()
         for lane in self._lanes:
@@ -248,13 +276,16 @@ class GrammarBudget:
         for lane in self._lanes:
             lane.thread.submit(lane.ensure_compiler)
 
-    async def check(self, tenant: str, kind: str, spec: str, num_sequences: int = 1) -> None:
+    async def check(self, tenant: str, kind: str, spec: str, num_sequences: int = 1) -> MaskHold | None:
         """``num_sequences``: how many sequences of the request the constraint steers at once (its
-        prompts x n), each a mask at every step."""
+        prompts x n), each a mask at every step. Returns the request's hold on its tenant's mask
+        budget (None: nothing to hold), which the caller releases when the request ends; raises
+        :class:`MaskBudgetFull` (a :class:`CompilerBusy`) when the tenant's requests in flight
+        already hold too much of it."""
         if kind not in KINDS:
             raise ValueError(f"unknown constraint kind {kind!r}")
         if kind == "json_object":  # one fixed grammar (any JSON object), cheap: nothing to check
-            return
+            return None
         key = VerdictCache.key(kind, spec)
         verdict = self._verdicts.get(key)
         if verdict is None:
@@ -273,15 +304,24 @@ class GrammarBudget:
                 raise CompilerBusy("the server is too busy to check this structured-output constraint now; retry",
                                    retry_after_s=self.budget_s)
             if verdict is None:  # not checked (no compiler): it passes, as without a budget
-                return
+                return None
         if verdict.refusal is not None:
             raise ValueError(verdict.refusal)
-        mask_budget_s = self.mask_budget_s
-        if mask_budget_s is not None and num_sequences * verdict.mask_s > mask_budget_s:
+        mask_budget_s, cost_s = self.mask_budget_s, num_sequences * verdict.mask_s
+        if mask_budget_s is None or not cost_s:
+            return None
+        if cost_s > mask_budget_s:
             raise ValueError(f"enforcing this structured-output constraint costs {1e3 * verdict.mask_s:.0f} ms of CPU "
                              f"per generated token and sequence: {num_sequences} sequences at once (prompts x n) "
-                             f"would cost {1e3 * num_sequences * verdict.mask_s:.0f} ms at each step (this server's "
-                             f"limit: {1e3 * mask_budget_s:g} ms); ask for fewer at once")
+                             f"would cost {1e3 * cost_s:.0f} ms at each step (this server's limit: "
+                             f"{1e3 * mask_budget_s:g} ms); ask for fewer at once")
+        held_s = self._mask_in_flight.get(tenant, 0.0)
+        if held_s + cost_s > mask_budget_s:
+            raise MaskBudgetFull(f"this model's structured requests in flight already cost {1e3 * held_s:.1f} ms of "
+                                 f"CPU at each engine step for their token masks, and this one would add "
+                                 f"{1e3 * cost_s:.1f} ms (this server's limit: {1e3 * mask_budget_s:g} ms); retry when "
+                                 "one has finished", retry_after_s=1.0)
+        return MaskHold(self._mask_in_flight, tenant, cost_s)
 
     async def _run(self, key: bytes, check: _Check, tenant: str, kind: str, spec: str) -> tuple[bool, Verdict | None]:
         """(busy, verdict): busy when the machine gave the compile too little CPU (no verdict);

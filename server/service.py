@@ -29,7 +29,7 @@ from .engine import (Engine, EngineRequestFailed, EngineUnavailable, GenerationC
                      TokenLogprob)
 from .errors import (InternalError, InvalidRequest, RequestError, ServiceUnavailable, TooManyRequests,
                      from_adapter_error, refusal_outcome)
-from .grammar_budget import CompilerBusy
+from .grammar_budget import CompilerBusy, MaskHold
 from .metrics import Metrics
 from .prompts import PromptBuilder, check_text
 from .structured import StructuredInput, check_structured
@@ -102,6 +102,8 @@ class Prepared:
     request_id: str
     generations: list[GenerationRequest]
     n: int
+    # its share of its tenant's mask cost in flight (grammar_budget.py), released when it ends
+    mask_hold: MaskHold | None = field(default=None, repr=False)
 
     @property
     def num_choices(self) -> int:
@@ -133,6 +135,7 @@ class GenerationService:
         iteration aborts the engine requests."""
         arrival = time.perf_counter()
         lease: Lease | None = None
+        prepared: Prepared | None = None
         ticket: Ticket | None = None
         started, finished, generating = 0.0, False, False
         try:
@@ -159,6 +162,8 @@ class GenerationService:
         finally:
             if ticket is not None:
                 self.admission.release(ticket, time.perf_counter() - started if finished else None)
+            if prepared is not None and prepared.mask_hold is not None:
+                prepared.mask_hold.release()
             if lease is not None:
                 lease.release()
 
@@ -219,13 +224,13 @@ class GenerationService:
             generations.append(GenerationRequest(request.model, ids, options, f"{request_id}{suffix}", source))
         options = generations[0].options
         try:
-            await self.engine.check_options(options, tenant=request.model,
-                                            num_sequences=len(generations) * options.n)
+            mask_hold = await self.engine.check_options(options, tenant=request.model,
+                                                        num_sequences=len(generations) * options.n)
         except ValueError as exc:  # the engine's own sampling checks, before any work
             raise InvalidRequest(str(exc), param="response_format" if options.structured else None) from None
-        except CompilerBusy as exc:  # the constraint's check got too little CPU: not its fault
+        except CompilerBusy as exc:  # too little CPU to check it, or its tenant's mask budget is in use
             raise TooManyRequests(str(exc), retry_after_s=exc.retry_after_s) from None
-        return Prepared(request_id, generations, n)
+        return Prepared(request_id, generations, n, mask_hold)
 
     async def _tokenize(self, request: InferenceRequest, n: int) -> tuple[list[list[int]], list[dict | None]]:
         """Token ids and capture source per prompt; counts are checked before any tokenizing."""

@@ -14,7 +14,7 @@ import pytest
 
 from loraplex.server import grammar_budget
 from loraplex.server.grammar_budget import (Compiled, CompilerBusy, CompileOverBudget, CompileStalled,
-                                              GrammarBudget, Verdict, VerdictCache)
+                                              GrammarBudget, MaskBudgetFull, Verdict, VerdictCache)
 
 
 class FakeCompiler:
@@ -125,17 +125,43 @@ def test_a_request_s_sequences_each_pay_the_mask_so_their_sum_is_bounded(shared)
 
     async def main():
         budget = make_budget(shared, mask_budget_s=0.05)
-        await budget.check("a", "regex", "steep", num_sequences=2)  # 40 ms a step
+        hold = await budget.check("a", "regex", "steep", num_sequences=2)  # 40 ms a step
+        assert hold.cost_s == pytest.approx(0.04)
+        hold.release()
         with pytest.raises(ValueError, match="costs 20 ms .* 3 sequences at once .* 60 ms at each step"):
             await budget.check("a", "regex", "steep", num_sequences=3)  # (the kept verdict, the same answer)
-        await budget.check("a", "regex", "steep")
-        await budget.check("b", "json", "cheap", num_sequences=64)
+        cheap = await budget.check("b", "json", "cheap", num_sequences=64)
+        cheap.release()
         budget.close()
 
     run(main())
     assert shared["compiled"] == ["steep", "cheap"]
-    with pytest.raises(ValueError):
-        GrammarBudget(1.0, lambda: None, mask_budget_s=0)
+
+
+def test_a_tenant_s_requests_in_flight_share_its_mask_budget_and_give_it_back(shared):
+    shared["masks"].update({"steep": 0.02, "other": 0.02})
+
+    async def main():
+        budget = make_budget(shared, mask_budget_s=0.05)
+        first = await budget.check("a", "regex", "steep")
+        second = await budget.check("a", "regex", "other")  # 40 ms of the tenant's 50 in flight
+        with pytest.raises(CompilerBusy, match="already cost 40.0 ms .* add 20.0 ms") as caught:
+            await budget.check("a", "regex", "steep")
+        assert isinstance(caught.value, MaskBudgetFull) and caught.value.retry_after_s > 0
+        others = [await budget.check("b", "regex", "steep") for _ in range(2)]  # another tenant's own budget
+        first.release()
+        first.release()  # (twice: gives back once)
+        third = await budget.check("a", "regex", "steep")
+        for hold in (second, third, *others):
+            hold.release()
+        assert budget._mask_in_flight == {}
+        assert await budget.check("a", "json_object", "") is None  # nothing to hold
+        unbounded = make_budget(shared)  # no mask budget: nothing held
+        assert await unbounded.check("a", "regex", "steep", num_sequences=8) is None
+        unbounded.close()
+        budget.close()
+
+    run(main())
 
 
 def test_on_one_lane_tenants_take_turns_so_another_waits_for_one_check_of_each(shared):

@@ -191,6 +191,38 @@ def test_the_constraint_check_is_told_every_sequence_it_steers(tmp_path):
     assert told == [6]  # prompts x n: each sequence fills a mask at every step
 
 
+def test_the_mask_hold_is_given_back_once_however_the_request_ends(tmp_path):
+    from loraplex.server.errors import ServiceUnavailable
+
+    service, _, engine = make_service(tmp_path)
+    holds = []
+
+    class Hold:
+        released = 0
+
+        def release(self):
+            self.released += 1
+
+    async def check(options, tenant="", num_sequences=1):
+        holds.append(Hold())
+        return holds[-1]
+
+    engine.check_options = check
+    asyncio.run(run_all(service, text()))  # served
+
+    async def leave_mid_stream():
+        events = service.run(text(max_tokens=3))
+        await events.__anext__()  # prepared
+        await events.__anext__()  # a first chunk
+        await events.aclose()  # the client is gone
+
+    asyncio.run(leave_mid_stream())
+    service.admission.start_draining()
+    with pytest.raises(ServiceUnavailable):  # refused at admission, after its check
+        asyncio.run(run_all(service, text()))
+    assert [hold.released for hold in holds] == [1, 1, 1]
+
+
 def test_prompt_count_is_checked_before_tokenizing(tmp_path):
     service, _, engine = make_service(tmp_path)
     calls = []
