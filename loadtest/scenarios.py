@@ -61,6 +61,7 @@ from pathlib import Path
 
 from .churn import ChurnConfig
 from .client import RequestResult
+from .costly_grammar import HOSTILE_KINDS
 from .runner import RunConfig, num_requests_for, report, run_with_churn
 from .stats import in_flight_during_decode, percentile
 from .workload import WorkloadConfig
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-target", default="127.0.0.1:50051", help="admin_race: the gRPC door, host:port")
     parser.add_argument("--hostile-fields", type=int, default=200,
                         help="costly_grammar: bounded strings in each hostile schema")
-    parser.add_argument("--hostile-kind", choices=("compile", "mask"), default="compile",
+    parser.add_argument("--hostile-kind", choices=HOSTILE_KINDS, default="compile",
                         help="costly_grammar: schemas slow to compile, or regexes slow to enforce")
     parser.add_argument("--hostile-repeats", type=int, default=120,
                         help="costly_grammar --hostile-kind mask: nested repetitions in each hostile regex")

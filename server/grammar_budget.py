@@ -217,15 +217,11 @@ class _Lane:
                      time.perf_counter() - started, kind, 1e3 * compiled.mask_s)
         if compiled.error is not None:
             return Verdict(f"the structured-output constraint cannot be compiled: {compiled.error}")
-        if budget.mask_budget_s is not None and compiled.mask_s > budget.mask_budget_s:
+        refusal = mask_refusal(compiled.mask_s, 1, budget.mask_budget_s)
+        if refusal is not None:
             logger.warning("structured-output constraint refused: a token's mask took %.0f ms (limit %g ms)",
                            1e3 * compiled.mask_s, 1e3 * budget.mask_budget_s)
-            return Verdict(f"enforcing this structured-output constraint costs {1e3 * compiled.mask_s:.0f} ms of "
-                           f"CPU per generated token (this server's limit: {1e3 * budget.mask_budget_s:g} ms), and "
-                           "every request in the engine's batch would wait for it at each step; nested or "
-                           "overlapping repetitions (such as (a*)* or ([^x]*){20} in a regex or pattern) cost the "
-                           "most", compiled.mask_s)
-        return Verdict(mask_s=compiled.mask_s)
+        return Verdict(refusal, compiled.mask_s)
 
     def close(self) -> None:
         self.thread.shutdown(wait=False, cancel_futures=True)
@@ -310,11 +306,9 @@ class GrammarBudget:
         mask_budget_s, cost_s = self.mask_budget_s, num_sequences * verdict.mask_s
         if mask_budget_s is None or not cost_s:
             return None
-        if cost_s > mask_budget_s:
-            raise ValueError(f"enforcing this structured-output constraint costs {1e3 * verdict.mask_s:.0f} ms of CPU "
-                             f"per generated token and sequence: {num_sequences} sequences at once (prompts x n) "
-                             f"would cost {1e3 * cost_s:.0f} ms at each step (this server's limit: "
-                             f"{1e3 * mask_budget_s:g} ms); ask for fewer at once")
+        refusal = mask_refusal(verdict.mask_s, num_sequences, mask_budget_s)
+        if refusal is not None:
+            raise ValueError(refusal)
         held_s = self._mask_in_flight.get(tenant, 0.0)
         if held_s + cost_s > mask_budget_s:
             raise MaskBudgetFull(f"this model's structured requests in flight already cost {1e3 * held_s:.1f} ms of "
@@ -357,6 +351,22 @@ class GrammarBudget:
                 check.task.cancel()
         for lane in self._lanes:
             lane.close()
+
+
+def mask_refusal(mask_s: float, num_sequences: int, mask_budget_s: float | None) -> str | None:
+    """Why ``num_sequences`` sequences steered by a constraint whose token mask costs ``mask_s``
+    CPU-seconds are refused (each fills its mask at every step), None when they are not."""
+    if mask_budget_s is None or num_sequences * mask_s <= mask_budget_s:
+        return None
+    if num_sequences == 1:
+        cost, advice = ("", "nested or overlapping repetitions (such as (a*)* or ([^x]*){20} in a regex or "
+                            "pattern) cost the most")
+    else:
+        cost, advice = (f" and sequence: {num_sequences} sequences at once (prompts x n) would cost "
+                        f"{1e3 * num_sequences * mask_s:.0f} ms at each step", "ask for fewer at once")
+    return (f"enforcing this structured-output constraint costs {1e3 * mask_s:.0f} ms of CPU per generated token"
+            f"{cost} (this server's limit: {1e3 * mask_budget_s:g} ms), and every request in the engine's batch "
+            f"would wait for it at each step; {advice}")
 
 
 # -- the compiler process ---------------------------------------------------------------------
